@@ -1,0 +1,18 @@
+"""One error type for every bad input the user can fix, printed as one line without a traceback."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+
+class GridError(Exception):
+    """A problem with the user's input (config, data, task, file), stated in one line."""
+
+
+def pydantic_message(exc: ValidationError) -> str:
+    """The first validation error as `field.path: message`, the form every CLI error uses."""
+    err = exc.errors()[0]
+    path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+    return f"field {path}: {err['msg']}{suffix}"
