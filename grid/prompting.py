@@ -1,0 +1,183 @@
+"""Prompts: the templates under `prompts/` rendered for one example, reproducibly.
+
+A prompt is a pure function of (task, shots, seed, example_id, text budget, sampler): the five
+examples are drawn from the train split by a generator seeded with those values, never the
+example itself (nor a train row with the same text), and long texts are cut to a budget counted
+in whitespace tokens so that the cut does not depend on any model's tokenizer.
+
+Three formats put the rendered text in front of a model: `chat` (the tokenizer's chat template;
+the template's `system` block, if any, as the system message), `inst` (the paper's raw
+`[INST] ... [/INST]` form) and `plain` (the text as is, for base models).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import jinja2
+
+from grid.errors import GridError
+from grid.parsing import format_answer
+from grid.tasks import TaskDef
+
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+PromptFormat = Literal["chat", "inst", "plain"]
+Sampler = Literal["random", "stratified"]
+
+_ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(PROMPTS_DIR),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=False,
+)
+_ENV.filters["pylist"] = lambda labels: str(list(labels))  # the paper's ['a', 'b'] form
+_ENV.filters["jsonlist"] = lambda labels: json.dumps(list(labels))  # its ["a", "b"] form
+
+_TOKEN = re.compile(r"\S+")
+
+
+def cut_text(text: str, budget: int | None) -> str:
+    """The text up to the end of its `budget`-th whitespace token, original spacing kept."""
+    if budget is None:
+        return text
+    for i, match in enumerate(_TOKEN.finditer(text), 1):
+        if i == budget:
+            return text[: match.end()]
+    return text
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered prompt before any model-specific wrapping."""
+
+    system: str | None
+    user: str
+
+    def as_text(self, fmt: PromptFormat, tokenizer: Any = None) -> str:
+        """The string a model sees; `chat` needs the model's tokenizer."""
+        if fmt == "chat":
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise GridError("prompt format 'chat' needs a tokenizer with a chat template")
+            messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
+                {"role": "user", "content": self.user}
+            ]
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        body = f"{self.system}\n{self.user}" if self.system else self.user
+        if fmt == "inst":
+            return f"[INST]{body} [/INST]"
+        return body
+
+    def messages(self) -> list[dict[str, str]]:
+        """The OpenAI-style messages for chat APIs."""
+        return ([{"role": "system", "content": self.system}] if self.system else []) + [
+            {"role": "user", "content": self.user}
+        ]
+
+
+def prompt_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@cache
+def _template(name: str) -> jinja2.Template:
+    try:
+        return _ENV.get_template(f"{name}.jinja")
+    except jinja2.TemplateNotFound:
+        raise GridError(f"prompt template prompts/{name}.jinja does not exist") from None
+
+
+def template_source_hash(name: str) -> str:
+    """A hash of the template files a task's prompt reads, so an edited prompt makes new cells."""
+    digest = hashlib.sha256()
+    for file in (f"{name}.jinja", "_examples.jinja"):
+        digest.update((PROMPTS_DIR / file).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def render(
+    task: TaskDef, labels: dict[str, tuple[str, ...]], text: str, examples: Sequence[dict[str, str]]
+) -> Prompt:
+    """Render the task's template; `examples` are dicts with `text` and `answer`."""
+    template = _template(task.prompt)
+    ctx = template.new_context({"labels": labels, "text": text, "examples": list(examples)})
+    system = "".join(template.blocks["system"](ctx)).strip() if "system" in template.blocks else None
+    user = "".join(template.blocks["query"](ctx)).strip()
+    return Prompt(system=system or None, user=user)
+
+
+class FewShotSampler:
+    """Draws the five-shot examples of each test example from the train split, reproducibly."""
+
+    def __init__(self, task: TaskDef, train_rows: Sequence[dict[str, Any]], sampler: Sampler = "random"):
+        self.task = task
+        self.train = train_rows
+        self.sampler = sampler
+        key_field = task.subtasks[0].field
+        self.by_label: dict[str, list[int]] = defaultdict(list)
+        if task.subtasks[0].type == "label":
+            for i, row in enumerate(train_rows):
+                self.by_label[row[key_field]].append(i)
+
+    def draw(self, example_id: str, text: str, shots: int, seed: int) -> list[int]:
+        """Indices into the train rows; never the example itself or a row with the same text."""
+        if shots == 0:
+            return []
+        rng = random.Random(f"{self.task.name}|{seed}|{example_id}")
+
+        def allowed(i: int) -> bool:
+            row = self.train[i]
+            return row["example_id"] != example_id and row["text"] != text
+
+        if self.sampler == "stratified" and self.by_label:
+            labels = sorted(self.by_label)
+            picked: list[int] = []
+            for label in rng.sample(labels, min(shots, len(labels))):
+                pool = [i for i in self.by_label[label] if allowed(i)]
+                if pool:
+                    picked.append(rng.choice(pool))
+            return picked
+        picked = []
+        while len(picked) < shots:
+            i = rng.randrange(len(self.train))
+            if i not in picked and allowed(i):
+                picked.append(i)
+        return picked
+
+
+def gold_of(task: TaskDef, row: dict[str, Any]) -> dict[str, Any]:
+    """The gold value of each sub-task for a normalized row."""
+    return {sub.name: row[sub.field] for sub in task.subtasks}
+
+
+class PromptBuilder:
+    """Builds the prompt of any test example of one task; holds the train rows once."""
+
+    def __init__(
+        self,
+        task: TaskDef,
+        labels: dict[str, tuple[str, ...]],
+        train_rows: Sequence[dict[str, Any]],
+        text_budget: int | None = None,
+        sampler: Sampler = "random",
+    ):
+        self.task = task
+        self.labels = labels
+        self.train = train_rows
+        self.budget = text_budget if text_budget is not None else task.text_budget
+        self.sampler = FewShotSampler(task, train_rows, sampler)
+
+    def build(self, row: dict[str, Any], shots: int, seed: int) -> Prompt:
+        picks = self.sampler.draw(row["example_id"], row["text"], shots, seed)
+        examples = [
+            {"text": cut_text(self.train[i]["text"], self.budget),
+             "answer": format_answer(self.task, gold_of(self.task, self.train[i]))}
+            for i in picks
+        ]
+        return render(self.task, self.labels, cut_text(row["text"], self.budget), examples)

