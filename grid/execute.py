@@ -1,0 +1,299 @@
+"""Running a plan on Ray: fine-tune cells as Ray Train jobs, inference cells as Ray Data batch
+inference, every finished cell written to the store at once.
+
+Inference cells are grouped by the model they load (a base model, or a fine-tune cell's
+artifact). Each group is one Ray Data pipeline over an actor pool that holds the model, so a
+model is loaded once per actor however many cells (tasks x shots x seeds) use it, and cells
+stream through it concurrently. A cell is written (predictions, then cell.json) the moment its
+last chunk comes back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+
+from grid.config import GridConfig
+from grid.data import label_sets, load_split
+from grid.metrics.score import score
+from grid.parsing import parse_answer
+from grid.plan import Cell, Plan
+from grid.progress import Progress
+from grid.prompting import PromptBuilder, gold_of, prompt_hash
+from grid.store import Store
+from grid.tasks import get_task
+from workers.models import resolve
+
+log = logging.getLogger("clfgrid")
+
+
+@dataclass
+class RunSummary:
+    planned: int
+    already_done: int
+    ran: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def subsample_indices(n: int, limit: int | None, seed: int) -> list[int]:
+    """The same seeded subset of rows for every cell (in the split's order)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), limit))
+
+
+def cell_record(cell: Cell, status: str, **extra: Any) -> dict[str, Any]:
+    return {"cell_id": cell.id, "status": status, "cell": cell.model_dump(), **extra}
+
+
+# --- inference: requests in, predictions out ----------------------------------------------
+
+
+@dataclass
+class PreparedCell:
+    cell: Cell
+    rows: list[dict[str, Any]]  # test rows (example_id, text, words, gold fields)
+    items: list[dict[str, Any]]  # requests, in row order
+
+
+def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCell:
+    """The requests of one inference cell: a prompt per test example (or text for encoders)."""
+    task = get_task(cell.task)
+    test = load_split(task, "test", data_dir)
+    idx = subsample_indices(len(test), cell.limits["test"], cell.limits["seed"])
+    rows = test.select(idx).to_list()
+    items: list[dict[str, Any]] = []
+    if cell.family == "encoder":
+        items = [{"example_id": r["example_id"], "text": r["text"], "words": r["words"]} for r in rows]
+        return PreparedCell(cell, rows, items)
+    labels = label_sets(task, data_dir)
+    builder = PromptBuilder(task, labels, load_split(task, "train", data_dir).to_list(),
+                            cell.text_budget, cell.sampler)
+    for r in rows:
+        prompt = builder.build(r, cell.shots, cell.seed)
+        text = prompt.as_text(cell.prompt_format, tokenizer) if cell.family == "decoder" else prompt.user
+        items.append({"example_id": r["example_id"], "prompt": text, "messages": prompt.messages(),
+                      "prompt_hash": prompt_hash(text), "decoding": cell.decoding, "task": cell.task,
+                      "n_words": len(r["words"])})
+    return PreparedCell(cell, rows, items)
+
+
+def finish_cell(store: Store, prepared: PreparedCell, results: list[dict[str, Any]], seconds: float) -> dict:
+    """Parse, score and write one cell. Returns its record (done, or failed with the error)."""
+    cell = prepared.cell
+    errors = [r["error"] for r in results if r.get("error")]
+    if errors:
+        record = cell_record(cell, "failed", error=errors[0], seconds=seconds)
+        store.write_cell(cell.id, record)
+        return record
+    task = get_task(cell.task)
+    labels = label_sets(task)
+    golds = [gold_of(task, r) for r in prepared.rows]
+    parsed = [parse_answer(res["raw_output"], task, labels, len(r["words"]))
+              for res, r in zip(results, prepared.rows)]
+    metrics = score(task, golds, parsed, seed=cell.seed)
+    table = pa.table({
+        "cell_id": [cell.id] * len(results),
+        "example_id": [r["example_id"] for r in prepared.rows],
+        "prompt_hash": [it.get("prompt_hash") for it in prepared.items],
+        "raw_output": [res["raw_output"] for res in results],
+        "prediction": [json.dumps({k: p.value for k, p in ps.items()}) for ps in parsed],
+        "gold": [json.dumps(g) for g in golds],
+        "valid": [all(p.valid for p in ps.values()) for ps in parsed],
+        "invalid_reason": ["; ".join(f"{k}: {p.reason}" for k, p in ps.items() if not p.valid) or None
+                           for ps in parsed],
+        "n_prompt_tokens": pa.array([res.get("n_prompt_tokens") for res in results], pa.int64()),
+        "n_output_tokens": pa.array([res.get("n_output_tokens") for res in results], pa.int64()),
+        "latency_s": pa.array([res.get("latency_s") for res in results], pa.float64()),
+    })
+    store.write_predictions(cell.id, table)
+    record = cell_record(cell, "done", metrics=metrics, seconds=seconds, n_examples=len(results),
+                         finished_at=time.time())
+    store.write_cell(cell.id, record)
+    return record
+
+
+def chunk_rows(prepared: Iterable[PreparedCell], chunk_size: int) -> list[dict[str, Any]]:
+    """One Ray Data row per chunk of a cell's requests, cut the same way on every run."""
+    out = []
+    for p in prepared:
+        for k, start in enumerate(range(0, len(p.items), chunk_size)):
+            out.append({"cell_id": p.cell.id, "chunk": k,
+                        "items": json.dumps(p.items[start:start + chunk_size])})
+    return out
+
+
+def model_spec(cell: Cell, store: Store, config: GridConfig) -> dict[str, Any]:
+    """What the inference actor loads: the fine-tuned artifact, or the base model."""
+    model = next(m for m in config.models if m.name == cell.model)
+    if cell.depends_on:
+        path = str(store.local_cell_dir(cell.depends_on) / "model")
+    else:
+        path = resolve(model.source, model.revision)
+    return {"family": cell.family, "backend": cell.backend, "path": path, "dtype": model.dtype,
+            "options": model.options, "model_name": model.source, "revision": model.revision}
+
+
+def run_inference_group(
+    cells: list[Cell], spec: dict[str, Any], config: GridConfig, store: Store,
+    data_dir: str | None, progress: Progress, summary: RunSummary,
+) -> None:
+    """All inference cells that share one model, through one Ray Data actor pool."""
+    import ray.data
+
+    from workers.predict import Predictor
+
+    tokenizer = None
+    if spec["family"] == "decoder" and any(c.prompt_format == "chat" for c in cells):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(spec["path"])
+    prepared = {c.id: prepare_cell(c, data_dir, tokenizer) for c in cells}
+    inf = config.inference
+    rows = chunk_rows(prepared.values(), inf.batch_size)
+    progress.add_examples(sum(len(p.items) for p in prepared.values()))
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    out = ds.map_batches(
+        Predictor, fn_constructor_kwargs={"spec": spec, "retries": inf.retries},
+        batch_size=1, concurrency=inf.concurrency, num_cpus=inf.num_cpus, num_gpus=inf.num_gpus,
+    )
+    expected = {cid: -(-len(p.items) // inf.batch_size) for cid, p in prepared.items()}
+    got: dict[str, dict[int, list]] = defaultdict(dict)
+    started = time.perf_counter()
+    for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for cid, k, res in zip(batch["cell_id"].to_pylist(), batch["chunk"].to_pylist(),
+                               batch["results"].to_pylist()):
+            answers = json.loads(res)
+            got[cid][k] = answers
+            progress.examples_done(len(answers))
+            if len(got[cid]) == expected[cid]:
+                results = [a for i in sorted(got[cid]) for a in got[cid][i]]
+                record = finish_cell(store, prepared[cid], results, time.perf_counter() - started)
+                _account(summary, progress, prepared[cid].cell, record)
+
+
+def _account(summary: RunSummary, progress: Progress, cell: Cell, record: dict[str, Any]) -> None:
+    summary.ran.append(cell.id)
+    if record["status"] == "failed":
+        summary.failed[cell.id] = record["error"]
+        log.error("cell %s failed: %s (%s)", cell.id, record["error"], cell.label())
+    progress.cell_done(cell, record)
+
+
+# --- fine-tuning --------------------------------------------------------------------------
+
+
+def run_finetune(cell: Cell, store: Store, data_dir: str | None, retries: int) -> dict[str, Any]:
+    """One fine-tune cell as a Ray Train job; resumes from its own checkpoints when rerun."""
+    from workers.jobs import FinetuneJob, Resources
+
+    out_dir = store.local_cell_dir(cell.id)
+    recipe = cell.recipe or {}
+    job = FinetuneJob(
+        model=resolve(cell.source), family=cell.family, task=cell.task, mode=cell.finetune,
+        shots=cell.shots, prompt_format=cell.prompt_format if cell.family == "decoder" else "plain",
+        text_budget=cell.text_budget, sampler=cell.sampler, seed=cell.seed,
+        train_limit=recipe.get("train_limit") or cell.limits.get("train"),
+        hparams=recipe.get("hparams", {}), data_dir=data_dir, output_dir=str(out_dir),
+        resources=Resources(**recipe.get("resources", {})),
+    )
+    if cell.family == "encoder":
+        from workers.train_encoder import run
+    else:
+        from workers.train_decoder import run
+    error = None
+    start = time.perf_counter()
+    for attempt in range(retries + 1):
+        try:
+            metrics = run(job)
+        except Exception as exc:  # noqa: BLE001 - recorded, and the grid goes on
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("fine-tune %s failed (try %d): %s\n%s", cell.id, attempt + 1, error,
+                        traceback.format_exc(limit=3))
+            continue
+        record = cell_record(cell, "done", metrics=metrics, seconds=time.perf_counter() - start,
+                             artifact="model", finished_at=time.time())
+        store.write_cell(cell.id, record)
+        return record
+    record = cell_record(cell, "failed", error=error, seconds=time.perf_counter() - start)
+    store.write_cell(cell.id, record)
+    return record
+
+
+# --- the whole plan -----------------------------------------------------------------------
+
+
+def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None) -> RunSummary:
+    statuses = store.statuses()
+    done = {cid for cid, s in statuses.items() if s == "done"}
+    todo = [c for c in plan.cells if c.id not in done]
+    summary = RunSummary(planned=len(plan.cells), already_done=len(plan.cells) - len(todo))
+    if not todo:
+        return summary
+    progress = Progress(total_cells=len(todo))
+    infer_todo = [c for c in todo if c.kind == "infer"]
+    finetune_todo = {c.id: c for c in todo if c.kind == "finetune"}
+
+    def groups(cells: list[Cell]) -> dict[str, list[Cell]]:
+        out: dict[str, list[Cell]] = defaultdict(list)
+        for c in cells:
+            out[c.depends_on or f"{c.model}"].append(c)
+        return out
+
+    # Base models first: they need no training, and their results arrive soonest.
+    for key, cells in groups([c for c in infer_todo if not c.depends_on]).items():
+        run_inference_group(cells, model_spec(cells[0], store, config), config, store, data_dir,
+                            progress, summary)
+    # Then each fine-tune cell, followed at once by the inference cells that use its model.
+    dependents = groups([c for c in infer_todo if c.depends_on])
+    for ft_id in [c.id for c in plan.cells if c.kind == "finetune"]:
+        if ft_id in finetune_todo:
+            record = run_finetune(finetune_todo[ft_id], store, data_dir, config.inference.retries)
+            _account(summary, progress, finetune_todo[ft_id], record)
+            if record["status"] != "done":
+                for c in dependents.get(ft_id, []):
+                    rec = cell_record(c, "failed", error=f"fine-tune cell {ft_id} failed")
+                    store.write_cell(c.id, rec)
+                    _account(summary, progress, c, rec)
+                continue
+        if ft_id in dependents:
+            cells = dependents[ft_id]
+            run_inference_group(cells, model_spec(cells[0], store, config), config, store, data_dir,
+                                progress, summary)
+    progress.close()
+    return summary
+
+
+def connect_ray(num_cpus: int | None = None) -> None:
+    """Use the cluster in RAY_ADDRESS (a `ray job submit` sets it), else start a local Ray."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def data_dir_arg(data_dir: str | Path | None) -> str | None:
+    from grid.data import resolve_data_dir
+
+    resolved = resolve_data_dir(data_dir)
+    return str(resolved) if resolved else None

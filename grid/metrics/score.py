@@ -1,0 +1,161 @@
+"""Task-level scoring: a task's metrics over parsed answers, with bootstrap CIs, as flat keys.
+
+`score(task, golds, parsed)` applies each metric the task lists to the sub-tasks of the matching
+type: accuracy and macro_f1 to `label` sub-tasks, slot_f1 to `word_tags`, rouge to `text`, and
+exact_match (every sub-task right) to the whole task. Keys:
+
+    n                                 examples scored
+    invalid_rate                      share of examples with any invalid sub-task
+    <sub>/invalid_rate                per sub-task
+    <sub>/accuracy, <sub>/macro_f1    label sub-tasks
+    <sub>/slot_f1                     word_tags sub-tasks (MASSIVE's official slot F1)
+    <sub>/rouge1, /rouge2, /rougeL    text sub-tasks
+    exact_match                       when the task lists it
+    <metric key>_ci_low, _ci_high     95% percentile bootstrap CI of each metric (not for rates)
+
+What counts as right: a label when the answer is valid and equals the gold; word tags when the
+predicted tags, padded with "Other" or cut to the gold length (MASSIVE's exact match), equal the
+gold tags (an answer with no usable list counts as all "Other"); text when valid and equal to the
+stripped gold. Golds are dicts keyed by sub-task name or by gold field (dataset rows work).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from grid.errors import GridError
+from grid.metrics.bootstrap import DEFAULT_N_BOOT, bootstrap_ci
+from grid.metrics.classification import (
+    all_correct,
+    class_indices,
+    label_correct,
+    macro_f1_statistic,
+    mean_statistic,
+)
+from grid.metrics.rouge import ROUGE_TYPES, rouge_per_example
+from grid.metrics.slots import entity_counts, pad_or_cut, slot_f1, slot_f1_statistic
+from grid.parsing import Parsed, gold_value
+from grid.tasks import Subtask, TaskDef
+
+METRICS = ("accuracy", "macro_f1", "slot_f1", "exact_match", "rouge")
+_APPLIES_TO = {"accuracy": "label", "macro_f1": "label", "slot_f1": "word_tags", "rouge": "text"}
+
+
+def _check(task: TaskDef, golds: Sequence[dict], parsed: Sequence[dict[str, Parsed]]) -> None:
+    if len(golds) != len(parsed):
+        raise GridError(f"task {task.name}: {len(golds)} gold rows but {len(parsed)} parsed answers")
+    for i, row in enumerate(parsed):
+        for sub in task.subtasks:
+            if sub.name not in row:
+                raise GridError(f"task {task.name}: parsed answer {i} has no sub-task {sub.name!r}")
+
+
+def _gold_labels(sub: Subtask, golds: Sequence[dict]) -> list[str]:
+    return [str(gold_value(sub, g)) for g in golds]
+
+
+def _gold_tags(sub: Subtask, golds: Sequence[dict]) -> list[list[str]]:
+    return [[str(t) for t in gold_value(sub, g)] for g in golds]  # type: ignore[union-attr]
+
+
+def _pred_label(p: Parsed) -> str | None:
+    return p.value if p.valid and isinstance(p.value, str) else None
+
+
+def _pred_tags(p: Parsed) -> list[str] | None:
+    return list(p.value) if isinstance(p.value, list) else None
+
+
+def _subtask_correct(sub: Subtask, golds: Sequence[dict], parsed: Sequence[dict[str, Parsed]]
+                     ) -> np.ndarray:
+    answers = [row[sub.name] for row in parsed]
+    if sub.type == "label":
+        return label_correct(_gold_labels(sub, golds), [_pred_label(p) for p in answers])
+    if sub.type == "word_tags":
+        return np.fromiter(
+            (pad_or_cut(_pred_tags(p), len(g)) == g
+             for g, p in zip(_gold_tags(sub, golds), answers)),
+            dtype=bool, count=len(answers))
+    return np.fromiter(
+        (p.valid and p.value == str(gold_value(sub, g)).strip() for g, p in zip(golds, answers)),
+        dtype=bool, count=len(answers))
+
+
+def per_subtask_correct(task: TaskDef, golds: Sequence[dict[str, object]],
+                        parsed: Sequence[dict[str, Parsed]]) -> dict[str, list[bool]]:
+    """Per sub-task name, per example: is the answer right (see the module docstring)."""
+    _check(task, golds, parsed)
+    return {sub.name: _subtask_correct(sub, golds, parsed).tolist() for sub in task.subtasks}
+
+
+def per_example_correct(task: TaskDef, golds: Sequence[dict[str, object]],
+                        parsed: Sequence[dict[str, Parsed]]) -> list[bool]:
+    """Per example: every sub-task right (the exact-match rule)."""
+    _check(task, golds, parsed)
+    if not golds:
+        return []
+    return all_correct([_subtask_correct(s, golds, parsed) for s in task.subtasks]).tolist()
+
+
+def _put(out: dict[str, float], key: str, value: float, ci: tuple[float, float] | None) -> None:
+    out[key] = float(value)
+    if ci is not None:
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = ci
+
+
+def score(task: TaskDef, golds: list[dict[str, object]], parsed: list[dict[str, Parsed]],
+          seed: int = 0, n_boot: int = DEFAULT_N_BOOT) -> dict[str, float]:
+    """The task's metrics over parsed answers, flat keys (module docstring); n_boot=0: no CIs."""
+    _check(task, golds, parsed)
+    n = len(golds)
+    if n == 0:
+        raise GridError(f"task {task.name}: no examples to score")
+    unknown = [m for m in task.metrics if m not in METRICS]
+    if unknown:
+        raise GridError(f"task {task.name}: unknown metric {unknown[0]!r}; known: {', '.join(METRICS)}")
+    for metric, kind in _APPLIES_TO.items():
+        if metric in task.metrics and not any(s.type == kind for s in task.subtasks):
+            raise GridError(f"task {task.name}: metric {metric} needs a {kind} sub-task")
+
+    def ci(statistic, *arrays) -> tuple[float, float] | None:
+        return bootstrap_ci(statistic, arrays, n_boot=n_boot, seed=seed) if n_boot > 0 else None
+
+    out: dict[str, float] = {"n": float(n)}
+    invalid = {s.name: np.array([not row[s.name].valid for row in parsed]) for s in task.subtasks}
+    out["invalid_rate"] = float(np.logical_or.reduce(list(invalid.values())).mean())
+
+    correct: list[np.ndarray] = []
+    for sub in task.subtasks:
+        name = sub.name
+        out[f"{name}/invalid_rate"] = float(invalid[name].mean())
+        answers = [row[name] for row in parsed]
+        right = _subtask_correct(sub, golds, parsed)
+        correct.append(right)
+        if sub.type == "label":
+            if "accuracy" in task.metrics:
+                _put(out, f"{name}/accuracy", right.mean(), ci(mean_statistic, right))
+            if "macro_f1" in task.metrics:
+                gold_ids, pred_ids, classes = class_indices(
+                    _gold_labels(sub, golds), [_pred_label(p) for p in answers])
+                k = len(classes)
+                _put(out, f"{name}/macro_f1", macro_f1_statistic(gold_ids, pred_ids, k),
+                     ci(lambda g, p: macro_f1_statistic(g, p, k), gold_ids, pred_ids))
+        elif sub.type == "word_tags":
+            if "slot_f1" in task.metrics:
+                golds_t = _gold_tags(sub, golds)
+                preds_t = [_pred_tags(p) for p in answers]
+                _put(out, f"{name}/slot_f1", slot_f1(golds_t, preds_t),
+                     ci(slot_f1_statistic, entity_counts(golds_t, preds_t)))
+        elif "rouge" in task.metrics:
+            per = rouge_per_example([str(gold_value(sub, g)) for g in golds],
+                                    [p.value if p.valid else None for p in answers])
+            for rouge_type in ROUGE_TYPES:
+                _put(out, f"{name}/{rouge_type}", per[rouge_type].mean(),
+                     ci(mean_statistic, per[rouge_type]))
+
+    if "exact_match" in task.metrics:
+        rows = all_correct(correct)
+        _put(out, "exact_match", rows.mean(), ci(mean_statistic, rows))
+    return out

@@ -1,0 +1,69 @@
+"""Polars views of a results dir: cells, their metrics, and every prediction.
+
+    import polars as pl
+    from grid.query import cells, metrics, predictions
+    metrics("results/").filter(pl.col("metric") == "intent/accuracy").collect()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from grid.store import Store
+
+CELL_COLUMNS = ["cell_id", "status", "kind", "model", "family", "backend", "task", "shots", "finetune",
+                "seed", "decoding", "prompt_format", "depends_on", "seconds", "n_examples", "error"]
+
+
+def _flat(record: dict[str, Any]) -> dict[str, Any]:
+    cell = record["cell"]
+    return {
+        "cell_id": record["cell_id"], "status": record["status"], "kind": cell["kind"],
+        "model": cell["model"], "family": cell["family"], "backend": cell["backend"],
+        "task": cell["task"], "shots": cell["shots"], "finetune": cell["finetune"], "seed": cell["seed"],
+        "decoding": (cell.get("decoding") or {}).get("mode"), "prompt_format": cell["prompt_format"],
+        "depends_on": cell.get("depends_on"), "seconds": record.get("seconds"),
+        "n_examples": record.get("n_examples"), "error": record.get("error"),
+    }
+
+
+def _records(results: str | Path | Store) -> list[dict[str, Any]]:
+    store = results if isinstance(results, Store) else Store.open(results)
+    return store.records()
+
+
+def cells(results: str | Path | Store) -> pl.LazyFrame:
+    """One row per cell in the store: its axes, status, timings and error."""
+    rows = [_flat(r) for r in _records(results)]
+    schema = {c: pl.Utf8 for c in CELL_COLUMNS} | {"shots": pl.Int64, "seed": pl.Int64,
+                                                    "seconds": pl.Float64, "n_examples": pl.Int64}
+    return pl.DataFrame(rows, schema=schema).lazy()
+
+
+def metrics(results: str | Path | Store) -> pl.LazyFrame:
+    """Long form: one row per (cell, metric), with the cell's axes, for finished cells."""
+    rows = []
+    for r in _records(results):
+        flat = _flat(r)
+        for name, value in (r.get("metrics") or {}).items():
+            if isinstance(value, (int, float)):
+                rows.append({**flat, "metric": name, "value": float(value)})
+    schema = {c: pl.Utf8 for c in CELL_COLUMNS} | {"shots": pl.Int64, "seed": pl.Int64,
+                                                    "seconds": pl.Float64, "n_examples": pl.Int64,
+                                                    "metric": pl.Utf8, "value": pl.Float64}
+    return pl.DataFrame(rows, schema=schema).lazy()
+
+
+def predictions(results: str | Path | Store) -> pl.LazyFrame:
+    """Every prediction of every finished inference cell (join with `cells` on cell_id)."""
+    store = results if isinstance(results, Store) else Store.open(results)
+    paths = [store.predictions_path(r["cell_id"]) for r in store.records()
+             if r["status"] == "done" and r["cell"]["kind"] == "infer"]
+    if not paths:
+        return pl.LazyFrame(schema={"cell_id": pl.Utf8, "example_id": pl.Utf8, "raw_output": pl.Utf8,
+                                    "prediction": pl.Utf8, "gold": pl.Utf8, "valid": pl.Boolean})
+    prefix = "" if store.is_local else store.uri.split("://")[0] + "://"
+    return pl.scan_parquet([prefix + p for p in paths])

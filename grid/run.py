@@ -1,0 +1,64 @@
+"""Run a grid: `python grid/run.py GRID.yaml --results DIR [--data DIR] [--dry-run]`.
+
+Without RAY_ADDRESS it starts a local Ray (the embedded default); with one (as `ray job submit`
+sets it), it runs on that cluster. A rerun does only the cells not yet done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from grid.errors import GridError  # noqa: E402
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="grid/run.py", description=__doc__.splitlines()[0])
+    p.add_argument("config", help="grid YAML, e.g. grids/smoke.yaml")
+    p.add_argument("--results", required=True, help="results dir (local path or pyarrow URI)")
+    p.add_argument("--data", default=None, help="local data folder (default: ../shared/data, else the hub)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    try:
+        return _run(args)
+    except GridError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from grid.config import load_config
+    from grid.execute import connect_ray, data_dir_arg, execute
+    from grid.plan import build_plan, validate_references
+    from grid.store import Store
+    from grid.tables import plan_table, print_table
+
+    config = load_config(args.config)
+    validate_references(config, args.config)
+    data_dir = data_dir_arg(args.data)
+    plan = build_plan(config, data_dir)
+    store = Store.open(args.results)
+    if args.dry_run:
+        print_table(*plan_table(plan, store.statuses()))
+        return 0
+    connect_ray(args.num_cpus)
+    summary = execute(plan, config, store, data_dir)
+    print_table(*plan_table(plan, store.statuses()))
+    print(f"ran {len(summary.ran)} cells ({summary.already_done} already done), {len(summary.failed)} failed")
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

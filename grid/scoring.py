@@ -1,0 +1,45 @@
+"""Scoring a predictions parquet against a task's gold answers (`python -m grid score`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from grid.data import label_sets, load_split
+from grid.errors import GridError
+from grid.metrics.score import score
+from grid.parsing import parse_answer
+from grid.prompting import gold_of
+from grid.tasks import get_task
+
+REQUIRED = ("example_id", "prediction")
+
+
+def score_parquet(path: str | Path, task_name: str, data_dir: str | None = None, split: str = "test") -> dict[str, Any]:
+    """Metrics of the raw answers in `prediction`, gold taken from the task by `example_id`."""
+    task = get_task(task_name)
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"{path}: file does not exist")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise GridError(f"{path}: not a parquet file ({exc})") from None
+    for column in REQUIRED:
+        if column not in table.column_names:
+            raise GridError(f"{path}: missing column {column!r} (has: {', '.join(table.column_names)})")
+    rows = {r["example_id"]: r for r in load_split(task, split, data_dir).to_list()}
+    labels = label_sets(task, data_dir)
+    golds, parsed = [], []
+    for i, (eid, raw) in enumerate(zip(table["example_id"].to_pylist(), table["prediction"].to_pylist())):
+        row = rows.get(str(eid))
+        if row is None:
+            raise GridError(f"{path}: row {i}: example_id {eid!r} is not in the {split} split of {task_name}")
+        golds.append(gold_of(task, row))
+        parsed.append(parse_answer("" if raw is None else str(raw), task, labels, len(row["words"])))
+    if not golds:
+        raise GridError(f"{path}: no rows")
+    return score(task, golds, parsed)
