@@ -83,7 +83,7 @@ def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCe
         text = prompt.as_text(cell.prompt_format, tokenizer) if cell.family == "decoder" else prompt.user
         items.append({"example_id": r["example_id"], "prompt": text, "messages": prompt.messages(),
                       "prompt_hash": prompt_hash(text), "decoding": cell.decoding, "task": cell.task,
-                      "n_words": len(r["words"])})
+                      "labels": labels, "words": r["words"] if task.needs_words else None})
     return PreparedCell(cell, rows, items)
 
 
@@ -114,10 +114,13 @@ def finish_cell(store: Store, prepared: PreparedCell, results: list[dict[str, An
         "n_prompt_tokens": pa.array([res.get("n_prompt_tokens") for res in results], pa.int64()),
         "n_output_tokens": pa.array([res.get("n_output_tokens") for res in results], pa.int64()),
         "latency_s": pa.array([res.get("latency_s") for res in results], pa.float64()),
+        "cost_usd": pa.array([res.get("cost_usd") for res in results], pa.float64()),
     })
     store.write_predictions(cell.id, table)
+    usage = {key: sum(res.get(key) or 0 for res in results)
+             for key in ("n_prompt_tokens", "n_output_tokens", "cost_usd")}
     record = cell_record(cell, "done", metrics=metrics, seconds=seconds, n_examples=len(results),
-                         finished_at=time.time())
+                         usage=usage, finished_at=time.time())
     store.write_cell(cell.id, record)
     return record
 
