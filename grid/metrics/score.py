@@ -35,7 +35,7 @@ from grid.metrics.classification import (
     mean_statistic,
 )
 from grid.metrics.rouge import ROUGE_TYPES, rouge_per_example
-from grid.metrics.slots import entity_counts, pad_or_cut, slot_f1, slot_f1_statistic
+from grid.metrics.slots import pad_or_cut, slot_f1_and_counts, slot_f1_statistic
 from grid.parsing import Parsed, gold_value
 from grid.tasks import Subtask, TaskDef
 
@@ -144,10 +144,9 @@ def score(task: TaskDef, golds: list[dict[str, object]], parsed: list[dict[str, 
                      ci(lambda g, p: macro_f1_statistic(g, p, k), gold_ids, pred_ids))
         elif sub.type == "word_tags":
             if "slot_f1" in task.metrics:
-                golds_t = _gold_tags(sub, golds)
-                preds_t = [_pred_tags(p) for p in answers]
-                _put(out, f"{name}/slot_f1", slot_f1(golds_t, preds_t),
-                     ci(slot_f1_statistic, entity_counts(golds_t, preds_t)))
+                f1, counts = slot_f1_and_counts(_gold_tags(sub, golds),
+                                                [_pred_tags(p) for p in answers])
+                _put(out, f"{name}/slot_f1", f1, ci(slot_f1_statistic, counts))
         elif "rouge" in task.metrics:
             per = rouge_per_example([str(gold_value(sub, g)) for g in golds],
                                     [p.value if p.valid else None for p in answers])

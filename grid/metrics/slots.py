@@ -80,12 +80,24 @@ def bio_pairs(golds: Sequence[Sequence[str]], preds: Sequence[Sequence[str] | No
     return bio_gold, bio_pred
 
 
-def slot_f1(golds: Sequence[Sequence[str]], preds: Sequence[Sequence[str] | None]) -> float:
-    """MASSIVE slot F1 (seqeval micro F1 on MASSIVE's BIO); 0.0 when there is no entity at all."""
-    bio_gold, bio_pred = bio_pairs(golds, preds)
+def _seqeval_f1(bio_gold: list[list[str]], bio_pred: list[list[str]]) -> float:
     with warnings.catch_warnings():  # seqeval warns (and returns 0) when nothing is predicted
         warnings.simplefilter("ignore")
         return float(f1_score(bio_gold, bio_pred))
+
+
+def _counts(bio_gold: list[list[str]], bio_pred: list[list[str]]) -> np.ndarray:
+    out = np.zeros((len(bio_gold), 3), dtype=np.int64)
+    for i, (g, p) in enumerate(zip(bio_gold, bio_pred)):
+        gold_ents = set(get_entities(g))
+        pred_ents = set(get_entities(p))
+        out[i] = (len(gold_ents & pred_ents), len(pred_ents), len(gold_ents))
+    return out
+
+
+def slot_f1(golds: Sequence[Sequence[str]], preds: Sequence[Sequence[str] | None]) -> float:
+    """MASSIVE slot F1 (seqeval micro F1 on MASSIVE's BIO); 0.0 when there is no entity at all."""
+    return _seqeval_f1(*bio_pairs(golds, preds))
 
 
 def entity_counts(golds: Sequence[Sequence[str]], preds: Sequence[Sequence[str] | None]
@@ -95,13 +107,14 @@ def entity_counts(golds: Sequence[Sequence[str]], preds: Sequence[Sequence[str] 
     Entities are seqeval's (type, start, end) chunks of MASSIVE's BIO, so their sums give the
     same precision, recall and F1 as seqeval on the whole set.
     """
+    return _counts(*bio_pairs(golds, preds))
+
+
+def slot_f1_and_counts(golds: Sequence[Sequence[str]], preds: Sequence[Sequence[str] | None]
+                       ) -> tuple[float, np.ndarray]:
+    """`slot_f1` and `entity_counts` together, converting to BIO once."""
     bio_gold, bio_pred = bio_pairs(golds, preds)
-    out = np.zeros((len(bio_gold), 3), dtype=np.int64)
-    for i, (g, p) in enumerate(zip(bio_gold, bio_pred)):
-        gold_ents = set(get_entities(g))
-        pred_ents = set(get_entities(p))
-        out[i] = (len(gold_ents & pred_ents), len(pred_ents), len(gold_ents))
-    return out
+    return _seqeval_f1(bio_gold, bio_pred), _counts(bio_gold, bio_pred)
 
 
 def f1_from_counts(tp: np.ndarray | float, n_pred: np.ndarray | float,
