@@ -30,6 +30,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LOCAL_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
 datasets.disable_progress_bars()
+# A bad file is reported as one GridError line naming file and row; datasets' own log would repeat it.
+datasets.logging.set_verbosity(datasets.logging.CRITICAL)
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path | None:

@@ -235,13 +235,16 @@ def run_finetune(cell: Cell, store: Store, data_dir: str | None, retries: int) -
 # --- the whole plan -----------------------------------------------------------------------
 
 
-def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None) -> RunSummary:
+def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
+            num_cpus: int | None = None) -> RunSummary:
+    """Run every cell not yet done; Ray is started (or joined) only when there is work."""
     statuses = store.statuses()
     done = {cid for cid, s in statuses.items() if s == "done"}
     todo = [c for c in plan.cells if c.id not in done]
     summary = RunSummary(planned=len(plan.cells), already_done=len(plan.cells) - len(todo))
     if not todo:
         return summary
+    connect_ray(num_cpus)
     progress = Progress(total_cells=len(todo))
     infer_todo = [c for c in todo if c.kind == "infer"]
     finetune_todo = {c.id: c for c in todo if c.kind == "finetune"}

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from grid.config import load_config
-    from grid.execute import connect_ray, data_dir_arg, execute
+    from grid.execute import data_dir_arg, execute
     from grid.plan import build_plan, validate_references
     from grid.store import Store
     from grid.tables import plan_table, print_table
@@ -53,8 +53,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print_table(*plan_table(plan, store.statuses()))
         return 0
-    connect_ray(args.num_cpus)
-    summary = execute(plan, config, store, data_dir)
+    summary = execute(plan, config, store, data_dir, args.num_cpus)
     print_table(*plan_table(plan, store.statuses()))
     print(f"ran {len(summary.ran)} cells ({summary.already_done} already done), {len(summary.failed)} failed")
     return 1 if summary.failed else 0
