@@ -14,7 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from grid.errors import GridError, pydantic_message
+from grid.errors import GridError, pydantic_message, yaml_message
+from merge.config import MergeSpec
 from workers.jobs import Family, PromptFormat, Resources
 
 Backend = Literal["transformers", "vllm", "litellm"]
@@ -23,6 +24,17 @@ FinetuneMode = Literal["none", "full", "lora"]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FinetunedFrom(Strict):
+    """A model the grid makes (merge study, 004): `model` fine-tuned on `tasks`, one fine-tune cell
+    per task, each starting from the last (e.g. a tiny "instruct" stand-in tuned on other tasks)."""
+
+    model: str = Field(description="an earlier model of the grid")
+    tasks: tuple[str, ...] = Field(min_length=1, description="trained in this order")
+    finetune: Literal["full", "lora"] = "full"
+    train_limit: int | None = Field(default=None, gt=0, description="rows per task; default limits.train")
+    hparams: dict[str, Any] = Field(default_factory=dict, description="over the decoder recipe's")
 
 
 class ModelSpec(Strict):
@@ -37,6 +49,9 @@ class ModelSpec(Strict):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     hparams: dict[str, Any] = Field(default_factory=dict, description="fine-tune overrides")
     options: dict[str, Any] = Field(default_factory=dict, description="backend options")
+    finetuned_from: FinetunedFrom | None = Field(
+        default=None, description="made by the grid; source, family, ... default to the parent's")
+    seen_tasks: tuple[str, ...] = Field(default=(), description="tasks its weights were tuned on")
 
     @model_validator(mode="after")
     def _family_backend(self) -> "ModelSpec":
@@ -98,7 +113,68 @@ class GridConfig(Strict):
     )
     inference: Inference = Inference()
     exclude: tuple[dict[str, Any], ...] = ()
-    merges: tuple[dict[str, Any], ...] = ()
+    merges: tuple[MergeSpec, ...] = Field(default=(), description="merged models (merge/config.py)")
+    reference: str | None = Field(default=None, description="the untuned instruct model, for forgetting")
+
+    # --- models made by the grid (fine-tuned variants, merges) ---------------------------------
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit_from_parent(cls, raw: Any) -> Any:
+        """A `finetuned_from` model takes source, family, backend, prompt format from its parent."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("models"), list):
+            return raw
+        by_name: dict[str, dict] = {}
+        models = []
+        for m in raw["models"]:
+            if isinstance(m, dict) and isinstance(m.get("finetuned_from"), dict):
+                parent = by_name.get(m["finetuned_from"].get("model"))
+                if parent is not None:
+                    keys = ("source", "revision", "family", "backend", "prompt_format", "dtype")
+                    m = {**{k: parent[k] for k in keys if k in parent}, **m}
+            if isinstance(m, dict) and "name" in m:
+                by_name[m["name"]] = m
+            models.append(m)
+        return {**raw, "models": models}
+
+    @model_validator(mode="after")
+    def _made_models(self) -> "GridConfig":
+        names = [m.name for m in self.models]
+        for i, m in enumerate(self.models):
+            ff = m.finetuned_from
+            if ff and ff.model not in names[:i]:
+                raise ValueError(f"models.{i}.finetuned_from.model: {ff.model!r} is not an earlier model of the grid")
+            if ff and m.family != "decoder":
+                raise ValueError(f"models.{i}.finetuned_from: only decoders are made by the grid")
+        merge_names = [g.name for g in self.merges]
+        for j, g in enumerate(self.merges):
+            if g.name in names or merge_names.count(g.name) > 1:
+                raise ValueError(f"merges.{j}.name: {g.name!r} is already a model name")
+            for key, ref in g.template()[1].items():
+                if ref.model is not None and ref.model not in names + merge_names[:j]:
+                    raise ValueError(f"merges.{j} ({key}): model {ref.model!r} is not a model of the grid")
+                if ref.task is not None and ref.task not in self.tasks:
+                    raise ValueError(f"merges.{j} ({key}): task {ref.task!r} is not a task of the grid")
+        if self.reference is not None and self.reference not in names + merge_names:
+            raise ValueError(f"reference: {self.reference!r} is not a model of the grid")
+        return self
+
+    def all_models(self) -> tuple[ModelSpec, ...]:
+        """The declared models, then one per merge (source `merge:<name>`, a decoder)."""
+        made = []
+        by_name = {m.name: m for m in self.models}
+        for g in self.merges:
+            refs = [r for r in g.template()[1].values() if r.model in by_name]
+            first = by_name[refs[0].model] if refs else None
+            made.append(ModelSpec(
+                name=g.name, source=f"merge:{g.name}", family="decoder",
+                prompt_format=g.prompt_format or (first.prompt_format if first else "chat"), dtype=g.dtype,
+                options=first.options if first else {},
+            ))
+        return (*self.models, *made)
+
+    def model(self, name: str) -> ModelSpec:
+        return next(m for m in self.all_models() if m.name == name)
 
     @field_validator("decoding", mode="before")
     @classmethod
@@ -137,7 +213,7 @@ def load_config(path: str | Path) -> GridConfig:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise GridError(f"{path}: not valid YAML: {exc}") from None
+        raise GridError(f"{path}: {yaml_message(exc)}") from None
     if not isinstance(raw, dict):
         raise GridError(f"{path}: a grid config must be a mapping")
     try:

@@ -16,3 +16,11 @@ def pydantic_message(exc: ValidationError) -> str:
     more = len(exc.errors()) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     return f"field {path}: {err['msg']}{suffix}"
+
+
+def yaml_message(exc: Exception) -> str:
+    """A YAML error on one line: where, and what."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return f"not valid YAML: {where}{problem}"

@@ -17,7 +17,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from grid.errors import GridError, pydantic_message
+from grid.errors import GridError, pydantic_message, yaml_message
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 OUTSIDE_TAG = "Other"  # the paper's word label for "no slot"; MASSIVE's `outside` value
@@ -85,7 +85,7 @@ def load_task_file(path: Path) -> TaskDef:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise GridError(f"{path}: not valid YAML: {exc}") from None
+        raise GridError(f"{path}: {yaml_message(exc)}") from None
     if not isinstance(raw, dict):
         raise GridError(f"{path}: a task file must be a mapping")
     try:

@@ -1,0 +1,192 @@
+"""The grid engine end to end on a real local Ray: run, resume, kill and resume, add a seed,
+config errors before any work, and `ray job submit` against a real head."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from grid.query import cells, metrics, predictions
+from tests.conftest import DATA, ROOT, run_cli
+
+TINY = {"name": "tiny-llama", "source": "tiny:llama", "family": "decoder", "prompt_format": "chat"}
+
+
+def write_grid(path: Path, **overrides) -> Path:
+    grid = {"name": "t", "models": [TINY], "tasks": ["massive-intent", "20ng-7"], "shots": [0, 5],
+            "decoding": {"mode": "free", "max_new_tokens": 8}, "limits": {"test": 12}, "text_budget": 48,
+            "inference": {"batch_size": 4}}
+    grid.update(overrides)
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def file_hashes(results: Path) -> dict[str, tuple[str, float]]:
+    return {str(p.relative_to(results)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime)
+            for p in sorted(results.rglob("*")) if p.is_file()}
+
+
+def ran(proc) -> tuple[int, int]:
+    match = re.search(r"ran (\d+) cells \((\d+) already done\)", proc.stdout)
+    assert match, proc.stdout + proc.stderr
+    return int(match.group(1)), int(match.group(2))
+
+
+# --- errors before any work ----------------------------------------------------------------
+
+@pytest.mark.parametrize("text, fragments", [
+    ("name: [unclosed", ["not valid YAML"]),
+    ("name: t\nmodels: []\ntasks: [massive-intent]\n", ["field models"]),
+    ("name: t\nmodels:\n  - {name: m, sourc: tiny:llama, family: decoder}\ntasks: [massive-intent]\n",
+     ["field models.0"]),
+    ("name: t\nmodels:\n  - {name: m, source: tiny:llama, family: decoder}\ntasks: [massive-intent, 20ng-twenty]\n",
+     ["field tasks.1", "unknown task '20ng-twenty'"]),
+    ("name: t\nmodels:\n  - {name: m, source: ./no/such/model, family: decoder}\ntasks: [massive-intent]\n",
+     ["field models.0.source", "no/such/model"]),
+    ("name: t\nmodels:\n  - {name: m, source: tiny:llama, family: decoder}\ntasks: [massive-intent]\nshots: [3]\n",
+     ["field shots.0"]),
+    ("name: t\nmodels:\n  - {name: m, source: tiny:llama, family: decoder}\ntasks: [massive-intent]\n"
+     "exclude:\n  - {familly: encoder}\n", ["field exclude.0", "familly"]),
+])
+def test_bad_config_fails_before_any_work(tmp_path, text, fragments):
+    config = tmp_path / "grid.yaml"
+    config.write_text(text)
+    results = tmp_path / "results"
+    proc = run_cli("grid/run.py", str(config), "--results", str(results))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()
+    assert len(line) == 1 and line[0].startswith(f"error: {config}"), proc.stderr
+    for fragment in fragments:
+        assert fragment in line[0]
+    assert not results.exists()
+
+
+# --- run, rerun, add a seed ----------------------------------------------------------------
+
+def test_run_rerun_and_add_a_seed(tmp_path):
+    config = write_grid(tmp_path / "grid.yaml")
+    results = tmp_path / "results"
+    first = run_cli("grid/run.py", str(config), "--results", str(results))
+    assert first.returncode == 0, first.stderr
+    assert ran(first) == (4, 0)
+    assert "progress: cells" in first.stderr and "examples/s" in first.stderr
+
+    table = cells(results).collect()
+    assert table.height == 4 and set(table["status"]) == {"done"}
+    preds = predictions(results).collect()
+    assert preds.height == 4 * 12
+    assert {"cell_id", "example_id", "prompt_hash", "raw_output", "prediction", "gold", "valid",
+            "invalid_reason", "n_prompt_tokens", "n_output_tokens", "latency_s"} <= set(preds.columns)
+    assert preds["n_prompt_tokens"].min() > 0
+    acc = metrics(results).filter(pl.col("metric").str.ends_with("/accuracy")).collect()
+    assert acc.height == 4
+
+    before = file_hashes(results)
+    again = run_cli("grid/run.py", str(config), "--results", str(results))
+    assert again.returncode == 0 and ran(again) == (0, 4)
+    assert file_hashes(results) == before  # no work, no file touched
+
+    write_grid(config, seeds=[0, 1])
+    more = run_cli("grid/run.py", str(config), "--results", str(results))
+    assert more.returncode == 0 and ran(more) == (4, 4)
+    after = file_hashes(results)
+    assert all(after[k] == v for k, v in before.items())  # the old cells were not rewritten
+
+    status = run_cli("-m", "grid", "status", str(results))
+    assert status.returncode == 0 and "cells: 8 in all, 8 done, 0 to do, 0 failed" in status.stdout
+    assert "intent/accuracy=" in status.stdout
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
+    config = write_grid(tmp_path / "grid.yaml", seeds=[0, 1])
+    proc = run_cli("grid/run.py", str(config), "--results", str(tmp_path / "r"), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "cells: 8 in all, 0 done, 8 to do, 0 failed" in proc.stdout
+    assert not list((tmp_path / "r" / "cells").iterdir())
+
+
+# --- kill the driver midway ----------------------------------------------------------------
+
+def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tmp_path):
+    config = write_grid(tmp_path / "grid.yaml", tasks=["massive-intent", "20ng-7", "fpb-sentiment", "fomc-stance"],
+                        limits={"test": 24})
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "grid/run.py", str(config), "--results", str(killed)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(killed.glob("cells/*/cell.json"))) < 2:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    finished = {p.parent.name for p in killed.glob("cells/*/cell.json")}
+    assert 2 <= len(finished) < 8, "the kill should land midway"
+    before = file_hashes(killed)
+
+    resumed = run_cli("grid/run.py", str(config), "--results", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    assert ran(resumed) == (8 - len(finished), len(finished))  # no finished cell ran again
+    after = file_hashes(killed)
+    for name, value in before.items():
+        if name.split("/")[1] in finished:
+            assert after[name] == value
+
+    clean = tmp_path / "clean"
+    assert run_cli("grid/run.py", str(config), "--results", str(clean)).returncode == 0
+    cols = ["cell_id", "example_id", "prompt_hash", "raw_output", "prediction", "valid"]
+    a = predictions(killed).select(cols).sort("cell_id", "example_id").collect()
+    b = predictions(clean).select(cols).sort("cell_id", "example_id").collect()
+    assert a.height == 8 * 24 and a.equals(b)
+
+
+# --- ray job submit against a real head ----------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_a_local_head(tmp_path):
+    ray_bin = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    gcs, dash = free_port(), free_port()
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            probe = subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
+                                   capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            time.sleep(2)
+        config = write_grid(tmp_path / "grid.yaml", tasks=["massive-intent"], shots=[0])
+        results = tmp_path / "results"
+        job = subprocess.run(
+            [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+             sys.executable, "grid/run.py", str(config), "--results", str(results), "--data", str(DATA)],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout
+        table = cells(results).collect()
+        assert table.height == 1 and table["status"].to_list() == ["done"]
+        assert predictions(results).collect().height == 12
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
