@@ -137,7 +137,7 @@ def chunk_rows(prepared: Iterable[PreparedCell], chunk_size: int) -> list[dict[s
 
 def model_spec(cell: Cell, store: Store, config: GridConfig) -> dict[str, Any]:
     """What the inference actor loads: the fine-tuned artifact, or the base model."""
-    model = next(m for m in config.models if m.name == cell.model)
+    model = config.model(cell.model)  # a declared model, or a merge of the grid
     if cell.depends_on:
         path = str(store.local_cell_dir(cell.depends_on) / "model")
     else:
@@ -201,8 +201,10 @@ def run_finetune(cell: Cell, store: Store, data_dir: str | None, retries: int) -
 
     out_dir = store.local_cell_dir(cell.id)
     recipe = cell.recipe or {}
+    # A model the grid made (finetuned_from) trains from its parent cell's saved model.
+    start_from = str(store.local_cell_dir(cell.depends_on) / "model") if cell.depends_on else resolve(cell.source)
     job = FinetuneJob(
-        model=resolve(cell.source), family=cell.family, task=cell.task, mode=cell.finetune,
+        model=start_from, family=cell.family, task=cell.task, mode=cell.finetune,
         shots=cell.shots, prompt_format=cell.prompt_format if cell.family == "decoder" else "plain",
         text_budget=cell.text_budget, sampler=cell.sampler, seed=cell.seed,
         train_limit=recipe.get("train_limit") or cell.limits.get("train"),
@@ -232,6 +234,39 @@ def run_finetune(cell: Cell, store: Store, data_dir: str | None, retries: int) -
     return record
 
 
+# --- merging ------------------------------------------------------------------------------
+
+
+def run_merge_cell(cell: Cell, store: Store) -> dict[str, Any]:
+    """One merge cell: fill the mergekit template with the inputs' paths, check, merge on CPU.
+
+    The record keeps the lineage (method, each input and its cell or source, seen tasks) and the
+    resolved mergekit config; the merged model is the cell's `model/` folder.
+    """
+    from merge.config import substitute
+    from merge.run import merge
+
+    recipe = cell.recipe or {}
+    paths = {key: str(store.local_cell_dir(ref["cell"]) / "model") if "cell" in ref else resolve(ref["source"])
+             for key, ref in recipe["inputs"].items()}
+    start = time.perf_counter()
+    lineage = {**(cell.lineage or {}), "input_cells": recipe["inputs"]}
+    try:
+        result = merge(substitute(recipe["mergekit"], paths), store.local_cell_dir(cell.id) / "model",
+                       where=f"merge {cell.model}")
+    except Exception as exc:  # noqa: BLE001 - recorded, and the grid goes on
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        log.error("merge %s failed: %s\n%s", cell.model, error, traceback.format_exc(limit=3))
+        record = cell_record(cell, "failed", error=error, lineage=lineage, seconds=time.perf_counter() - start)
+        store.write_cell(cell.id, record)
+        return record
+    record = cell_record(cell, "done", metrics={"merge_seconds": result["seconds"]}, lineage=lineage,
+                         mergekit_config=result["config"], artifact="model",
+                         seconds=time.perf_counter() - start, finished_at=time.time())
+    store.write_cell(cell.id, record)
+    return record
+
+
 # --- the whole plan -----------------------------------------------------------------------
 
 
@@ -247,7 +282,7 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
     connect_ray(num_cpus)
     progress = Progress(total_cells=len(todo))
     infer_todo = [c for c in todo if c.kind == "infer"]
-    finetune_todo = {c.id: c for c in todo if c.kind == "finetune"}
+    finetune_todo = {c.id: c for c in todo if c.kind in ("finetune", "merge")}
 
     def groups(cells: list[Cell]) -> dict[str, list[Cell]]:
         out: dict[str, list[Cell]] = defaultdict(list)
@@ -259,11 +294,22 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
     for key, cells in groups([c for c in infer_todo if not c.depends_on]).items():
         run_inference_group(cells, model_spec(cells[0], store, config), config, store, data_dir,
                             progress, summary)
-    # Then each fine-tune cell, followed at once by the inference cells that use its model.
+    # Then each fine-tune or merge cell (in plan order: every input before the cells that read
+    # it), followed at once by the inference cells that use its model.
     dependents = groups([c for c in infer_todo if c.depends_on])
-    for ft_id in [c.id for c in plan.cells if c.kind == "finetune"]:
+    for ft_id in [c.id for c in plan.cells if c.kind in ("finetune", "merge")]:
         if ft_id in finetune_todo:
-            record = run_finetune(finetune_todo[ft_id], store, data_dir, config.inference.retries)
+            cell = finetune_todo[ft_id]
+            inputs = [cell.depends_on] if cell.kind == "finetune" else \
+                [ref["cell"] for ref in (cell.recipe or {})["inputs"].values() if "cell" in ref]
+            missing = [i for i in inputs if i and store.statuses().get(i) != "done"]
+            if missing:
+                record = cell_record(cell, "failed", error=f"input cell {missing[0]} is not done")
+                store.write_cell(cell.id, record)
+            elif cell.kind == "merge":
+                record = run_merge_cell(cell, store)
+            else:
+                record = run_finetune(cell, store, data_dir, config.inference.retries)
             _account(summary, progress, finetune_todo[ft_id], record)
             if record["status"] != "done":
                 for c in dependents.get(ft_id, []):

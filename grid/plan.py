@@ -23,7 +23,7 @@ from grid.prompting import template_source_hash
 from grid.tasks import get_task
 from workers.models import check_source, source_revision
 
-CellKind = Literal["finetune", "infer"]
+CellKind = Literal["finetune", "infer", "merge"]
 
 
 class Cell(BaseModel):
@@ -51,10 +51,13 @@ class Cell(BaseModel):
     limits: dict[str, Any]
     recipe: dict[str, Any] | None
     depends_on: str | None = None
+    # What the weights saw and where they came from (seen tasks, merge inputs, the grid's
+    # reference model): derived from fields already hashed, so not part of the id.
+    lineage: dict[str, Any] | None = None
 
     @property
     def id(self) -> str:
-        identity = self.model_dump(exclude={"model"})
+        identity = self.model_dump(exclude={"model", "lineage"})
         blob = json.dumps(identity, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -101,6 +104,18 @@ def validate_references(config: GridConfig, source: str | Path = "grid config") 
             check_source(model.source, model.revision)
         except GridError as exc:
             raise GridError(f"{source}: field models.{i}.source: {exc}") from None
+        for t in model.finetuned_from.tasks if model.finetuned_from else ():
+            try:
+                get_task(t)
+            except GridError as exc:
+                raise GridError(f"{source}: field models.{i}.finetuned_from.tasks: {exc}") from None
+    for j, merge in enumerate(config.merges):
+        for key, ref in merge.template()[1].items():
+            if ref.source is not None:
+                try:
+                    check_source(ref.source, ref.revision)
+                except GridError as exc:
+                    raise GridError(f"{source}: field merges.{j} ({key}).source: {exc}") from None
 
 
 def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
@@ -111,6 +126,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
     tasks = {name: get_task(name) for name in config.tasks}
     fingerprints = {name: data_fingerprint(task, data_dir) for name, task in tasks.items()}
     limits = config.limits.model_dump()
+    made = _made_models(config, finetunes, data_dir)  # fine-tune chains of `finetuned_from` models
     for model, task_name, shots, mode, seed, decoding in itertools.product(
         config.models, config.tasks, config.shots, config.finetune, config.seeds, config.decoding
     ):
@@ -131,19 +147,150 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
             shots=shots, finetune=mode, seed=seed,
             text_budget=config.text_budget or task.text_budget, sampler=config.sampler, limits=limits,
         )
-        depends_on = None
+        depends_on, seen = made.get(model.name, (None, list(model.seen_tasks)))
         if mode != "none":
             recipe = config.recipe(model.family, mode)
             recipe_dict = recipe.model_dump()
             recipe_dict["hparams"] = {**recipe.hparams, **model.hparams}
-            ft = Cell(kind="finetune", decoding=None, recipe=recipe_dict, **common)
+            seen = _union(seen, [task_name])
+            ft = Cell(kind="finetune", decoding=None, recipe=recipe_dict, depends_on=depends_on,
+                      lineage={"seen_tasks": seen, "from": depends_on}, **common)
             finetunes[ft.id] = ft
             depends_on = ft.id
         decoding_dict = None if is_encoder else _decoding_dict(decoding)
-        cell = Cell(kind="infer", decoding=decoding_dict, recipe=None, depends_on=depends_on, **common)
+        cell = Cell(kind="infer", decoding=decoding_dict, recipe=None, depends_on=depends_on,
+                    lineage=_infer_lineage(config, seen), **common)
         infers.setdefault(cell.id, cell)
-    return Plan(cells=[*finetunes.values(), *infers.values()], skipped=skipped)
+    merges, merge_infers, merge_skipped = _merge_cells(config, finetunes, made, fingerprints, tasks)
+    for cell in merge_infers:
+        infers.setdefault(cell.id, cell)
+    return Plan(cells=[*finetunes.values(), *merges, *infers.values()], skipped=skipped + merge_skipped)
 
 
 def _decoding_dict(decoding: Decoding) -> dict[str, Any]:
     return decoding.model_dump()
+
+
+# --- models made by the grid: fine-tune chains (`finetuned_from`) and merges --------------------
+
+
+def _union(*lists: list[str]) -> list[str]:
+    out: list[str] = []
+    for items in lists:
+        out += [t for t in items if t not in out]
+    return out
+
+
+def _infer_lineage(config: GridConfig, seen: list[str]) -> dict[str, Any]:
+    return {"seen_tasks": seen, "reference": config.reference}
+
+
+def _made_models(config: GridConfig, finetunes: dict[str, Cell], data_dir: str | Path | None
+                 ) -> dict[str, tuple[str | None, list[str]]]:
+    """For each model: (the cell whose saved model it is, or None; the tasks its weights saw).
+
+    A `finetuned_from` model is a chain of fine-tune cells, one per task, each from the last;
+    the chain's cells join `finetunes` (so they run before anything that needs them).
+    """
+    made: dict[str, tuple[str | None, list[str]]] = {}
+    limits = config.limits.model_dump()
+    for model in config.models:
+        ff = model.finetuned_from
+        if ff is None:
+            made[model.name] = (None, list(model.seen_tasks))
+            continue
+        parent_id, seen = made[ff.model]
+        recipe = config.recipe(model.family, ff.finetune)
+        recipe_dict = recipe.model_dump()
+        recipe_dict["hparams"] = {**recipe.hparams, **model.hparams, **ff.hparams}
+        if ff.train_limit is not None:
+            recipe_dict["train_limit"] = ff.train_limit
+        for task_name in ff.tasks:
+            task = get_task(task_name)
+            seen = _union(seen, [task_name])
+            ft = Cell(
+                kind="finetune", model=model.name, source=model.source,
+                weights=source_revision(model.source, model.revision), family=model.family,
+                backend=model.backend, prompt_format=model.prompt_format, task=task_name,
+                data_fp=data_fingerprint(task, data_dir), template_fp=template_source_hash(task.prompt),
+                shots=0, finetune=ff.finetune, seed=config.seeds[0], decoding=None,
+                text_budget=config.text_budget or task.text_budget, sampler=config.sampler, limits=limits,
+                recipe=recipe_dict, depends_on=parent_id,
+                lineage={"seen_tasks": seen, "from": parent_id, "prepares": model.name},
+            )
+            finetunes[ft.id] = ft
+            parent_id = ft.id
+        made[model.name] = (parent_id, _union(seen, list(model.seen_tasks)))
+    return made
+
+
+def _merge_cells(config: GridConfig, finetunes: dict[str, Cell], made: dict[str, tuple[str | None, list[str]]],
+                 fingerprints: dict[str, str], tasks: dict[str, Any]) -> tuple[list[Cell], list[Cell], int]:
+    """One merge cell per `merges:` entry, and the merged model's inference cells (finetune none).
+
+    The merge cell's id hashes the mergekit template (method, weights, density, lambda, ...) and
+    the identity of every input: a cell id for grid-made models, source and revision otherwise.
+    """
+    by_name = {m.name: m for m in config.models}
+    merges: list[Cell] = []
+    infers: list[Cell] = []
+    skipped = 0
+    for j, spec in enumerate(config.merges):
+        template, bind = spec.template()
+        inputs: dict[str, dict[str, Any]] = {}
+        described: dict[str, str] = {}
+        seen: list[str] = []
+        for key, ref in bind.items():
+            described[key] = ref.describe()
+            if ref.source is not None:
+                inputs[key] = {"source": ref.source, "weights": source_revision(ref.source, ref.revision)}
+                continue
+            cell_id, ref_seen = made[ref.model]
+            if ref.task is not None:
+                seed = config.seeds[0] if ref.seed is None else ref.seed
+                match = [c for c in finetunes.values()
+                         if c.model == ref.model and c.task == ref.task and c.finetune == ref.finetune
+                         and c.shots == ref.shots and c.seed == seed and c.depends_on == cell_id]
+                if not match:
+                    raise GridError(
+                        f"field merges.{j} ({key}): the grid has no fine-tune cell of {ref.model} on "
+                        f"{ref.task} (finetune {ref.finetune}, shots {ref.shots}, seed {seed}); "
+                        f"add it to the finetune/shots/seeds axes or drop the exclude rule")
+                cell_id, ref_seen = match[0].id, match[0].lineage["seen_tasks"]
+            if cell_id is None:
+                m = by_name[ref.model]
+                inputs[key] = {"source": m.source, "weights": source_revision(m.source, m.revision)}
+            else:
+                inputs[key] = {"cell": cell_id}
+            seen = _union(seen, ref_seen)
+        weights = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:12]
+        spec_model = config.model(spec.name)
+        cell = Cell(
+            kind="merge", model=spec.name, source=spec_model.source, weights=weights, family="decoder",
+            backend="transformers", prompt_format=spec_model.prompt_format, task="-", data_fp="-",
+            template_fp=None, shots=0, finetune="none", seed=0, decoding=None, text_budget=None,
+            sampler=config.sampler, limits={}, recipe={"mergekit": template, "inputs": inputs},
+            lineage={"seen_tasks": seen, "inputs": described, "method": template.get("merge_method"),
+                     "recipe": spec.recipe},
+        )
+        merges.append(cell)
+        made[spec.name] = (cell.id, seen)
+        for task_name, shots, seed, decoding in itertools.product(
+            config.tasks, config.shots, config.seeds, config.decoding
+        ):
+            combo = {"model": spec.name, "family": "decoder", "backend": "transformers", "task": task_name,
+                     "shots": shots, "finetune": "none", "seed": seed, "decoding": decoding.mode}
+            if any(_matches(r, combo) for r in config.exclude):
+                skipped += 1
+                continue
+            task = tasks[task_name]
+            infers.append(Cell(
+                kind="infer", model=spec.name, source=spec_model.source, weights=cell.id, family="decoder",
+                backend="transformers", prompt_format=spec_model.prompt_format, task=task_name,
+                data_fp=fingerprints[task_name], template_fp=template_source_hash(task.prompt), shots=shots,
+                finetune="none", seed=seed, decoding=_decoding_dict(decoding),
+                text_budget=config.text_budget or task.text_budget, sampler=config.sampler,
+                limits=config.limits.model_dump(), recipe=None, depends_on=cell.id,
+                lineage=_infer_lineage(config, seen),
+            ))
+    return merges, infers, skipped

@@ -53,7 +53,7 @@ def status_table(records: list[dict[str, Any]]) -> tuple[pl.DataFrame, str]:
                      "shots": c["shots"], "finetune": c["finetune"], "seed": c["seed"],
                      "decoding": (c.get("decoding") or {}).get("mode", "-"), "status": r["status"],
                      "metrics": headline(r.get("metrics")) if r["status"] == "done" else (r.get("error") or "")})
-    return pl.DataFrame(rows), summary_line([r["status"] for r in rows])
+    return pl.DataFrame(rows), summary_line([r["status"] for r in rows]) + _forgetting_text(records)
 
 
 def print_table(df: pl.DataFrame, line: str) -> None:
@@ -62,3 +62,70 @@ def print_table(df: pl.DataFrame, line: str) -> None:
         if len(df):
             print(df)
     print(line)
+
+
+# --- seen and unseen tasks, forgetting (merge study, 004) -----------------------------------
+
+
+def _score(metrics: dict[str, Any] | None) -> tuple[str | None, float | None]:
+    """A cell's headline score: the first sub-task's accuracy (else slot F1, ROUGE-L, exact match)."""
+    for suffix in ("/accuracy", "/slot_f1", "/rouge_l", "exact_match"):
+        for key, value in (metrics or {}).items():
+            if key.endswith(suffix) and key.count("/") <= 1 and isinstance(value, (int, float)):
+                return key, float(value)
+    return None, None
+
+
+def forgetting_frame(records: list[dict[str, Any]], reference: str | None = None) -> pl.DataFrame:
+    """One row per done inference cell: its score, whether its weights saw the task, the reference
+    model's score on the same task / shots / seed / decoding, and forgetting (unseen tasks only):
+    score minus the reference's. `reference` defaults to the one the grid declared."""
+    rows = []
+    for r in records:
+        c = r["cell"]
+        if c["kind"] != "infer" or r["status"] != "done":
+            continue
+        lineage = c.get("lineage") or {}
+        metric, value = _score(r.get("metrics"))
+        rows.append({"model": c["model"], "task": c["task"], "shots": c["shots"], "seed": c["seed"],
+                     "decoding": (c.get("decoding") or {}).get("mode", "-"), "finetune": c["finetune"],
+                     "seen": c["task"] in (lineage.get("seen_tasks") or []), "metric": metric, "score": value,
+                     "reference": reference or lineage.get("reference")})
+    schema = {"model": pl.String, "task": pl.String, "shots": pl.Int64, "seed": pl.Int64, "decoding": pl.String,
+              "finetune": pl.String, "seen": pl.Boolean, "metric": pl.String, "score": pl.Float64,
+              "reference": pl.String}
+    df = pl.DataFrame(rows, schema=schema)
+    keys = ["task", "shots", "seed", "decoding"]
+    ref = (df.filter((pl.col("model") == pl.col("reference")) & (pl.col("finetune") == "none"))
+             .select(*keys, pl.col("score").alias("reference_score")).unique(keys))
+    return (df.join(ref, on=keys, how="left")
+              .with_columns(pl.when(~pl.col("seen")).then(pl.col("score") - pl.col("reference_score"))
+                            .alias("forgetting"))
+              .sort("model", "finetune", "task", "shots", "seed"))
+
+
+def forgetting_table(records: list[dict[str, Any]], reference: str | None = None) -> tuple[pl.DataFrame, str]:
+    """Per model (and fine-tune): mean score on seen tasks, on unseen tasks, and mean forgetting."""
+    df = forgetting_frame(records, reference)
+    if df.is_empty() or df["reference"].is_null().all() and reference is None:
+        return pl.DataFrame(), ""
+    table = (df.group_by("model", "finetune", "shots", "decoding", maintain_order=True)
+               .agg(pl.col("task").filter(pl.col("seen")).unique().sort().str.join(",").alias("seen_tasks"),
+                    pl.col("score").filter(pl.col("seen")).mean().round(3).alias("seen_score"),
+                    pl.col("score").filter(~pl.col("seen")).mean().round(3).alias("unseen_score"),
+                    pl.col("forgetting").mean().round(3).alias("forgetting"),
+                    pl.len().alias("cells")))
+    ref = df["reference"].drop_nulls()
+    name = reference or (ref[0] if len(ref) else "?")
+    return table, (f"forgetting = unseen-task score minus {name}'s on the same task (mean over tasks); "
+                   f"score = each task's first accuracy")
+
+
+def _forgetting_text(records: list[dict[str, Any]]) -> str:
+    """The seen / unseen / forgetting table as text under the status line (grids with a reference)."""
+    table, line = forgetting_table(records)
+    if not line:
+        return ""
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=200, tbl_width_chars=250,
+                   tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_formatting="ASCII_MARKDOWN"):
+        return f"\n\n{table}\n{line}"

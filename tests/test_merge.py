@@ -1,0 +1,298 @@
+"""Merges: mergekit's arithmetic checked by hand, methods that load and generate, bad configs that
+fail before any work, and merge cells in a grid plan.
+
+Checkpoints are real saved models: the tiny Llama (tiny:llama) with seeded perturbations.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("mergekit")
+
+from grid.errors import GridError  # noqa: E402
+from merge.config import MergeError, MergeSpec, check_template, load_recipe, substitute, validate  # noqa: E402
+from merge.run import main as merge_main, merge  # noqa: E402
+
+
+def _perturbed(src: Path, out: Path, seed: int, scale: float = 0.02, **config_changes) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if config_changes:
+        config = AutoConfig.from_pretrained(src)
+        for key, value in config_changes.items():
+            setattr(config, key, value)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    from workers.models import build_tiny
+
+    root = tmp_path_factory.mktemp("ckpts")
+    base = build_tiny("llama")
+    return {"base": base, "a": _perturbed(base, root / "a", 1), "b": _perturbed(base, root / "b", 2),
+            "root": root}
+
+
+def _tensors(folder: Path) -> dict[str, "torch.Tensor"]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _ta_config(ckpts, **params) -> dict:
+    return {"merge_method": "task_arithmetic", "base_model": str(ckpts["base"]), "dtype": "float32",
+            "models": [{"model": str(ckpts["a"]), "parameters": {"weight": 0.7}},
+                       {"model": str(ckpts["b"]), "parameters": {"weight": -0.4}}],
+            "parameters": {"normalize": False, **params}}
+
+
+def test_task_arithmetic_is_the_weighted_sum_of_task_vectors(ckpts, tmp_path):
+    merge(_ta_config(ckpts), tmp_path / "out")
+    merged, base, a, b = (_tensors(p) for p in (tmp_path / "out", ckpts["base"], ckpts["a"], ckpts["b"]))
+    assert set(merged) == set(base)  # every tensor, none dropped or added
+    for name, t in merged.items():
+        expected = base[name] + 0.7 * (a[name] - base[name]) - 0.4 * (b[name] - base[name])
+        assert torch.allclose(t, expected, atol=1e-6, rtol=0), name
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_lambda_scales_the_summed_task_vector(ckpts, tmp_path):
+    merge(_ta_config(ckpts, **{"lambda": 0.5}), tmp_path / "out")
+    merged, base, a, b = (_tensors(p) for p in (tmp_path / "out", ckpts["base"], ckpts["a"], ckpts["b"]))
+    for name, t in merged.items():
+        expected = base[name] + 0.5 * (0.7 * (a[name] - base[name]) - 0.4 * (b[name] - base[name]))
+        assert torch.allclose(t, expected, atol=1e-6, rtol=0), name
+
+
+@pytest.mark.parametrize("recipe", ["ties", "dare_ties", "linear"])
+def test_recipes_merge_load_and_generate(ckpts, tmp_path, recipe):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    template = load_recipe(recipe)
+    paths = ({"first": str(ckpts["a"]), "second": str(ckpts["b"])} if recipe == "linear" else
+             {"base": str(ckpts["base"]), "instruct": str(ckpts["a"]), "finetuned": str(ckpts["b"])})
+    merge(substitute(template, paths), tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    ids = tok("Label:", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert torch.isfinite(next(model.parameters())).all()
+
+
+def test_cli_dry_run_and_merge(ckpts, tmp_path, capsys):
+    binds = ["--bind", f"base={ckpts['base']}", "--bind", f"instruct={ckpts['a']}", "--bind", f"finetuned={ckpts['b']}"]
+    assert merge_main(["merge/task_arithmetic.yaml", str(tmp_path / "o"), *binds, "--dry-run"]) == 0
+    assert not (tmp_path / "o").exists()
+    assert merge_main(["merge/task_arithmetic.yaml", str(tmp_path / "o"), *binds]) == 0
+    assert (tmp_path / "o" / "config.json").is_file()
+
+
+def test_lora_adapter_folders_are_merged_into_their_base_first(ckpts, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpts["base"], dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(ckpts["base"]), "dtype": "float32",
+           "models": [{"model": str(tmp_path / "adapter"), "parameters": {"weight": 1.0}}]}
+    merge(cfg, tmp_path / "out")
+    expected = peft_model.merge_and_unload().state_dict()
+    merged = _tensors(tmp_path / "out")
+    for name, t in merged.items():
+        assert torch.allclose(t, expected[name], atol=1e-6), name
+
+
+# --- bad configs: one line naming the field, before any work ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def odd(ckpts) -> dict[str, Path]:
+    root = ckpts["root"]
+    return {"vocab": _perturbed(ckpts["base"], root / "vocab", 3, vocab_size=4000),
+            "arch": _perturbed(ckpts["base"], root / "arch", 4, num_hidden_layers=3)}
+
+
+@pytest.mark.parametrize("case, field", [
+    ("vocab", "models.1.model"),
+    ("arch", "models.1.model"),
+    ("missing", "models.1.model"),
+    ("density_high", "models.0.parameters.density"),
+    ("density_zero", "models.0.parameters.density"),
+    ("density_ta", "models.0.parameters.density"),
+    ("lambda_linear", "parameters.lambda"),
+    ("no_base", "base_model"),
+    ("method", "merge_method"),
+    ("no_weight", "models.1.parameters.weight"),
+])
+def test_bad_configs_fail_before_any_work(ckpts, odd, tmp_path, case, field):
+    cfg = {"merge_method": "ties", "base_model": str(ckpts["base"]), "dtype": "float32",
+           "models": [{"model": str(ckpts["a"]), "parameters": {"weight": 1.0, "density": 0.5}},
+                      {"model": str(ckpts["b"]), "parameters": {"weight": 1.0, "density": 0.5}}]}
+    if case in ("vocab", "arch"):
+        cfg["models"][1]["model"] = str(odd[case])
+    elif case == "missing":
+        cfg["models"][1]["model"] = str(tmp_path / "nowhere")
+    elif case == "density_high":
+        cfg["models"][0]["parameters"]["density"] = 1.5
+    elif case == "density_zero":
+        cfg["models"][0]["parameters"]["density"] = 0
+    elif case == "density_ta":
+        cfg["merge_method"] = "task_arithmetic"
+    elif case == "lambda_linear":
+        cfg = {"merge_method": "linear", "parameters": {"lambda": 0.5},
+               "models": [{"model": str(ckpts["a"]), "parameters": {"weight": 1.0}}]}
+    elif case == "no_base":
+        del cfg["base_model"]
+    elif case == "method":
+        cfg["merge_method"] = "slerpy"
+    elif case == "no_weight":
+        del cfg["models"][1]["parameters"]["weight"]
+    with pytest.raises(MergeError) as err:
+        merge(cfg, tmp_path / "out")
+    message = str(err.value)
+    assert "\n" not in message and f"field {field}" in message, message
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob("out.tmp*"))
+
+
+def test_typed_spec_rejects_what_the_method_does_not_take():
+    with pytest.raises(ValueError, match="density"):
+        MergeSpec(name="m", method="task_arithmetic", base={"model": "b"},
+                  models=[{"model": "a", "weight": 1.0, "density": 0.5}])
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        MergeSpec(name="m", method="ties", base={"model": "b"}, models=[{"model": "a", "weight": 1.0, "density": 2}])
+    with pytest.raises(ValueError, match="base"):
+        MergeSpec(name="m", method="ties", models=[{"model": "a", "weight": 1.0}])
+    with pytest.raises(ValueError, match="no binding"):
+        MergeSpec(name="m", recipe="merge/task_arithmetic.yaml", bind={"base": {"model": "b"}})
+
+
+def test_every_recipe_in_merge_is_valid():
+    for path in sorted(Path(__file__).resolve().parent.parent.joinpath("merge").glob("*.yaml")):
+        check_template(load_recipe(str(path)), where=path.name)
+
+
+# --- merge cells in a grid plan ---------------------------------------------------------------
+
+
+GRID = """
+name: t
+models:
+  - {name: base, source: "tiny:llama", family: decoder}
+  - {name: instruct, finetuned_from: {model: base, tasks: [massive-intent]}}
+tasks: [fpb-sentiment, fomc-stance]
+finetune: [none, lora]
+reference: instruct
+merges:
+  - name: merged
+    method: task_arithmetic
+    base: {model: base}
+    models:
+      - {model: instruct, weight: 1.0}
+      - {model: base, task: fpb-sentiment, finetune: lora, weight: WEIGHT}
+"""
+
+
+def _plan(tmp_path, text: str):
+    from grid.config import load_config
+    from grid.plan import build_plan
+
+    path = tmp_path / "g.yaml"
+    path.write_text(text)
+    return build_plan(load_config(path))
+
+
+def test_plan_has_merge_cells_after_their_inputs(tmp_path):
+    plan = _plan(tmp_path, GRID.replace("WEIGHT", "1.0"))
+    order = [c.id for c in plan.cells]
+    (m,) = [c for c in plan.cells if c.kind == "merge"]
+    inputs = [ref["cell"] for ref in m.recipe["inputs"].values() if "cell" in ref]
+    assert len(inputs) == 2 and all(order.index(i) < order.index(m.id) for i in inputs)
+    assert m.recipe["inputs"]["base"]["source"] == "tiny:llama"
+    merged_infers = [c for c in plan.cells if c.model == "merged"]
+    assert {c.kind for c in merged_infers} == {"merge", "infer"}
+    assert all(c.depends_on == m.id for c in merged_infers if c.kind == "infer")
+    assert m.lineage["seen_tasks"] == ["massive-intent", "fpb-sentiment"]
+    instruct_ft = [c for c in plan.cells if c.kind == "finetune" and c.model == "instruct" and c.task == "fpb-sentiment"]
+    assert instruct_ft[0].depends_on == inputs[0]  # the instruct model is its prep cell's artifact
+    # The id follows the weights, and only the merge's cells change with them.
+    other = _plan(tmp_path, GRID.replace("WEIGHT", "0.5"))
+    changed = {c.id for c in plan.cells} ^ {c.id for c in other.cells}
+    assert len(changed) == 2 * (1 + 2)  # the merge cell and its two inference cells, both plans
+
+
+def test_plan_names_a_missing_finetune_cell(tmp_path):
+    text = GRID.replace("WEIGHT", "1.0").replace("finetune: [none, lora]", "finetune: [none]")
+    with pytest.raises(GridError, match=r"field merges.0 \(model_1\): the grid has no fine-tune cell"):
+        _plan(tmp_path, text)
+
+
+def test_grid_config_names_the_bad_merge_field(tmp_path):
+    from grid.config import load_config
+
+    path = tmp_path / "g.yaml"
+    path.write_text(GRID.replace("WEIGHT", "1.0").replace("{model: base, task: fpb", "{model: nobody, task: fpb"))
+    with pytest.raises(GridError, match=r"merges.0 \(model_1\): model 'nobody' is not a model"):
+        load_config(path)
+    path.write_text(GRID.replace("WEIGHT", "1.0, density: 1.5"))
+    with pytest.raises(GridError, match=r"field merges.0.models.1.density"):
+        load_config(path)
+
+
+def test_study_grids_plan(tmp_path):
+    from grid.config import load_config
+    from grid.plan import build_plan
+
+    root = Path(__file__).resolve().parent.parent
+    plan = build_plan(load_config(root / "grids" / "merge-study.yaml"))
+    assert sum(c.kind == "merge" for c in plan.cells) == 2
+    paper = load_config(root / "grids" / "merge-study-paper.yaml")
+    assert {m.source for m in paper.models} >= {"mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.2",
+                                                "meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct",
+                                                "microsoft/Phi-3-mini-4k-instruct"}
+
+
+def test_forgetting_frame():
+    from grid.tables import forgetting_frame, forgetting_table
+
+    def rec(model, task, acc, seen, ft="none"):
+        key = {"fpb-sentiment": "sentiment", "massive-intent": "intent"}[task]
+        return {"cell_id": model + task, "status": "done", "metrics": {f"{key}/accuracy": acc},
+                "cell": {"kind": "infer", "model": model, "task": task, "shots": 0, "seed": 0, "finetune": ft,
+                         "decoding": {"mode": "free"}, "lineage": {"seen_tasks": seen, "reference": "inst"}}}
+
+    records = [rec("inst", "fpb-sentiment", 0.5, ["massive-intent"]), rec("inst", "massive-intent", 0.4, ["massive-intent"]),
+               rec("ft", "fpb-sentiment", 0.9, ["massive-intent", "fpb-sentiment"], "lora"),
+               rec("ft", "massive-intent", 0.1, ["massive-intent", "fpb-sentiment"], "lora"),
+               rec("base-ft", "massive-intent", 0.05, ["fpb-sentiment"], "lora")]
+    df = forgetting_frame(records)
+    row = df.filter((df["model"] == "base-ft")).row(0, named=True)
+    assert not row["seen"] and row["forgetting"] == pytest.approx(0.05 - 0.4)
+    assert df.filter(df["seen"])["forgetting"].is_null().all()
+    table, line = forgetting_table(records)
+    assert "forgetting" in line and set(table["model"]) == {"inst", "ft", "base-ft"}
