@@ -18,8 +18,9 @@ correctness; slot F1: paired bootstrap.
 Plots (matplotlib, as inline base64 PNG; the page links nothing outside itself): score by
 shots, fine-tuned vs not, a confusion matrix of one cell (the one with the most examples and a
 label sub-task, or --confusion-cell), and seen / unseen forgetting of merged models when cells
-carry `cell.seen_tasks` (a merge cell's score minus the best fine-tuned non-merge cell of the
-same family, column and shots).
+carry seen tasks (`cell.seen_tasks` or `cell.lineage.seen_tasks`): a merged model's score minus
+the grid's reference model (`lineage.reference`) on the same column, shots and seed, as
+`grid status` computes forgetting; see `forgetting_rows`.
 
 Files written to OUT: table3.md, report.html, report.json (every number, test and choice).
 """
@@ -95,8 +96,25 @@ def columns_for(tasks: set[str]) -> list[Column]:
 # --- reading ----------------------------------------------------------------------------------
 
 
-def _is_merge(cell: dict[str, Any]) -> bool:
-    return bool(cell.get("seen_tasks"))
+def _seen_tasks(cell: dict[str, Any]) -> list[str]:
+    """Tasks the cell's weights were tuned on: `cell.seen_tasks`, or `cell.lineage.seen_tasks`."""
+    return list(cell.get("seen_tasks") or (cell.get("lineage") or {}).get("seen_tasks") or [])
+
+
+def _is_made(cell: dict[str, Any], records: dict[str, dict[str, Any]]) -> bool:
+    """A model the grid made from others (a merge, or a fine-tune chain) evaluated as is: the cell
+    carries `seen_tasks`, or depends on a merge cell, or saw tasks without being fine-tuned here."""
+    if cell.get("seen_tasks"):
+        return True
+    dep = records.get(cell.get("depends_on") or "")
+    if dep is not None and dep.get("cell", {}).get("kind") == "merge":
+        return True
+    return bool(_seen_tasks(cell)) and cell.get("finetune") == "none"
+
+
+def _made_models(records: dict[str, dict[str, Any]]) -> set[str]:
+    return {r["cell"]["model"] for r in records.values()
+            if r.get("cell", {}).get("kind") == "infer" and _is_made(r["cell"], records)}
 
 
 def _decoding_mode(cell: dict[str, Any]) -> str:
@@ -185,8 +203,11 @@ class Table:
     show_seed: bool
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # cell_id -> record
 
+    made: set[str] = field(default_factory=set)  # merged / chained models
+
     def label(self, row: RowKey) -> str:
-        return row.label(self.show_decoding, self.show_seed)
+        text = row.label(self.show_decoding, self.show_seed)
+        return f"{text} (merged)" if row.model in self.made and row.finetune == "none" else text
 
     def used_columns(self) -> list[Column]:
         """The paper's columns always; other columns only when some cell fills them."""
@@ -196,6 +217,7 @@ class Table:
 
 
 def build_table(records: list[dict[str, Any]]) -> Table:
+    by_id = {r["cell_id"]: r for r in records}
     infer = [r for r in records if r.get("cell", {}).get("kind") == "infer"]
     cols = columns_for({r["cell"]["task"] for r in infer})
     by_task: dict[str, list[Column]] = defaultdict(list)
@@ -212,8 +234,8 @@ def build_table(records: list[dict[str, Any]]) -> Table:
     decodings = {k.decoding for k in rows if k.family != "encoder"}
     seeds = {k.seed for k in rows}
     return Table(columns=cols, rows=sorted(rows, key=_sort_key), entries=entries,
-                 show_decoding=len(decodings) > 1, show_seed=len(seeds) > 1,
-                 records={r["cell_id"]: r for r in records})
+                 show_decoding=len(decodings) > 1, show_seed=len(seeds) > 1, records=by_id,
+                 made=_made_models(by_id))
 
 
 # --- significance -------------------------------------------------------------------------------
@@ -514,38 +536,52 @@ def plot_confusion(plt, golds: list[str], preds: list[str], counts: list[list[in
 
 
 def forgetting_rows(table: Table) -> list[dict[str, Any]]:
-    """Per merge cell (cells carrying `seen_tasks`) and column: seen or not, score, and the best
-    fine-tuned non-merge cell of the same family, column and shots, with the difference."""
+    """Per made-model cell (see `_is_made`) and column: whether its weights saw the task, its score,
+    a reference score on the same column, shots, seed and decoding, and the difference.
+
+    Reference: the grid's declared reference model (`cell.lineage.reference`, the untuned instruct
+    model; its not-fine-tuned cell), as `grid status` computes forgetting; else the best fine-tuned
+    cell of another (not made) model of the same family. On an unseen task the difference is the
+    forgetting; on a seen one, the gain."""
     out = []
     by_col = defaultdict(list)
     for c in table.used_columns():
         by_col[c.task].append(c)
-    for rec in table.records.values():
+    recs = table.records
+    for rec in recs.values():
         cell = rec.get("cell", {})
-        if rec["status"] != "done" or not _is_merge(cell):
+        if rec["status"] != "done" or cell.get("kind") != "infer" or not _is_made(cell, recs):
             continue
-        seen = set(cell["seen_tasks"])
+        seen = set(_seen_tasks(cell))
+        declared = (cell.get("lineage") or {}).get("reference")
+        same = ("task", "shots", "seed")
         for col in by_col.get(cell["task"], []):
             e = entry_of(rec, col)
             if e.value is None:
                 continue
-            ref = None
-            for other in table.records.values():
+            ref, how = None, None
+            for other in recs.values():
                 oc = other.get("cell", {})
-                if (other["status"] != "done" or _is_merge(oc) or oc.get("kind") != "infer"
-                        or oc.get("task") != col.task or oc.get("finetune") == "none"
-                        or oc.get("shots") != cell.get("shots") or oc.get("family") != cell.get("family")):
+                if (other["status"] != "done" or oc.get("kind") != "infer" or other is rec
+                        or any(oc.get(k) != cell.get(k) for k in same)
+                        or _decoding_mode(oc) != _decoding_mode(cell)):
                     continue
                 oe = entry_of(other, col)
-                if oe.value is not None and (ref is None or oe.value > ref[1]):
-                    ref = (other["cell_id"], oe.value, oc.get("model"))
+                if oe.value is None:
+                    continue
+                if declared:
+                    if oc.get("model") == declared and oc.get("finetune") == "none":
+                        ref, how = (other["cell_id"], oe.value, declared), "declared reference"
+                elif (oc.get("finetune") != "none" and oc.get("family") == cell.get("family")
+                      and not _is_made(oc, recs) and (ref is None or oe.value > ref[1])):
+                    ref, how = (other["cell_id"], oe.value, oc.get("model")), "best fine-tuned"
             out.append({"cell_id": rec["cell_id"], "model": cell.get("model"), "column": col.title,
-                        "task": col.task, "seen": col.task in seen or cell["task"] in seen,
+                        "task": col.task, "shots": cell.get("shots"), "seen": col.task in seen,
                         "score": e.value, "reference_cell": ref[0] if ref else None,
-                        "reference_model": ref[2] if ref else None,
+                        "reference_model": ref[2] if ref else None, "reference_kind": how,
                         "reference": ref[1] if ref else None,
                         "delta": (e.value - ref[1]) if ref else None})
-    return sorted(out, key=lambda r: (r["model"] or "", not r["seen"], r["column"]))
+    return sorted(out, key=lambda r: (r["model"] or "", r["shots"] or 0, not r["seen"], r["column"]))
 
 
 def plot_forgetting(plt, rows: list[dict[str, Any]]) -> str | None:
@@ -561,7 +597,7 @@ def plot_forgetting(plt, rows: list[dict[str, Any]]) -> str | None:
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(mine)))
         ax.set_xticklabels([r["column"] for r in mine], rotation=30, ha="right", fontsize=7)
-        ax.set_ylabel("merge - best single FT (points)")
+        ax.set_ylabel("merged - reference (points)")
         ax.set_title(f"{model} (blue: seen, orange: unseen)", fontsize=9)
     fig.suptitle("Forgetting of merged models on seen and unseen tasks")
     return _png(fig)
@@ -686,13 +722,13 @@ def comparisons_html(comps: list[Comparison]) -> str:
 
 def forgetting_html(rows: list[dict[str, Any]]) -> str:
     h = ['<table id="forgetting"><thead><tr><th>Merged model</th><th>Column</th><th>Seen</th><th>Score</th>'
-         "<th>Best single FT</th><th>Difference</th></tr></thead><tbody>"]
+         "<th>Shots</th><th>Reference</th><th>Difference</th></tr></thead><tbody>"]
     for r in rows:
         ref = "–" if r["reference"] is None else f"{100 * r['reference']:.1f} ({html.escape(str(r['reference_model']))})"
         delta = "–" if r["delta"] is None else f"{100 * r['delta']:+.1f}"
         h.append(f'<tr data-cell-id="{r["cell_id"]}"><td>{html.escape(str(r["model"]))}</td>'
                  f"<td>{html.escape(r['column'])}</td><td>{'seen' if r['seen'] else 'unseen'}</td>"
-                 f"<td>{100 * r['score']:.1f}</td><td>{ref}</td><td>{delta}</td></tr>")
+                 f"<td>{100 * r['score']:.1f}</td><td>{r['shots']}</td><td>{ref}</td><td>{delta}</td></tr>")
     h.append("</tbody></table>")
     return "".join(h)
 
@@ -769,12 +805,12 @@ def write_report(results: str | Path, out: str | Path = "reports", *, pairs: lis
           "## Paired significance tests\n", sig_note + "\n", comparisons_markdown(comps)]
     if forgetting:
         md += ["", "## Merged models: seen / unseen tasks\n",
-               "| Merged model | Column | Seen | Score | Best single FT | Difference |", "|---|---|---|---|---|---|"]
+               "| Merged model | Column | Seen | Score | Shots | Reference | Difference |", "|---|---|---|---|---|---|---|"]
         for r in forgetting:
-            ref = "–" if r["reference"] is None else f"{100 * r['reference']:.1f}"
+            ref = "–" if r["reference"] is None else f"{100 * r['reference']:.1f} ({r['reference_model']})"
             delta = "–" if r["delta"] is None else f"{100 * r['delta']:+.1f}"
             md.append(f"| {r['model']} | {r['column']} | {'seen' if r['seen'] else 'unseen'} | "
-                      f"{100 * r['score']:.1f} | {ref} | {delta} |")
+                      f"{100 * r['score']:.1f} | {r['shots']} | {ref} | {delta} |")
     md_path = out / "table3.md"
     md_path.write_text("\n".join(md) + "\n")
 
@@ -802,7 +838,8 @@ def write_report(results: str | Path, out: str | Path = "reports", *, pairs: lis
         page += [forgetting_html(forgetting),
                  _img(plots.get("forgetting"), "forgetting", "No merge cell has a single-task reference." + no_mpl)]
     else:
-        page.append('<p class="note">No merge cells (cells carrying <code>seen_tasks</code>) in these results.</p>')
+        page.append('<p class="note">No merge cells (inference cells of merged models, carrying '
+                    '<code>seen_tasks</code>) in these results.</p>')
     page.append(f'<p class="note">Written {time.strftime("%Y-%m-%d %H:%M:%S")} by python -m grid report.</p>')
     page.append("</body></html>")
     html_path = out / "report.html"

@@ -63,7 +63,7 @@ def _answer(sub, gold, skill: float, invalid: float, rng: random.Random) -> Pars
 
 def add_cell(store: Store, model: str, family: str, task_name: str, shots: int, finetune: str,
              skill: float, invalid: float = 0.05, status: str = "done", decoding: str = "free",
-             seen_tasks: list[str] | None = None) -> str:
+             seen_tasks: list[str] | None = None, lineage: dict | None = None, depends_on: str | None = None) -> str:
     task = get_task(task_name)
     cell = Cell(kind="infer", model=model, source=f"hub/{model}", weights="main", family=family,
                 backend={"encoder": "transformers", "decoder": "vllm", "api": "litellm"}[family],
@@ -72,12 +72,13 @@ def add_cell(store: Store, model: str, family: str, task_name: str, shots: int, 
                 decoding=None if family == "encoder" else {"mode": decoding, "max_new_tokens": 64,
                                                            "temperature": 0.0, "length_normalized": False},
                 text_budget=None, sampler="random", limits={"test": None, "train": None, "seed": 0},
-                recipe=None, depends_on=None)
+                recipe=None, depends_on=depends_on)
     dumped = cell.model_dump()
-    if seen_tasks is not None:
+    if seen_tasks is not None:  # the plain form: cell.seen_tasks
         dumped["seen_tasks"] = seen_tasks
-        dumped["finetune"] = "merge"
-    cid = cell.id if seen_tasks is None else cell.id[:12] + "mrg0"
+    if lineage is not None:  # grid.plan's form: cell.lineage.seen_tasks, .reference
+        dumped["lineage"] = lineage
+    cid = cell.id
     if status != "done":
         store.write_cell(cid, {"cell_id": cid, "status": status, "cell": dumped, "error": "CUDA out of memory"})
         return cid
@@ -112,11 +113,16 @@ def make_results(path: Path, merges: bool = True) -> Store:
             failed = t == "massive-slots" and shots == 5
             add_cell(store, "gpt-4o", "api", t, shots, "none", 0.7, invalid=0.1,
                      status="failed" if failed else "done")
-    if merges:
-        add_cell(store, "merge-ties", "decoder", "massive-intent", 0, "full", 0.8,
-                 seen_tasks=["massive-intent", "massive-slots"])
-        add_cell(store, "merge-ties", "decoder", "20ng-20", 0, "full", 0.3,
-                 seen_tasks=["massive-intent", "massive-slots"])
+    if merges:  # a merge cell (kind merge, no predictions) and its merged model's inference cells
+        lineage = {"seen_tasks": ["massive-intent", "massive-slots"], "reference": "llama3-8b"}
+        store.write_cell("mergecell000001", {"cell_id": "mergecell000001", "status": "done", "seconds": 3.0,
+                                             "cell": {"kind": "merge", "model": "merge-ties", "task": "-", "shots": 0,
+                                                      "finetune": "none", "seed": 0, "family": "decoder",
+                                                      "lineage": lineage}})
+        add_cell(store, "merge-ties", "decoder", "massive-intent", 0, "none", 0.8, lineage=lineage,
+                 depends_on="mergecell000001")
+        add_cell(store, "merge-ties", "decoder", "20ng-20", 0, "none", 0.3, lineage=lineage,
+                 depends_on="mergecell000001")
     return store
 
 
@@ -198,7 +204,7 @@ def test_markdown_rows_and_columns(rich):
     header = next(line for line in md.splitlines() if line.startswith("| Model"))
     assert header.count("|") == 10  # Model + 8 paper columns
     for label in ["roberta-base w/ FT", "llama3-8b five-shot w/o FT", "llama3-8b zero-shot w/ FT",
-                  "gpt-4o five-shot w/o FT", "merge-ties zero-shot w/ FT (merge)"]:
+                  "gpt-4o five-shot w/o FT", "merge-ties zero-shot w/o FT (merged)"]:
         assert f"| {label} |" in md, label
     assert "| failed |" in md  # gpt-4o 5-shot on massive-slots
     assert re.search(r"\d+\.\d \[\d+\.\d, \d+\.\d\] inv \d+\.\d%", md)
@@ -244,8 +250,23 @@ def test_merges_seen_and_unseen(rich):
     data = json.loads(Path(paths[2]).read_text())
     rows = data["forgetting"]
     assert {(r["column"], r["seen"]) for r in rows} == {("MASSIVE dual: Intent", True), ("20NG dual: 20-class", False)}
-    assert all(r["reference_model"] == "llama3-8b" for r in rows)
+    assert all(r["reference_model"] == "llama3-8b" and r["reference_kind"] == "declared reference" for r in rows)
+    table = {r["label"]: r for r in data["rows"]}
+    ref = table["llama3-8b zero-shot w/o FT"]["entries"]
+    for r in rows:  # the declared reference's not-fine-tuned cell at the same shots, as `grid status` does
+        key = next(c["key"] for c in data["columns"] if c["title"] == r["column"])
+        assert r["reference"] == ref[key]["value"]
+        assert r["delta"] == pytest.approx(r["score"] - r["reference"])
     assert data["plots"]["forgetting"] is True
+
+
+def test_plain_seen_tasks_without_reference(tmp_path):
+    store = make_results(tmp_path / "res", merges=False)
+    add_cell(store, "merged", "decoder", "20ng-7", 0, "none", 0.5, seen_tasks=["20ng-20"])
+    data = json.loads(Path(write_report(tmp_path / "res", tmp_path / "out", n_boot=50)[2]).read_text())
+    (row,) = data["forgetting"]
+    assert row["seen"] is False and row["reference_kind"] == "best fine-tuned"
+    assert row["reference_model"] == "llama3-8b"  # the fine-tuned decoder, not the encoder
 
 
 def test_smoke_like_results_without_merges_or_matplotlib(tmp_path, monkeypatch):
@@ -310,7 +331,7 @@ def test_html_renders_in_headless_chromium(rich, tmp_path):
     body = [r for r in t.rows[2:]]
     labels = [r[0] for r in body]
     assert labels == ["roberta-base w/ FT", "llama3-8b five-shot w/o FT", "llama3-8b zero-shot w/o FT",
-                      "llama3-8b five-shot w/ FT", "llama3-8b zero-shot w/ FT", "merge-ties zero-shot w/ FT (merge)",
+                      "llama3-8b five-shot w/ FT", "llama3-8b zero-shot w/ FT", "merge-ties zero-shot w/o FT (merged)",
                       "gpt-4o five-shot w/o FT", "gpt-4o zero-shot w/o FT"]
     assert t.rows[1] == [c.head for c in PAPER_COLUMNS]
     assert all(len(r) == 1 + len(PAPER_COLUMNS) for r in body)
