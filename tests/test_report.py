@@ -352,3 +352,26 @@ def test_html_renders_in_headless_chromium(rich, tmp_path):
     w, h, distinct = _png_stats(shot)
     assert (w, h) == (1400, 1800)
     assert shot.stat().st_size > 20_000 and distinct > 100  # text, table rules and plots, not a blank page
+
+
+def test_per_example_outcomes_reproduce_cell_json(rich):
+    """The significance tests' per-example outcomes give back each cell's own metric."""
+    from grid.metrics.slots import slot_f1_statistic
+    from grid.report import OutcomeCache
+
+    root, _ = rich
+    store = Store.open(root / "results")
+    cache = OutcomeCache(store)
+    n = 0
+    for rec in store.records():
+        c = rec["cell"]
+        if rec["status"] != "done" or c["kind"] != "infer":
+            continue
+        for sub in get_task(c["task"]).subtasks:
+            out = cache.get(rec, sub.name)
+            if sub.type == "word_tags":
+                assert float(slot_f1_statistic(out.values[None])[0]) == pytest.approx(rec["metrics"]["slots/slot_f1"])
+            else:
+                assert out.values.mean() == pytest.approx(rec["metrics"][f"{sub.name}/accuracy"])
+            n += 1
+    assert n > 50
