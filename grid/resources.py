@@ -158,6 +158,7 @@ class Estimate:
     placement_groups: list[PlacementGroup] = field(default_factory=list)
     inference: list[InferenceGroup] = field(default_factory=list)
     unknown_params: list[str] = field(default_factory=list)
+    other_cells: dict[str, int] = field(default_factory=dict)  # kind -> count (merge cells: CPU only)
 
     @property
     def finetune_gpu_hours(self) -> float:
@@ -196,6 +197,9 @@ def estimate(plan: Plan, config: GridConfig, data_dir: str | None = None, gpu: s
     unknown: set[str] = set()
     groups: dict[str, InferenceGroup] = {}
     for cell in plan.cells:
+        if cell.kind not in ("finetune", "infer"):  # merges run mergekit on CPU: no GPU, no placement group
+            est.other_cells[cell.kind] = est.other_cells.get(cell.kind, 0) + 1
+            continue
         spec = specs.get(cell.model)
         n_params = model_params(cell.source, cell.model)
         if n_params is None and cell.family != "api":
@@ -316,6 +320,8 @@ def resources_tables(est: Estimate):
     line = (f"GPU-hours ({est.gpu}): fine-tune {est.finetune_gpu_hours:,.1f} in {len(est.placement_groups)} "
             f"placement groups (largest {est.max_group_gpus:g} GPUs), inference {est.inference_gpu_hours:,.1f}, "
             f"total {est.total_gpu_hours:,.1f}")
+    if est.other_cells:
+        line += "; not counted: " + ", ".join(f"{n} {k} cells (CPU)" for k, n in sorted(est.other_cells.items()))
     if est.unknown_params:
         line += f"; parameter count unknown for {', '.join(est.unknown_params)} (not counted)"
     return pgs, inf, line

@@ -166,3 +166,17 @@ def test_dry_run_prints_cells_placement_groups_and_gpu_hours(tmp_path):
     fine, infer, total = (float(x.replace(",", "")) for x in m.groups())
     assert fine > 0 and infer > 0 and abs(fine + infer - total) < 0.2
     assert "6*N*T" in text  # the stated model
+
+
+def test_estimate_skips_cells_of_other_kinds(paper):
+    """Merge cells (grid.plan kind "merge", task "-") need no GPU and no placement group."""
+    from grid.plan import Plan
+
+    from grid.resources import resources_tables
+
+    class FakeCell:
+        kind, task, model, id = "merge", "-", "merged", "m1"
+
+    est = estimate(Plan(cells=[FakeCell()]), paper)  # type: ignore[list-item]
+    assert est.other_cells == {"merge": 1} and not est.placement_groups and not est.inference
+    assert "not counted: 1 merge cells (CPU)" in resources_tables(est)[2]
