@@ -283,7 +283,9 @@ def test_smoke_like_results_without_merges_or_matplotlib(tmp_path, monkeypatch):
 
 
 def test_cli_report(tmp_path):
-    make_results(tmp_path / "res", merges=False)
+    store = Store.open(tmp_path / "res")
+    for shots in (0, 5):
+        add_cell(store, "llama3-8b", "decoder", "20ng-7", shots, "none", 0.5)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run([sys.executable, "-m", "grid", "report", str(tmp_path / "res"), "--out", str(tmp_path / "o")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
