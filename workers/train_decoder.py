@@ -373,6 +373,7 @@ def train_loop(config: dict[str, Any]) -> None:
         "train_seconds": train_seconds,
         "nonpad_tokens_per_s": nonpad / compute_seconds if compute_seconds else 0.0,
         "padding_share": padded / (nonpad + padded) if nonpad + padded else 0.0,
+        "nonpad_tokens": nonpad,
         "resumed_from_step": start_step,
         "world_size": world,
     }
