@@ -115,6 +115,9 @@ class GridConfig(Strict):
     exclude: tuple[dict[str, Any], ...] = ()
     merges: tuple[MergeSpec, ...] = Field(default=(), description="merged models (merge/config.py)")
     reference: str | None = Field(default=None, description="the untuned instruct model, for forgetting")
+    finetuned_eval: Literal["own", "all"] = Field(
+        default="own", description="all: every fine-tuned decoder is also evaluated on the grid's other "
+        "tasks (its unseen ones); exclude rules filter what is trained, not where it is evaluated")
 
     # --- models made by the grid (fine-tuned variants, merges) ---------------------------------
 

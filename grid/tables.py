@@ -87,11 +87,13 @@ def forgetting_frame(records: list[dict[str, Any]], reference: str | None = None
             continue
         lineage = c.get("lineage") or {}
         metric, value = _score(r.get("metrics"))
-        rows.append({"model": c["model"], "task": c["task"], "shots": c["shots"], "seed": c["seed"],
+        trained_on = lineage.get("trained_on")
+        rows.append({"weights": f"{c['model']} {c['finetune']}:{trained_on}" if trained_on else c["model"],
+                     "model": c["model"], "task": c["task"], "shots": c["shots"], "seed": c["seed"],
                      "decoding": (c.get("decoding") or {}).get("mode", "-"), "finetune": c["finetune"],
                      "seen": c["task"] in (lineage.get("seen_tasks") or []), "metric": metric, "score": value,
                      "reference": reference or lineage.get("reference")})
-    schema = {"model": pl.String, "task": pl.String, "shots": pl.Int64, "seed": pl.Int64, "decoding": pl.String,
+    schema = {"weights": pl.String, "model": pl.String, "task": pl.String, "shots": pl.Int64, "seed": pl.Int64, "decoding": pl.String,
               "finetune": pl.String, "seen": pl.Boolean, "metric": pl.String, "score": pl.Float64,
               "reference": pl.String}
     df = pl.DataFrame(rows, schema=schema)
@@ -101,15 +103,16 @@ def forgetting_frame(records: list[dict[str, Any]], reference: str | None = None
     return (df.join(ref, on=keys, how="left")
               .with_columns(pl.when(~pl.col("seen")).then(pl.col("score") - pl.col("reference_score"))
                             .alias("forgetting"))
-              .sort("model", "finetune", "task", "shots", "seed"))
+              .sort("weights", "task", "shots", "seed"))
 
 
 def forgetting_table(records: list[dict[str, Any]], reference: str | None = None) -> tuple[pl.DataFrame, str]:
-    """Per model (and fine-tune): mean score on seen tasks, on unseen tasks, and mean forgetting."""
+    """Per set of weights (a model, a fine-tune of it on a task, a merge): mean score on the seen
+    tasks, on the unseen tasks, and mean forgetting."""
     df = forgetting_frame(records, reference)
     if df.is_empty() or df["reference"].is_null().all() and reference is None:
         return pl.DataFrame(), ""
-    table = (df.group_by("model", "finetune", "shots", "decoding", maintain_order=True)
+    table = (df.group_by("weights", "shots", "decoding", maintain_order=True)
                .agg(pl.col("task").filter(pl.col("seen")).unique().sort().str.join(",").alias("seen_tasks"),
                     pl.col("score").filter(pl.col("seen")).mean().round(3).alias("seen_score"),
                     pl.col("score").filter(~pl.col("seen")).mean().round(3).alias("unseen_score"),

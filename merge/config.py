@@ -152,7 +152,6 @@ class MergeSpec(Strict):
         if self.base is not None:
             bind["base"] = self.base
             cfg["base_model"] = "${base}"
-            cfg["tokenizer_source"] = "base"
         models = []
         for i, ref in enumerate(self.models):
             bind[f"model_{i}"] = ref

@@ -12,6 +12,7 @@ The output folder appears whole or not at all (written to a temporary name, then
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -64,9 +65,15 @@ def merge(cfg: dict[str, Any], out_dir: str | Path, where: str = "merge config")
     config = validate(resolved, where)  # raises MergeError before any tensor is read
     start = time.perf_counter()
     threads = torch.get_num_threads()
-    run_merge(config, str(tmp), MergeOptions(cuda=False, device="cpu", copy_tokenizer=True,
-                                             write_model_card=False, quiet=True, random_seed=0))
-    torch.set_num_threads(threads)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # mergekit logs its every step at INFO on the root logger
+    try:
+        run_merge(config, str(tmp), MergeOptions(cuda=False, device="cpu", copy_tokenizer=True,
+                                                 write_model_card=False, quiet=True, random_seed=0))
+    finally:
+        root.setLevel(level)
+        torch.set_num_threads(threads)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     shutil.rmtree(work, ignore_errors=True)

@@ -284,15 +284,59 @@ def test_forgetting_frame():
         key = {"fpb-sentiment": "sentiment", "massive-intent": "intent"}[task]
         return {"cell_id": model + task, "status": "done", "metrics": {f"{key}/accuracy": acc},
                 "cell": {"kind": "infer", "model": model, "task": task, "shots": 0, "seed": 0, "finetune": ft,
-                         "decoding": {"mode": "free"}, "lineage": {"seen_tasks": seen, "reference": "inst"}}}
+                         "decoding": {"mode": "free"}, "lineage": {"seen_tasks": seen, "reference": "inst",
+                                                      "trained_on": "fpb-sentiment" if ft != "none" else None}}}
 
     records = [rec("inst", "fpb-sentiment", 0.5, ["massive-intent"]), rec("inst", "massive-intent", 0.4, ["massive-intent"]),
                rec("ft", "fpb-sentiment", 0.9, ["massive-intent", "fpb-sentiment"], "lora"),
                rec("ft", "massive-intent", 0.1, ["massive-intent", "fpb-sentiment"], "lora"),
                rec("base-ft", "massive-intent", 0.05, ["fpb-sentiment"], "lora")]
     df = forgetting_frame(records)
-    row = df.filter((df["model"] == "base-ft")).row(0, named=True)
+    row = df.filter(df["weights"] == "base-ft lora:fpb-sentiment").row(0, named=True)
     assert not row["seen"] and row["forgetting"] == pytest.approx(0.05 - 0.4)
     assert df.filter(df["seen"])["forgetting"].is_null().all()
     table, line = forgetting_table(records)
-    assert "forgetting" in line and set(table["model"]) == {"inst", "ft", "base-ft"}
+    assert "forgetting" in line and set(table["weights"]) == {"inst", "ft lora:fpb-sentiment", "base-ft lora:fpb-sentiment"}
+
+
+def test_finetuned_eval_all_adds_unseen_task_cells_and_keeps_own_ids(tmp_path):
+    own = _plan(tmp_path, GRID.replace("WEIGHT", "1.0"))
+    every = _plan(tmp_path, GRID.replace("WEIGHT", "1.0").replace("reference:", "finetuned_eval: all\nreference:"))
+    assert {c.id for c in own.cells} < {c.id for c in every.cells}  # the own-task cells keep their ids
+    cross = [c for c in every.cells if c.kind == "infer" and c.finetune == "lora"
+             and c.lineage["trained_on"] != c.task]
+    assert len(cross) == 2 * 2  # base and instruct, each fine-tune on the other task
+    for c in cross:
+        ft = every.by_id[c.depends_on]
+        assert ft.kind == "finetune" and ft.task == c.lineage["trained_on"] and c.task not in ft.lineage["seen_tasks"]
+
+
+def test_merge_cell_runs_from_the_plan_and_records_lineage(ckpts, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from grid.execute import run_merge_cell
+    from grid.store import Store
+
+    text = f"""
+name: t
+models:
+  - {{name: base, source: "tiny:llama", family: decoder}}
+tasks: [fpb-sentiment]
+merges:
+  - name: merged
+    method: ties
+    base: {{model: base}}
+    models:
+      - {{source: {ckpts['a']}, weight: 1.0, density: 0.5}}
+      - {{source: {ckpts['b']}, weight: 1.0, density: 0.5}}
+"""
+    plan = _plan(tmp_path, text)
+    (cell,) = [c for c in plan.cells if c.kind == "merge"]
+    store = Store.open(tmp_path / "results")
+    record = run_merge_cell(cell, store)
+    assert record["status"] == "done", record.get("error")
+    assert record["lineage"]["method"] == "ties" and record["lineage"]["inputs"]["model_0"] == str(ckpts["a"])
+    assert store.read_cell(cell.id)["mergekit_config"]["merge_method"] == "ties"
+    AutoModelForCausalLM.from_pretrained(store.local_cell_dir(cell.id) / "model")
+    infer = [c for c in plan.cells if c.kind == "infer" and c.model == "merged"]
+    assert infer and all(c.depends_on == cell.id for c in infer)
