@@ -114,7 +114,9 @@ class GridConfig(Strict):
     inference: Inference = Inference()
     exclude: tuple[dict[str, Any], ...] = ()
     merges: tuple[MergeSpec, ...] = Field(default=(), description="merged models (merge/config.py)")
-    reference: str | None = Field(default=None, description="the untuned instruct model, for forgetting")
+    reference: str | dict[str, str] | None = Field(
+        default=None, description="the untuned instruct model, for forgetting; or a map model -> its "
+        "reference (one per family), `*` for the rest")
     finetuned_eval: Literal["own", "all"] = Field(
         default="own", description="all: every fine-tuned decoder is also evaluated on the grid's other "
         "tasks (its unseen ones); exclude rules filter what is trained, not where it is evaluated")
@@ -158,9 +160,18 @@ class GridConfig(Strict):
                     raise ValueError(f"merges.{j} ({key}): model {ref.model!r} is not a model of the grid")
                 if ref.task is not None and ref.task not in self.tasks:
                     raise ValueError(f"merges.{j} ({key}): task {ref.task!r} is not a task of the grid")
-        if self.reference is not None and self.reference not in names + merge_names:
-            raise ValueError(f"reference: {self.reference!r} is not a model of the grid")
+        refs = self.reference if isinstance(self.reference, dict) else {"*": self.reference}
+        for key, ref in refs.items():
+            for what, name in (("", ref), (" key", key if key != "*" else None)):
+                if name is not None and name not in names + merge_names:
+                    raise ValueError(f"reference{what}: {name!r} is not a model of the grid")
         return self
+
+    def reference_of(self, model: str) -> str | None:
+        """The model whose unseen-task scores `model`'s are compared with (forgetting)."""
+        if isinstance(self.reference, dict):
+            return self.reference.get(model, self.reference.get("*"))
+        return self.reference
 
     def all_models(self) -> tuple[ModelSpec, ...]:
         """The declared models, then one per merge (source `merge:<name>`, a decoder)."""

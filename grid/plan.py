@@ -159,7 +159,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
             depends_on = ft.id
         decoding_dict = None if is_encoder else _decoding_dict(decoding)
         cell = Cell(kind="infer", decoding=decoding_dict, recipe=None, depends_on=depends_on,
-                    lineage=_infer_lineage(config, seen, task_name if mode != "none" else None), **common)
+                    lineage=_infer_lineage(config, model.name, seen, task_name if mode != "none" else None), **common)
         infers.setdefault(cell.id, cell)
         if mode != "none" and model.family == "decoder" and config.finetuned_eval == "all":
             for other in config.tasks:  # the fine-tuned model on the grid's other (unseen) tasks
@@ -169,7 +169,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
                              "template_fp": template_source_hash(t.prompt),
                              "text_budget": config.text_budget or t.text_budget}
                     cell = Cell(kind="infer", decoding=decoding_dict, recipe=None, depends_on=depends_on,
-                                lineage=_infer_lineage(config, seen, task_name), **cross)
+                                lineage=_infer_lineage(config, model.name, seen, task_name), **cross)
                     infers.setdefault(cell.id, cell)
     merges, merge_infers, merge_skipped = _merge_cells(config, finetunes, made, fingerprints, tasks)
     for cell in merge_infers:
@@ -191,8 +191,8 @@ def _union(*lists: list[str]) -> list[str]:
     return out
 
 
-def _infer_lineage(config: GridConfig, seen: list[str], trained_on: str | None = None) -> dict[str, Any]:
-    return {"seen_tasks": seen, "reference": config.reference, "trained_on": trained_on}
+def _infer_lineage(config: GridConfig, model: str, seen: list[str], trained_on: str | None = None) -> dict[str, Any]:
+    return {"seen_tasks": seen, "reference": config.reference_of(model), "trained_on": trained_on}
 
 
 def _made_models(config: GridConfig, finetunes: dict[str, Cell], data_dir: str | Path | None
@@ -301,6 +301,6 @@ def _merge_cells(config: GridConfig, finetunes: dict[str, Cell], made: dict[str,
                 finetune="none", seed=seed, decoding=_decoding_dict(decoding),
                 text_budget=config.text_budget or task.text_budget, sampler=config.sampler,
                 limits=config.limits.model_dump(), recipe=None, depends_on=cell.id,
-                lineage=_infer_lineage(config, seen),
+                lineage=_infer_lineage(config, spec.name, seen),
             ))
     return merges, infers, skipped

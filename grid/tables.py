@@ -98,9 +98,10 @@ def forgetting_frame(records: list[dict[str, Any]], reference: str | None = None
               "reference": pl.String}
     df = pl.DataFrame(rows, schema=schema)
     keys = ["task", "shots", "seed", "decoding"]
-    ref = (df.filter((pl.col("model") == pl.col("reference")) & (pl.col("finetune") == "none"))
-             .select(*keys, pl.col("score").alias("reference_score")).unique(keys))
-    return (df.join(ref, on=keys, how="left")
+    ref = (df.filter(pl.col("finetune") == "none")
+             .select(pl.col("model").alias("reference"), *keys, pl.col("score").alias("reference_score"))
+             .unique(["reference", *keys]))
+    return (df.join(ref, on=["reference", *keys], how="left")
               .with_columns(pl.when(~pl.col("seen")).then(pl.col("score") - pl.col("reference_score"))
                             .alias("forgetting"))
               .sort("weights", "task", "shots", "seed"))
@@ -118,8 +119,8 @@ def forgetting_table(records: list[dict[str, Any]], reference: str | None = None
                     pl.col("score").filter(~pl.col("seen")).mean().round(3).alias("unseen_score"),
                     pl.col("forgetting").mean().round(3).alias("forgetting"),
                     pl.len().alias("cells")))
-    ref = df["reference"].drop_nulls()
-    name = reference or (ref[0] if len(ref) else "?")
+    names = sorted(set(df["reference"].drop_nulls()))
+    name = reference or (names[0] if len(names) == 1 else "each model's reference (" + ", ".join(names) + ")")
     return table, (f"forgetting = unseen-task score minus {name}'s on the same task (mean over tasks); "
                    f"score = each task's first accuracy")
 

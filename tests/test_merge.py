@@ -340,3 +340,17 @@ merges:
     AutoModelForCausalLM.from_pretrained(store.local_cell_dir(cell.id) / "model")
     infer = [c for c in plan.cells if c.kind == "infer" and c.model == "merged"]
     assert infer and all(c.depends_on == cell.id for c in infer)
+
+
+def test_reference_per_family_in_the_forgetting_frame():
+    from grid.tables import forgetting_frame
+
+    def rec(model, task, acc, ref, seen=()):
+        return {"cell_id": model + task, "status": "done", "metrics": {"intent/accuracy": acc},
+                "cell": {"kind": "infer", "model": model, "task": task, "shots": 0, "seed": 0, "finetune": "none",
+                         "decoding": None, "lineage": {"seen_tasks": list(seen), "reference": ref}}}
+
+    df = forgetting_frame([rec("a-inst", "massive-intent", 0.6, "a-inst"), rec("b-inst", "massive-intent", 0.2, None),
+                           rec("a-base", "massive-intent", 0.1, "a-inst"), rec("b-base", "massive-intent", 0.3, "b-inst")])
+    got = {r["model"]: r["forgetting"] for r in df.iter_rows(named=True)}
+    assert got["a-base"] == pytest.approx(-0.5) and got["b-base"] == pytest.approx(0.1) and got["a-inst"] == 0
