@@ -52,7 +52,8 @@ def status_table(records: list[dict[str, Any]]) -> tuple[pl.DataFrame, str]:
         rows.append({"cell_id": r["cell_id"], "kind": c["kind"], "model": c["model"], "task": c["task"],
                      "shots": c["shots"], "finetune": c["finetune"], "seed": c["seed"],
                      "decoding": (c.get("decoding") or {}).get("mode", "-"), "status": r["status"],
-                     "metrics": headline(r.get("metrics")) if r["status"] == "done" else (r.get("error") or "")})
+                     "metrics": _lineage_text(c) if c["kind"] == "merge" and r["status"] == "done"
+                     else headline(r.get("metrics")) if r["status"] == "done" else (r.get("error") or "")})
     return pl.DataFrame(rows), summary_line([r["status"] for r in rows]) + _forgetting_text(records)
 
 
@@ -133,3 +134,10 @@ def _forgetting_text(records: list[dict[str, Any]]) -> str:
     with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=200, tbl_width_chars=250,
                    tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_formatting="ASCII_MARKDOWN"):
         return f"\n\n{table}\n{line}"
+
+
+def _lineage_text(cell: dict[str, Any]) -> str:
+    """A merge cell's lineage in one cell of the table: method(placeholder=input, ...)."""
+    lineage = cell.get("lineage") or {}
+    inputs = ", ".join(f"{k}={v}" for k, v in (lineage.get("inputs") or {}).items())
+    return f"{lineage.get('method')}({inputs})"
