@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -162,10 +164,11 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
     ray_bin = Path(sys.executable).parent / "ray"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     gcs, dash = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay short
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={tmp_path / 'ray'}"],
+         f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
@@ -178,10 +181,14 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
             time.sleep(2)
         config = write_grid(tmp_path / "grid.yaml", tasks=["massive-intent"], shots=[0])
         results = tmp_path / "results"
-        job = subprocess.run(
-            [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-             sys.executable, "grid/run.py", str(config), "--results", str(results), "--data", str(DATA)],
-            env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(30):  # the head answers before its job agent is up: wait for the agent
+            job = subprocess.run(
+                [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                 sys.executable, "grid/run.py", str(config), "--results", str(results), "--data", str(DATA)],
+                env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stderr + job.stdout:
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout
         table = cells(results).collect()
@@ -190,3 +197,4 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
