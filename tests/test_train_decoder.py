@@ -1,7 +1,8 @@
 """Decoder fine-tuning as Ray Train jobs, on the tiny Llama and real MASSIVE intent rows.
 
 Every `run` is a Ray Train fit (about 35-40 s of start-up on 2 cores), so the file keeps to six:
-full, LoRA, resume (one more fit on the full run's folder), ZeRO-2 and ZeRO-3 with two workers.
+full (one worker), resume (one more fit on its folder), LoRA (two DDP workers), ZeRO-2 and ZeRO-3
+(two workers each).
 """
 
 from __future__ import annotations
@@ -117,10 +118,12 @@ def test_full_finetune_learns_saves_and_resumes(local_ray, tiny, tmp_path):
     assert again["train_loss"] < metrics["first_loss"]
 
 
-def test_lora_saves_merged_model_and_adapter(local_ray, tiny, tmp_path):
+def test_lora_with_two_ddp_workers_saves_merged_model_and_adapter(local_ray, tiny, tmp_path):
     from peft import PeftModel
 
-    metrics = run(job(tiny, tmp_path, mode="lora", hparams={"lr": 3e-3}))
+    two_workers = Resources(num_workers=2, cpus_per_worker=1)  # plain DDP, no DeepSpeed
+    metrics = run(job(tiny, tmp_path, mode="lora", resources=two_workers, hparams={"lr": 3e-3}))
+    assert metrics["world_size"] == 2
     assert metrics["train_loss"] < metrics["first_loss"]
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert weights_changed(tiny, tmp_path / "model")
