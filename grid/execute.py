@@ -63,6 +63,7 @@ class PreparedCell:
     cell: Cell
     rows: list[dict[str, Any]]  # test rows (example_id, text, words, gold fields)
     items: list[dict[str, Any]]  # requests, in row order
+    labels: dict[str, tuple[str, ...]]  # the task's label sets, read once from the run's data
 
 
 def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCell:
@@ -72,10 +73,10 @@ def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCe
     idx = subsample_indices(len(test), cell.limits["test"], cell.limits["seed"])
     rows = test.select(idx).to_list()
     items: list[dict[str, Any]] = []
+    labels = label_sets(task, data_dir)
     if cell.family == "encoder":
         items = [{"example_id": r["example_id"], "text": r["text"], "words": r["words"]} for r in rows]
-        return PreparedCell(cell, rows, items)
-    labels = label_sets(task, data_dir)
+        return PreparedCell(cell, rows, items, labels)
     builder = PromptBuilder(task, labels, load_split(task, "train", data_dir).to_list(),
                             cell.text_budget, cell.sampler)
     for r in rows:
@@ -84,7 +85,7 @@ def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCe
         items.append({"example_id": r["example_id"], "prompt": text, "messages": prompt.messages(),
                       "prompt_hash": prompt_hash(text), "decoding": cell.decoding, "task": cell.task,
                       "labels": labels, "words": r["words"] if task.needs_words else None})
-    return PreparedCell(cell, rows, items)
+    return PreparedCell(cell, rows, items, labels)
 
 
 def finish_cell(store: Store, prepared: PreparedCell, results: list[dict[str, Any]], seconds: float) -> dict:
@@ -96,7 +97,7 @@ def finish_cell(store: Store, prepared: PreparedCell, results: list[dict[str, An
         store.write_cell(cell.id, record)
         return record
     task = get_task(cell.task)
-    labels = label_sets(task)
+    labels = prepared.labels
     golds = [gold_of(task, r) for r in prepared.rows]
     parsed = [parse_answer(res["raw_output"], task, labels, len(r["words"]))
               for res, r in zip(results, prepared.rows)]
@@ -167,7 +168,7 @@ def run_inference_group(
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     out = ds.map_batches(
         Predictor, fn_constructor_kwargs={"spec": spec, "retries": inf.retries},
-        batch_size=1, concurrency=inf.concurrency, num_cpus=inf.num_cpus, num_gpus=inf.num_gpus,
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=inf.concurrency), num_cpus=inf.num_cpus, num_gpus=inf.num_gpus,
     )
     expected = {cid: -(-len(p.items) // inf.batch_size) for cid, p in prepared.items()}
     got: dict[str, dict[int, list]] = defaultdict(dict)

@@ -168,6 +168,8 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         # other Rays on this machine may hold the default agent ports: take free ones
+         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
          f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
