@@ -80,7 +80,16 @@ def _score(metrics: dict[str, Any] | None) -> tuple[str | None, float | None]:
 def forgetting_frame(records: list[dict[str, Any]], reference: str | None = None) -> pl.DataFrame:
     """One row per done inference cell: its score, whether its weights saw the task, the reference
     model's score on the same task / shots / seed / decoding, and forgetting (unseen tasks only):
-    score minus the reference's. `reference` defaults to the one the grid declared."""
+    score minus the reference's. `reference` defaults to the one the grid declared.
+
+    Seen means tuned on within the study: the tasks the reference itself was tuned on (an instruct
+    stand-in's instruction-tuning tasks) are its general ability, unseen for every model, so that
+    forgetting is measured on them too."""
+    ref_seen: dict[str, set[str]] = {}
+    for r in records:
+        c = r["cell"]
+        if c["kind"] == "infer" and c["finetune"] == "none":
+            ref_seen.setdefault(c["model"], set()).update((c.get("lineage") or {}).get("seen_tasks") or [])
     rows = []
     for r in records:
         c = r["cell"]
@@ -89,11 +98,12 @@ def forgetting_frame(records: list[dict[str, Any]], reference: str | None = None
         lineage = c.get("lineage") or {}
         metric, value = _score(r.get("metrics"))
         trained_on = lineage.get("trained_on")
+        ref_name = reference or lineage.get("reference")
+        seen = c["task"] in (lineage.get("seen_tasks") or []) and c["task"] not in ref_seen.get(ref_name, set())
         rows.append({"weights": f"{c['model']} {c['finetune']}:{trained_on}" if trained_on else c["model"],
                      "model": c["model"], "task": c["task"], "shots": c["shots"], "seed": c["seed"],
                      "decoding": (c.get("decoding") or {}).get("mode", "-"), "finetune": c["finetune"],
-                     "seen": c["task"] in (lineage.get("seen_tasks") or []), "metric": metric, "score": value,
-                     "reference": reference or lineage.get("reference")})
+                     "seen": seen, "metric": metric, "score": value, "reference": ref_name})
     schema = {"weights": pl.String, "model": pl.String, "task": pl.String, "shots": pl.Int64, "seed": pl.Int64, "decoding": pl.String,
               "finetune": pl.String, "seen": pl.Boolean, "metric": pl.String, "score": pl.Float64,
               "reference": pl.String}

@@ -270,7 +270,7 @@ def test_study_grids_plan(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     plan = build_plan(load_config(root / "grids" / "merge-study.yaml"))
-    assert sum(c.kind == "merge" for c in plan.cells) == 2
+    assert sum(c.kind == "merge" for c in plan.cells) == 3
     paper = load_config(root / "grids" / "merge-study-paper.yaml")
     assert {m.source for m in paper.models} >= {"mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.2",
                                                 "meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct",
@@ -354,3 +354,18 @@ def test_reference_per_family_in_the_forgetting_frame():
                            rec("a-base", "massive-intent", 0.1, "a-inst"), rec("b-base", "massive-intent", 0.3, "b-inst")])
     got = {r["model"]: r["forgetting"] for r in df.iter_rows(named=True)}
     assert got["a-base"] == pytest.approx(-0.5) and got["b-base"] == pytest.approx(0.1) and got["a-inst"] == 0
+
+
+def test_the_reference_s_own_tuning_tasks_count_as_unseen():
+    from grid.tables import forgetting_frame
+
+    def rec(model, task, acc, seen, ft="none"):
+        return {"cell_id": model + task + ft, "status": "done", "metrics": {"intent/accuracy": acc},
+                "cell": {"kind": "infer", "model": model, "task": task, "shots": 0, "seed": 0, "finetune": ft,
+                         "decoding": None, "lineage": {"seen_tasks": seen, "reference": "inst",
+                                                       "trained_on": "fpb-sentiment" if ft != "none" else None}}}
+
+    df = forgetting_frame([rec("inst", "massive-intent", 0.6, ["massive-intent"]),
+                           rec("inst", "massive-intent", 0.2, ["massive-intent", "fpb-sentiment"], "lora")])
+    row = df.filter(df["finetune"] == "lora").row(0, named=True)
+    assert not row["seen"] and row["forgetting"] == pytest.approx(-0.4)
