@@ -1,0 +1,220 @@
+"""Constrained decoding with the tiny decoder: always valid, exact scores, free-greedy parity."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from grid.config import GridConfig
+from grid.data import label_sets, load_split
+from grid.execute import data_dir_arg, prepare_cell
+from grid.parsing import format_answer, parse_answer
+from grid.plan import build_plan
+from grid.prompting import gold_of
+from grid.tasks import catalog, get_task
+from workers import constrained
+from workers.constrained import answer_program, constrained_answers, prefill, render_answer
+
+torch.set_num_threads(1)  # 2 shared cores: one thread is several times faster here
+
+TASKS = sorted(catalog())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.models import resolve
+
+    path = resolve("tiny:llama")
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def cells_items(tokenizer, tasks, shots, n, budget=48, source="tiny:llama"):
+    """(cell, prepared) of a small grid: the real prompts the engine would send."""
+    data = data_dir_arg(None)
+    cfg = GridConfig.model_validate({
+        "name": "t", "models": [{"name": "m", "source": source, "family": "decoder"}],
+        "tasks": list(tasks), "shots": list(shots), "decoding": {"mode": "constrained", "max_new_tokens": 8},
+        "limits": {"test": n}, "text_budget": budget})
+    return [prepare_cell(c, data, tokenizer) for c in build_plan(cfg, data).cells]
+
+
+def invalid_count(prepared, answers):
+    task = get_task(prepared.cell.task)
+    labels = label_sets(task)
+    return sum(not all(p.valid for p in parse_answer(a["raw_output"], task, labels, len(r["words"])).values())
+               for a, r in zip(answers, prepared.rows))
+
+
+@pytest.mark.parametrize("task_name", TASKS)
+def test_program_spells_format_answer(task_name):
+    """Choosing the gold option at every choice writes exactly format_answer(gold)."""
+    task = get_task(task_name)
+    labels = label_sets(task)
+    for row in load_split(task, "test").select(range(5)).to_list():
+        gold = gold_of(task, row)
+        program = answer_program(task, labels, len(row["words"]))
+        picks = []
+        for sub in task.subtasks:
+            tags = constrained._tag_set(labels[sub.name]) if sub.type == "word_tags" else labels[sub.name]
+            values = gold[sub.name] if sub.type == "word_tags" else [gold[sub.name]]
+            picks += [list(tags).index(v) for v in values]
+        assert render_answer(program, picks) == format_answer(task, gold)
+
+
+@pytest.mark.parametrize("strategy", ["score", "greedy"])
+def test_zero_invalid_on_every_task(tiny, strategy):
+    model, tok = tiny
+    for prepared in cells_items(tok, TASKS, [0], 3):
+        answers = constrained_answers(model, tok, prepared.items, strategy=strategy)
+        assert invalid_count(prepared, answers) == 0, (prepared.cell.task, [a["raw_output"] for a in answers])
+        assert all(a["n_prompt_tokens"] > 0 and a["n_output_tokens"] > 0 for a in answers)
+
+
+def test_zero_invalid_five_shot_through_backend(tiny):
+    """The transformers backend's constrained branch, five-shot prompts, length-normalized."""
+    from workers.transformers_backend import TransformersBackend
+    from workers.models import resolve
+
+    backend = TransformersBackend(resolve("tiny:llama"))
+    for prepared in cells_items(backend.tokenizer, ["massive-multi", "20ng-multi", "fomc-stance"], [5], 3):
+        items = [{**it, "decoding": {**it["decoding"], "length_normalized": True}} for it in prepared.items]
+        answers = backend.generate(items)
+        assert invalid_count(prepared, answers) == 0
+
+
+@torch.inference_mode()
+def _loglik(model, prompt, cont):
+    """log p(cont | prompt) with one plain forward pass, no cache."""
+    ids = torch.tensor([prompt + cont])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    return float(sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(cont)).detach())
+
+
+def test_trie_scores_equal_plain_log_likelihood(tiny):
+    """The one-pass token-trie scores are the log-likelihoods a plain forward pass gives."""
+    model, tok = tiny
+    prompts = [tok.encode(p, add_special_tokens=False) for p in
+               ["Classify the text. Labels: a, b. Text: hello there Label:",
+                "Classify the text. Labels: a, b. Text: other words Label:"]]
+    labels = ["comp.graphics", "comp.os.ms-windows.misc", "comp.sys.mac.hardware", "sci.med", "comp"]
+    cands = [tok.encode(" " + l, add_special_tokens=False) + [tok.eos_token_id] for l in labels]
+    with torch.inference_mode():
+        shared, alone = prefill(model, prompts, tok.pad_token_id), prefill(model, prompts[:1], tok.pad_token_id)
+        assert torch.allclose(shared[0].logprobs, alone[0].logprobs, atol=1e-4)
+        want = [_loglik(model, prompts[0], c) for c in cands]
+        best, state = constrained._score_choice(model, shared[0], cands, False)
+        assert best == max(range(len(want)), key=want.__getitem__)
+        # the state after the winner is the plain model's state after prompt + winner
+        full = torch.log_softmax(model(input_ids=torch.tensor([prompts[0] + cands[best]])).logits[0, -1].float(), -1)
+        assert torch.allclose(state.logprobs, full, atol=1e-4)
+        assert state.length == len(prompts[0]) + len(cands[best])
+
+
+def test_scores_match_per_candidate(tiny):
+    """Every candidate's trie score against its plain log-likelihood (sum and mean)."""
+    model, tok = tiny
+    prompt = tok.encode("[INST]Which label? [/INST]", add_special_tokens=False)
+    labels = ["alarm_set", "alarm_query", "alarm_remove", "weather_query", "qa_factoid"]
+    cands = [tok.encode(" " + l, add_special_tokens=False) + [tok.eos_token_id] for l in labels]
+    want = [_loglik(model, prompt, c) for c in cands]
+    with torch.inference_mode():
+        for normalized in (False, True):
+            state = prefill(model, [prompt], tok.pad_token_id)[0]
+            best, _ = constrained._score_choice(model, state, cands, normalized)
+            scores = [w / (len(c) if normalized else 1) for w, c in zip(want, cands)]
+            assert best == max(range(len(scores)), key=scores.__getitem__)
+
+
+def test_greedy_equals_free_greedy_where_free_is_valid(tmp_path):
+    """Trie-greedy writes free greedy's answer whenever that answer is a valid label.
+
+    A random tiny decoder (large init, so its answers vary with the input) writes nonsense, so
+    the label set is made to contain its own free answers (real prompts): on those examples
+    free decoding is valid, and constrained greedy must answer the same label on every one.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from workers.models import resolve
+    from workers.transformers_backend import TransformersBackend
+
+    config = AutoConfig.from_pretrained(resolve("tiny:llama"))
+    config.initializer_range = 0.5
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(resolve("tiny:llama")).save_pretrained(tmp_path)
+    backend = TransformersBackend(str(tmp_path))
+    prepared = cells_items(backend.tokenizer, ["massive-intent"], [0], 12)[0]
+    items = [{**it, "decoding": {**it["decoding"], "mode": "free", "max_new_tokens": 4}} for it in prepared.items]
+    free = backend.generate(items)
+    outs = {f["raw_output"].strip() for f in free if f["raw_output"].strip() and "\ufffd" not in f["raw_output"]}
+    outs = {o for o in outs if not any(o != p and p.startswith(o) for p in outs)}  # none a prefix of another
+    intents = [l for l in items[0]["labels"]["intent"] if not any(l.startswith(o) or o.startswith(l) for o in outs)]
+    labels = {"intent": tuple(sorted(outs) + intents)}
+    task = get_task("massive-intent")
+    con = backend.generate([{**it, "labels": labels, "decoding": {**it["decoding"], "mode": "constrained",
+                                                                  "strategy": "greedy"}} for it in items])
+    valid = 0
+    for f, c in zip(free, con):
+        pf = parse_answer(f["raw_output"], task, labels, None)["intent"]
+        if pf.valid and len(f["raw_output"]) - len(f["raw_output"].lstrip()) <= constrained.MAX_LEAD_SPACE:
+            valid += 1
+            assert parse_answer(c["raw_output"], task, labels, None)["intent"].value == pf.value
+    assert valid >= 6 and len({f["raw_output"].strip() for f in free}) >= 3
+
+
+@pytest.mark.slow
+def test_trained_model_constrained_accuracy_equals_free_on_valid(tmp_path):
+    """A tiny decoder trained for a few steps on 20ng-7 answers validly when free; constrained
+    greedy then has the same accuracy on those examples, and is valid on all."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grid.prompting import PromptBuilder
+    from workers.models import resolve
+    from workers.transformers_backend import TransformersBackend
+
+    task = get_task("20ng-7")
+    labels = label_sets(task)
+    path = resolve("tiny:llama")
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    train = load_split(task, "train").select(range(300)).to_list()
+    builder = PromptBuilder(task, labels, train, 16)
+    seqs = [(tok.encode(builder.build(r, 0, 0).as_text("chat", tok), add_special_tokens=False),
+             tok.encode(" " + r["root"], add_special_tokens=False) + [tok.eos_token_id]) for r in train]
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(80):
+        batch = rng.sample(seqs, 8)
+        width = max(len(p) + len(a) for p, a in batch)
+        ids = torch.full((8, width), tok.pad_token_id)
+        target = torch.full((8, width), -100)
+        for i, (p, a) in enumerate(batch):
+            ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+            target[i, len(p):len(p) + len(a)] = torch.tensor(a)
+        model(input_ids=ids, labels=target).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+
+    backend = TransformersBackend(str(tmp_path))
+    prepared = cells_items(backend.tokenizer, ["20ng-7"], [0], 24, budget=16, source=str(tmp_path))[0]
+    free_items = [{**it, "decoding": {**it["decoding"], "mode": "free"}} for it in prepared.items]
+    con_items = [{**it, "decoding": {**it["decoding"], "strategy": "greedy"}} for it in prepared.items]
+    free = backend.generate(free_items)
+    con = backend.generate(con_items)
+    assert invalid_count(prepared, con) == 0
+    gold = [r["root"] for r in prepared.rows]
+    pf = [parse_answer(f["raw_output"], task, labels, None)["root"] for f in free]
+    pc = [parse_answer(c["raw_output"], task, labels, None)["root"] for c in con]
+    on_valid = [i for i, p in enumerate(pf) if p.valid]
+    assert len(on_valid) >= len(free) // 2
+    acc_free = sum(pf[i].value == gold[i] for i in on_valid)
+    acc_con = sum(pc[i].value == gold[i] for i in on_valid)
+    assert acc_free == acc_con
+    assert all(pf[i].value == pc[i].value for i in on_valid)

@@ -1,0 +1,504 @@
+"""Constrained decoding for local decoders: answers that are always in the task's label sets.
+
+An answer is a *program* of segments, fixed text and choices, that spells the canonical answer
+of `grid.parsing.format_answer`:
+- a `label` task:      Choice(labels)
+- a `word_tags` task:  `["` Choice(tags) `", "` Choice(tags) ... `"]`   (one choice per word)
+- a multi-task:        `{"task1": "` Choice(...) `", "task2": ` ... `}`
+so `parse_answer` reads every answer as valid (0% invalid).
+
+Two strategies (`decoding["strategy"]`, default "score"):
+
+- **score** (the default): each choice is made by scoring every candidate as a continuation of
+  the prompt and of the choices made so far: the sum of its tokens' log-probs, or their mean
+  when `decoding["length_normalized"]`. A candidate is scored together with what must follow it
+  (the closing `"` and the JSON up to the next choice, or EOS after the last choice), so a label
+  that is a prefix of another (`alarm` / `alarm_set`) does not win for being short. This is
+  lm-evaluation-harness' `multiple_choice`, made cheap: the prompt is run once per example, its
+  key/value cache reused by every candidate of a choice, and the candidates scored together in
+  one forward pass as a token trie (tree attention: shared first tokens run once); the prefix
+  that all prompts of a chunk share (instruction and label list) is run once per chunk.
+- **greedy**: the model's greedy path restricted, at every step, to tokens that keep the text a
+  prefix of a valid answer (a character trie walked token by token, so any tokenization of a
+  label is allowed, not just the canonical one). Whenever free greedy decoding writes a valid
+  answer in canonical form (up to whitespace around it), this strategy writes the same answer:
+  the allowed token set contains the free argmax at every step. Use it to compare with free
+  decoding example by example.
+
+Both are deterministic (temperature is ignored). Before the answer a chat template usually
+puts something (Llama-2's ` `, Llama-3's nothing): "score" prepends the template's assistant
+prefix when the prompt is in the tokenizer's chat format, else a space when the prompt ends in
+a non-space (`Label:`), else nothing; "greedy" lets the model write up to two whitespace
+characters first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from grid.tasks import OUTSIDE_TAG, TaskDef, get_task
+
+STRATEGIES = ("score", "greedy")
+MAX_LEAD_SPACE = 2  # whitespace characters greedy may write before / after the answer
+MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix of a chunk's prompts is not run apart
+
+
+# --- the answer as a program ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fixed:
+    text: str
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str
+    options: tuple[str, ...]  # the exact text of each option (JSON-escaped inside JSON)
+    values: tuple[str, ...]  # the label each option stands for
+
+
+Program = tuple  # of Fixed | Choice
+
+
+def _choice(name: str, labels: Sequence[str], in_json: bool) -> Choice:
+    labels = tuple(labels)
+    options = tuple(json.dumps(l, ensure_ascii=False)[1:-1] for l in labels) if in_json else labels
+    return Choice(name, options, labels)
+
+
+def _tag_set(labels: Sequence[str]) -> tuple[str, ...]:
+    return tuple(labels) if OUTSIDE_TAG in labels else (*labels, OUTSIDE_TAG)
+
+
+def _tags_program(name: str, tags: tuple[str, ...], n_words: int) -> list:
+    if n_words == 0:
+        return [Fixed("[]")]
+    out: list = [Fixed('["')]
+    for i in range(n_words):
+        if i:
+            out.append(Fixed('", "'))
+        out.append(_choice(name, tags, in_json=True))
+    return out + [Fixed('"]')]
+
+
+def answer_program(task: TaskDef, labels: dict[str, Sequence[str]], n_words: int | None) -> Program:
+    """The segments that spell `format_answer` of any answer of this task."""
+    if any(s.type == "text" for s in task.subtasks):
+        raise ValueError(f"task {task.name}: free-text sub-tasks cannot be constrained")
+    if any(s.type == "word_tags" for s in task.subtasks) and n_words is None:
+        raise ValueError(f"task {task.name}: word tags need the words of the input")
+    segs: list = []
+    if not task.is_multi:
+        sub = task.subtasks[0]
+        if sub.type == "label":
+            segs = [_choice(sub.name, labels[sub.name], in_json=False)]
+        else:
+            segs = _tags_program(sub.name, _tag_set(labels[sub.name]), n_words)
+    else:
+        segs.append(Fixed("{"))
+        for i, sub in enumerate(task.subtasks, 1):
+            segs.append(Fixed(("" if i == 1 else ", ") + f'"task{i}": '))
+            if sub.type == "label":
+                segs += [Fixed('"'), _choice(sub.name, labels[sub.name], in_json=True), Fixed('"')]
+            else:
+                segs += _tags_program(sub.name, _tag_set(labels[sub.name]), n_words)
+        segs.append(Fixed("}"))
+    merged: list = []  # adjacent fixed texts as one segment
+    for s in segs:
+        if isinstance(s, Fixed) and merged and isinstance(merged[-1], Fixed):
+            merged[-1] = Fixed(merged[-1].text + s.text)
+        elif not (isinstance(s, Fixed) and not s.text):
+            merged.append(s)
+    return tuple(merged)
+
+
+def render_answer(program: Program, picks: Sequence[int]) -> str:
+    """The answer text of a program with choice i answered by option picks[i]."""
+    it = iter(picks)
+    return "".join(s.text if isinstance(s, Fixed) else s.options[next(it)] for s in program)
+
+
+# --- key/value caches -----------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    """Where an answer stands: the cache of everything so far and the next-token log-probs."""
+
+    cache: DynamicCache
+    length: int
+    logprobs: torch.Tensor  # (vocab,)
+
+
+def _new_cache(model: Any, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=kv, config=model.config)
+
+
+def _map_cache(model: Any, cache: DynamicCache, fn) -> DynamicCache:
+    """A new cache with `fn` applied to every layer's keys and values."""
+    return _new_cache(model, [(fn(layer.keys), fn(layer.values)) for layer in cache.layers])
+
+
+def prefill(model: Any, prompts: list[list[int]], pad: int) -> list[_State]:
+    """Run every prompt once; the prefix they all share (instruction, label list) only once.
+
+    The rest of each prompt runs right-padded in one batch: a real token never sees the padding
+    after it (causal attention), so no mask is needed.
+    """
+    shared = 0
+    if len(prompts) > 1:
+        first, shortest = prompts[0], min(len(p) for p in prompts)
+        while shared < shortest - 1 and all(p[shared] == first[shared] for p in prompts):
+            shared += 1
+    cache = None
+    if shared >= MIN_SHARED_PREFIX:
+        prefix = model(input_ids=torch.tensor([prompts[0][:shared]], device=model.device),
+                       use_cache=True, logits_to_keep=1).past_key_values
+        cache = _map_cache(model, prefix, lambda t: t.expand(len(prompts), -1, -1, -1))
+    else:
+        shared = 0
+    rest = [p[shared:] for p in prompts]
+    width = max(len(r) for r in rest)
+    ends = sorted({len(r) - 1 for r in rest})  # only these positions' logits are needed
+    out = model(input_ids=torch.tensor([r + [pad] * (width - len(r)) for r in rest], device=model.device),
+                past_key_values=cache, use_cache=True,
+                logits_to_keep=torch.tensor(ends, device=model.device))
+    logits = out.logits.float()
+    return [_State(_map_cache(model, out.past_key_values, lambda t, i=i, n=len(p): t[i:i + 1, :, :n]),
+                   len(p), torch.log_softmax(logits[i, ends.index(len(r) - 1)], -1))
+            for i, (p, r) in enumerate(zip(prompts, rest))]
+
+
+def _extend(model: Any, state: _State, ids: list[int]) -> _State:
+    """The state after forcing `ids` (the state's cache grows in place)."""
+    out = model(input_ids=torch.tensor([ids], device=model.device), past_key_values=state.cache,
+                use_cache=True, logits_to_keep=1)
+    return _State(out.past_key_values, state.length + len(ids), torch.log_softmax(out.logits[0, -1].float(), -1))
+
+
+# --- strategy "score": all candidates of a choice as one token trie, in one forward pass -----
+
+
+def _score_choice(model: Any, state: _State, candidates: list[list[int]],
+                  length_normalized: bool) -> tuple[int, _State]:
+    """The best candidate (token lists continuing `state`) and the state after it.
+
+    The candidates become a token trie (shared first tokens once); its nodes run as one row
+    after the cached prompt, each attending to the prompt and its own ancestors (a 4-D mask)
+    at the position its depth gives, so every node's logits are those the candidate would
+    get alone. The state's cache is used up.
+    """
+    tokens: list[int] = []
+    parent: list[int] = []
+    depth: list[int] = []
+    index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+    paths: list[list[int]] = []
+    for cand in candidates:
+        node, path = -1, []
+        for tok in cand:
+            if (node, tok) not in index:
+                index[(node, tok)] = len(tokens)
+                tokens.append(tok)
+                parent.append(node)
+                depth.append(len(path))
+            node = index[(node, tok)]
+            path.append(node)
+        paths.append(path)
+    n, past = len(tokens), state.length
+    dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+    visible = torch.zeros(n, past + n, dtype=torch.bool)
+    visible[:, :past] = True
+    for i in range(n):  # a node sees itself and its ancestors
+        j = i
+        while j != -1:
+            visible[i, past + j] = True
+            j = parent[j]
+    mask = torch.zeros(1, 1, n, past + n, dtype=dtype)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    out = model(input_ids=torch.tensor([tokens], device=model.device), past_key_values=state.cache,
+                attention_mask=mask.to(model.device), use_cache=True,
+                position_ids=torch.tensor([[past + d for d in depth]], device=model.device))
+    logp = torch.log_softmax(out.logits[0].float(), -1)  # (node, vocab): what follows each node
+    scores = []
+    for cand, path in zip(candidates, paths):
+        total = state.logprobs[cand[0]] + sum(logp[path[j - 1], cand[j]] for j in range(1, len(cand)))
+        scores.append(float(total) / (len(cand) if length_normalized else 1))
+    best = max(range(len(candidates)), key=scores.__getitem__)  # the first of equal scores
+    keep = torch.tensor(list(range(past)) + [past + j for j in paths[best]], device=model.device)
+    cache = _map_cache(model, out.past_key_values, lambda t: t.index_select(2, keep))
+    return best, _State(cache, past + len(paths[best]), logp[paths[best][-1]])
+
+
+def _score_answer(model: Any, encode, program: Program, state: _State, lead: str, eos: int,
+                  length_normalized: bool) -> tuple[list[int], int]:
+    """Choose every choice of the program in turn. Returns the picks and the answer's token count.
+
+    Fixed scaffolding (`{"task1": "`) is forced as text; each candidate is scored with the fixed
+    text that follows it, and EOS after the last choice; a whitespace-only lead joins the labels.
+    """
+    picks: list[int] = []
+    n_tokens = 0
+    pending = lead  # fixed text not yet fed
+    i = 0
+    while i < len(program):
+        seg = program[i]
+        if isinstance(seg, Fixed):
+            pending += seg.text
+            i += 1
+            continue
+        if pending and not pending.isspace():
+            ids = encode(pending)
+            state = _extend(model, state, ids)
+            n_tokens += len(ids)
+            pending = ""
+        after = program[i + 1].text if i + 1 < len(program) and isinstance(program[i + 1], Fixed) else ""
+        last = i + (2 if after else 1) >= len(program)
+        candidates = [encode(pending + opt + after) + ([eos] if last else []) for opt in seg.options]
+        index, state = _score_choice(model, state, candidates, length_normalized)
+        picks.append(index)
+        n_tokens += len(candidates[index])
+        pending = ""
+        i += 2 if after else 1
+    if pending.strip():  # a program without choices (word tags of an empty input): nothing to ask
+        n_tokens += len(encode(pending))
+    return picks, n_tokens
+
+
+# --- strategy "greedy": a character automaton walked token by token -------------------------
+
+
+class _Vocab:
+    """The text of every token as it reads inside a longer text; special tokens left out.
+
+    Also holds the memo of allowed tokens per automaton state, which only holds for this vocab.
+    """
+
+    def __init__(self, tokenizer: Any):
+        anchor = tokenizer.encode("a", add_special_tokens=False)[:1]
+        head = tokenizer.decode(anchor, clean_up_tokenization_spaces=False)
+        texts = tokenizer.batch_decode([anchor + [i] for i in range(len(tokenizer))],
+                                       clean_up_tokenization_spaces=False)
+        special = set(tokenizer.all_special_ids)
+        self.text: dict[int, str] = {}
+        self.by_first: dict[str, list[tuple[int, str]]] = {}
+        for i, t in enumerate(texts):
+            if i in special or not t.startswith(head):
+                continue
+            t = t[len(head):]
+            if t and "\ufffd" not in t:  # partial UTF-8 bytes are left out
+                self.text[i] = t
+                self.by_first.setdefault(t[0], []).append((i, t))
+        self.allowed: dict[tuple, tuple[dict[int, tuple], bool]] = {}
+
+
+_VOCABS: dict[int, _Vocab] = {}
+
+
+def _vocab(tokenizer: Any) -> _Vocab:
+    key = id(tokenizer)
+    if key not in _VOCABS:
+        _VOCABS[key] = _Vocab(tokenizer)
+    return _VOCABS[key]
+
+
+class _Trie:
+    """A character trie of a choice's options: node 0 is the root."""
+
+    def __init__(self, options: Sequence[str]):
+        self.children: list[dict[str, int]] = [{}]
+        self.ends: list[bool] = [False]  # an option ends at this node
+        for opt in options:
+            node = 0
+            for ch in opt:
+                if ch not in self.children[node]:
+                    self.children.append({})
+                    self.ends.append(False)
+                    self.children[node][ch] = len(self.children) - 1
+                node = self.children[node][ch]
+            self.ends[node] = True
+
+
+_TRIES: dict[tuple[str, ...], _Trie] = {}
+_TAILS: dict[tuple, int] = {}  # (segment, id of the rest) -> id: equal program tails share memos
+
+
+class _Automaton:
+    """The valid answers of a program as a character automaton.
+
+    States: ("lead", k) before the answer, k whitespace characters written; (i, pos) inside
+    segment i (pos: the character offset in a Fixed, the trie node in a Choice); ("tail", k)
+    after the complete answer. Inside JSON an option never holds a bare `"`, so leaving an
+    option for the text after it is never ambiguous.
+    """
+
+    def __init__(self, program: Program):
+        self.program = program
+        self.tries = [_TRIES.setdefault(s.options, _Trie(s.options)) if isinstance(s, Choice) else None
+                      for s in program]
+        self.tail_id = [0] * (len(program) + 1)
+        for i in range(len(program) - 1, -1, -1):
+            self.tail_id[i] = _TAILS.setdefault((program[i], self.tail_id[i + 1]), len(_TAILS) + 1)
+
+    def _start(self, i: int) -> tuple:
+        return ("tail", 0) if i == len(self.program) else (i, 0)
+
+    def step(self, state: tuple, ch: str) -> tuple | None:
+        kind, pos = state
+        if kind == "lead":
+            if ch.isspace() and pos < MAX_LEAD_SPACE:
+                return ("lead", pos + 1)
+            return self.step(self._start(0), ch)
+        if kind == "tail":
+            return ("tail", pos + 1) if ch.isspace() and pos < MAX_LEAD_SPACE else None
+        trie = self.tries[kind]
+        if trie is None:
+            text = self.program[kind].text
+            if text[pos] != ch:
+                return None
+            return (kind, pos + 1) if pos + 1 < len(text) else self._start(kind + 1)
+        child = trie.children[pos].get(ch)
+        if child is not None:
+            return (kind, child)
+        if trie.ends[pos]:  # an option ends here: go on into what follows it
+            return self.step(self._start(kind + 1), ch)
+        return None
+
+    def complete(self, state: tuple) -> bool:
+        """Whether EOS may come now."""
+        kind, pos = state
+        if kind == "tail":
+            return True
+        if kind == "lead" or self.tries[kind] is None:
+            return False
+        return self.tries[kind].ends[pos] and kind + 1 == len(self.program)
+
+    def allowed(self, state: tuple, vocab: _Vocab) -> tuple[dict[int, tuple], bool]:
+        """Token id -> the state after it, for every token that keeps the answer valid; EOS allowed.
+
+        Memoized per vocab with segment numbers relative to the state's segment, keyed by the id
+        of the program's tail from there: word 3 of 7 and word 5 of 9 share their entries.
+        """
+        kind, pos = state
+        base = None if kind == "tail" else 0 if kind == "lead" else kind
+        key = ("tail", pos) if base is None else (self.tail_id[base], kind == "lead", pos)
+        if key not in vocab.allowed:
+            out: dict[int, tuple] = {}
+            for first, tokens in vocab.by_first.items():
+                if self.step(state, first) is None:
+                    continue
+                for tid, text in tokens:
+                    s: tuple | None = state
+                    for ch in text:
+                        s = self.step(s, ch)
+                        if s is None:
+                            break
+                    if s is not None:
+                        out[tid] = s if s[0] in ("lead", "tail") else (s[0] - base, s[1])
+            vocab.allowed[key] = (out, self.complete(state))
+        out, eos_ok = vocab.allowed[key]
+        if base:
+            out = {t: s if s[0] in ("lead", "tail") else (s[0] + base, s[1]) for t, s in out.items()}
+        return out, eos_ok
+
+
+def _greedy_answer(model: Any, vocab: _Vocab, program: Program, state: _State,
+                   eos: int) -> tuple[str, int]:
+    """The model's argmax among valid tokens until EOS. Returns the text and the token count."""
+    auto = _Automaton(program)
+    at: tuple = ("lead", 0)
+    text, n_tokens = "", 0
+    while True:
+        allowed, eos_ok = auto.allowed(at, vocab)
+        if eos_ok and not allowed:
+            break
+        ids = list(allowed) + ([eos] if eos_ok else [])
+        if not ids:  # cannot happen with a byte-level or byte-fallback vocab
+            raise RuntimeError(f"no token continues the constrained answer {text!r}")
+        scores = state.logprobs[torch.tensor(ids, device=state.logprobs.device)]
+        tid = ids[int(torch.argmax(scores))]
+        n_tokens += 1
+        if tid == eos and eos_ok:
+            break
+        at = allowed[tid]
+        text += vocab.text[tid]
+        state = _extend(model, state, [tid])
+    return text, n_tokens
+
+
+# --- the entry point ------------------------------------------------------------------------
+
+_CHAT_LEADS: dict[int, tuple[str, str] | None] = {}
+
+
+def _chat_lead(tokenizer: Any) -> tuple[str, str] | None:
+    """(end of the generation prompt, assistant prefix) of the tokenizer's chat template, if any."""
+    key = id(tokenizer)
+    if key not in _CHAT_LEADS:
+        _CHAT_LEADS[key] = None
+        if getattr(tokenizer, "chat_template", None):
+            try:
+                probe = [{"role": "user", "content": "\x00"}]
+                gen = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+                full = tokenizer.apply_chat_template(probe + [{"role": "assistant", "content": "\x01"}],
+                                                     tokenize=False)
+                tail = gen[gen.index("\x00") + 1:]
+                if tail and full.startswith(gen) and "\x01" in full[len(gen):]:
+                    _CHAT_LEADS[key] = (tail, full[len(gen):full.index("\x01")])
+            except Exception:  # noqa: BLE001 - a template that cannot render the probe: use the rule
+                pass
+    return _CHAT_LEADS[key]
+
+
+def answer_lead(tokenizer: Any, prompt: str) -> str:
+    """What goes between the prompt and the answer for "score" (see the module docstring)."""
+    chat = _chat_lead(tokenizer)
+    if chat and prompt.endswith(chat[0]):
+        return chat[1]
+    return " " if prompt and not prompt[-1].isspace() else ""
+
+
+def constrained_answers(model: Any, tokenizer: Any, items: list[dict[str, Any]],
+                        strategy: str | None = None) -> list[dict[str, Any]]:
+    """Answers to a chunk of requests (see the module docstring), each always valid.
+
+    `strategy` overrides the items' `decoding["strategy"]` ("score" when neither says).
+    """
+    if not items:
+        return []
+    decoding = items[0].get("decoding") or {}
+    strategy = strategy or decoding.get("strategy") or "score"
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown constrained strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    token_memo: dict[str, list[int]] = {}
+
+    def encode(text: str) -> list[int]:
+        if text not in token_memo:
+            token_memo[text] = tokenizer.encode(text, add_special_tokens=False)
+        return token_memo[text]
+
+    prompts = [tokenizer.encode(it["prompt"], add_special_tokens=False) for it in items]
+    answers: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        states = prefill(model, prompts, pad)
+        for item, prompt, state in zip(items, prompts, states):
+            task = get_task(item["task"])
+            words = item.get("words")
+            program = answer_program(task, item["labels"], len(words) if words is not None else None)
+            if strategy == "score":
+                picks, n_out = _score_answer(
+                    model, encode, program, state, answer_lead(tokenizer, item["prompt"]), eos,
+                    bool((item.get("decoding") or {}).get("length_normalized")))
+                text = render_answer(program, picks)
+            else:
+                text, n_out = _greedy_answer(model, _vocab(tokenizer), program, state, eos)
+                text = text.strip()
+            answers.append({"raw_output": text, "n_prompt_tokens": len(prompt), "n_output_tokens": n_out})
+    return answers
