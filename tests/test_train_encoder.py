@@ -144,3 +144,16 @@ def test_two_heads_train_checkpoint_and_resume(ray_local, minilm, tmp_path):
     for row, answer, p in zip(rows, answers, parsed):
         assert list(json.loads(answer)) == ["task1", "task2"]
         assert p["intent"].valid and p["slots"].valid
+
+    # A fine-tune of this fine-tune (the grid's finetuned_from) starts from its encoder and keeps
+    # the head that matches: same name, type and labels.
+    import torch
+
+    from workers.encoder import EncoderClassifier
+
+    intent = get_task("massive-intent")
+    child = EncoderClassifier.from_pretrained(second["model_dir"], intent, label_sets(intent))
+    parent = EncoderClassifier.load(second["model_dir"])
+    assert torch.equal(child.heads["intent"].weight, parent.heads["intent"].weight)
+    assert torch.equal(child.encoder.embeddings.word_embeddings.weight,
+                       parent.encoder.embeddings.word_embeddings.weight)

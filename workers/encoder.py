@@ -31,18 +31,23 @@ IGNORE_INDEX = -100
 HEAD_TYPES = ("label", "word_tags")
 
 
+def encoder_path(path: str | Path) -> str:
+    """Where the encoder's from_pretrained folder is: a saved EncoderClassifier keeps it in encoder/."""
+    return str(Path(path) / "encoder") if (Path(path) / "heads.json").is_file() else str(path)
+
+
 def load_encoder(path: str | Path) -> nn.Module:
     """The bare encoder, without the pooler when the architecture has one (it is not used)."""
     try:
-        return AutoModel.from_pretrained(path, add_pooling_layer=False)
+        return AutoModel.from_pretrained(encoder_path(path), add_pooling_layer=False)
     except TypeError:  # architectures without a pooler do not take the argument
-        return AutoModel.from_pretrained(path)
+        return AutoModel.from_pretrained(encoder_path(path))
 
 
 def load_tokenizer(path: str | Path, task: TaskDef):
     # Pre-split words need add_prefix_space with byte-level BPE tokenizers (RoBERTa); BERT ignores it.
     kwargs = {"add_prefix_space": True} if task.needs_words else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path(path), **kwargs)
     if not tokenizer.is_fast:
         raise ValueError(f"{path}: a fast tokenizer is needed (word_ids)")
     return tokenizer
@@ -75,7 +80,20 @@ class EncoderClassifier(nn.Module):
     @classmethod
     def from_pretrained(cls, model_path: str, task: TaskDef, labels: dict[str, Sequence[str]],
                         max_length: int = 512) -> "EncoderClassifier":
-        return cls(load_encoder(model_path), head_specs(task, labels), task.name, max_length)
+        """A pretrained encoder with fresh heads; from a saved EncoderClassifier (a fine-tune of a
+        fine-tune), its heads that match a new head's name, type and labels are kept."""
+        model = cls(load_encoder(model_path), head_specs(task, labels), task.name, max_length)
+        saved = Path(model_path) / "heads.json"
+        if saved.is_file():
+            old_specs = json.loads(saved.read_text())["heads"]
+            old_heads = torch.load(Path(model_path) / "heads.pt", map_location="cpu", weights_only=True)
+            keys = ("name", "type", "labels")
+            for spec in model.specs:
+                if any(all(old[k] == spec[k] for k in keys) for old in old_specs):
+                    prefix = spec["name"] + "."
+                    model.heads[spec["name"]].load_state_dict(
+                        {k[len(prefix):]: v for k, v in old_heads.items() if k.startswith(prefix)})
+        return model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: dict[str, torch.Tensor] | None = None):
@@ -130,6 +148,7 @@ def encode_rows(tokenizer, task: TaskDef, rows: Sequence[dict[str, Any]], max_le
                         truncation=True, max_length=max_length)
     else:
         enc = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length)
+    index = {spec["name"]: {label: k for k, label in enumerate(spec["labels"])} for spec in specs or []}
     features = []
     for i, row in enumerate(rows):
         ids = enc["input_ids"][i]
@@ -143,15 +162,14 @@ def encode_rows(tokenizer, task: TaskDef, rows: Sequence[dict[str, Any]], max_le
                 prev = word
         feat: dict[str, Any] = {"input_ids": ids, "first_tokens": first_tokens}
         for spec in specs or []:
-            index = {label: k for k, label in enumerate(spec["labels"])}
-            gold = row[spec["field"]]
+            ids_of, gold = index[spec["name"]], row[spec["field"]]
             if spec["type"] == "label":
-                feat[spec["name"]] = index[gold]
+                feat[spec["name"]] = ids_of[gold]
             else:
                 tags = [IGNORE_INDEX] * len(ids)
                 for word, pos in enumerate(first_tokens):
                     if pos >= 0:
-                        tags[pos] = index[gold[word]]
+                        tags[pos] = ids_of[gold[word]]
                 feat[spec["name"]] = tags
         features.append(feat)
     return features
@@ -202,7 +220,7 @@ class EncoderPredictor:
             chunk = order[start : start + self.batch_size]
             batch = collate([features[i] for i in chunk], self.tokenizer.pad_token_id)
             _, logits = self.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
-            best = {name: values.argmax(-1).cpu() for name, values in logits.items()}
+            best = {name: values.argmax(-1).tolist() for name, values in logits.items()}
             for k, i in enumerate(chunk):
                 gold_like = {}
                 for spec in self.model.specs:
@@ -210,7 +228,7 @@ class EncoderPredictor:
                         gold_like[spec["name"]] = spec["labels"][best[spec["name"]][k]]
                     else:  # words cut by truncation (or without any token) are "Other"
                         gold_like[spec["name"]] = [
-                            spec["labels"][best[spec["name"]][k, pos]] if pos >= 0 else OUTSIDE_TAG
+                            spec["labels"][best[spec["name"]][k][pos]] if pos >= 0 else OUTSIDE_TAG
                             for pos in features[i]["first_tokens"]
                         ]
                 answers[i] = format_answer(self.task, gold_like)
