@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,7 +56,7 @@ class Cell(BaseModel):
     # reference model): derived from fields already hashed, so not part of the id.
     lineage: dict[str, Any] | None = None
 
-    @property
+    @cached_property  # hashed once per cell: a 10,000-cell plan asks for ids often
     def id(self) -> str:
         identity = self.model_dump(exclude={"model", "lineage"})
         blob = json.dumps(identity, sort_keys=True, default=str)
@@ -127,6 +128,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
     fingerprints = {name: data_fingerprint(task, data_dir) for name, task in tasks.items()}
     limits = config.limits.model_dump()
     made = _made_models(config, finetunes, data_dir)  # fine-tune chains of `finetuned_from` models
+    recipes = {(f, m): config.recipe(f, m) for f in ("encoder", "decoder", "api") for m in config.finetune}
     for model, task_name, shots, mode, seed, decoding in itertools.product(
         config.models, config.tasks, config.shots, config.finetune, config.seeds, config.decoding
     ):
@@ -149,7 +151,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
         )
         depends_on, seen = made.get(model.name, (None, list(model.seen_tasks)))
         if mode != "none":
-            recipe = config.recipe(model.family, mode)
+            recipe = recipes[model.family, mode]
             recipe_dict = recipe.model_dump()
             recipe_dict["hparams"] = {**recipe.hparams, **model.hparams}
             seen = _union(seen, [task_name])

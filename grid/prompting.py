@@ -93,6 +93,7 @@ def _template(name: str) -> jinja2.Template:
         raise GridError(f"prompt template prompts/{name}.jinja does not exist") from None
 
 
+@cache
 def template_source_hash(name: str) -> str:
     """A hash of the template files a task's prompt reads, so an edited prompt makes new cells."""
     digest = hashlib.sha256()
