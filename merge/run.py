@@ -40,6 +40,7 @@ def materialize_adapter(path: str, workdir: Path) -> str:
     base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
     out = workdir / f"unloaded-{folder.name}"
     if not (out / "config.json").is_file():
+        workdir.mkdir(parents=True, exist_ok=True)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
         model.save_pretrained(out)
@@ -56,27 +57,29 @@ def merge(cfg: dict[str, Any], out_dir: str | Path, where: str = "merge config")
     out = Path(out_dir)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    work = out.with_name(out.name + ".inputs")
-    work.mkdir(parents=True, exist_ok=True)
-    resolved = dict(cfg)
-    if resolved.get("base_model"):
-        resolved["base_model"] = materialize_adapter(str(resolved["base_model"]), work)
-    resolved["models"] = [{**m, "model": materialize_adapter(str(m["model"]), work)} for m in cfg["models"]]
-    config = validate(resolved, where)  # raises MergeError before any tensor is read
+    work = out.with_name(out.name + ".inputs")  # LoRA adapters merged into their base, if any
     start = time.perf_counter()
     threads = torch.get_num_threads()
     root = logging.getLogger()
     level = root.level
-    root.setLevel(max(level, logging.WARNING))  # mergekit logs its every step at INFO on the root logger
     try:
+        config = validate(cfg, where)  # raises MergeError before any tensor is read
+        resolved = dict(cfg)
+        if resolved.get("base_model"):
+            resolved["base_model"] = materialize_adapter(str(resolved["base_model"]), work)
+        resolved["models"] = [{**m, "model": materialize_adapter(str(m["model"]), work)} for m in cfg["models"]]
+        if resolved != cfg:
+            config = validate(resolved, where)
+        root.setLevel(max(level, logging.WARNING))  # mergekit logs its every step at INFO on the root logger
         run_merge(config, str(tmp), MergeOptions(cuda=False, device="cpu", copy_tokenizer=True,
                                                  write_model_card=False, quiet=True, random_seed=0))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
     finally:
         root.setLevel(level)
         torch.set_num_threads(threads)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"seconds": time.perf_counter() - start, "config": config.model_dump(mode="json", exclude_none=True)}
 
 

@@ -177,7 +177,7 @@ def test_bad_configs_fail_before_any_work(ckpts, odd, tmp_path, case, field):
     message = str(err.value)
     assert "\n" not in message and f"field {field}" in message, message
     assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob("out.tmp*"))
+    assert not list(tmp_path.glob("out.*"))  # no temporary or adapter folder left behind
 
 
 def test_typed_spec_rejects_what_the_method_does_not_take():
