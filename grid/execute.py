@@ -17,6 +17,7 @@ import time
 import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -66,19 +67,31 @@ class PreparedCell:
     labels: dict[str, tuple[str, ...]]  # the task's label sets, read once from the run's data
 
 
+@lru_cache(maxsize=64)
+def _test_rows(task_name: str, data_dir: str | None, limit: int | None, seed: int) -> list[dict[str, Any]]:
+    """The (subsampled) test rows of a task, read once per run however many cells use them."""
+    test = load_split(get_task(task_name), "test", data_dir)
+    return test.select(subsample_indices(len(test), limit, seed)).to_list()
+
+
+@lru_cache(maxsize=64)
+def _prompt_builder(task_name: str, data_dir: str | None, text_budget: int | None, sampler: str) -> PromptBuilder:
+    """One prompt builder (train rows and few-shot index) per task, shared by all its cells."""
+    task = get_task(task_name)
+    return PromptBuilder(task, label_sets(task, data_dir), load_split(task, "train", data_dir).to_list(),
+                         text_budget, sampler)
+
+
 def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCell:
     """The requests of one inference cell: a prompt per test example (or text for encoders)."""
     task = get_task(cell.task)
-    test = load_split(task, "test", data_dir)
-    idx = subsample_indices(len(test), cell.limits["test"], cell.limits["seed"])
-    rows = test.select(idx).to_list()
-    items: list[dict[str, Any]] = []
+    rows = _test_rows(cell.task, data_dir, cell.limits["test"], cell.limits["seed"])
     labels = label_sets(task, data_dir)
     if cell.family == "encoder":
         items = [{"example_id": r["example_id"], "text": r["text"], "words": r["words"]} for r in rows]
         return PreparedCell(cell, rows, items, labels)
-    builder = PromptBuilder(task, labels, load_split(task, "train", data_dir).to_list(),
-                            cell.text_budget, cell.sampler)
+    builder = _prompt_builder(cell.task, data_dir, cell.text_budget, cell.sampler)
+    items = []
     for r in rows:
         prompt = builder.build(r, cell.shots, cell.seed)
         text = prompt.as_text(cell.prompt_format, tokenizer) if cell.family == "decoder" else prompt.user
