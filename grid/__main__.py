@@ -72,9 +72,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from grid.report import write_report
+    from grid.report import report_from_args
 
-    for path in write_report(args.results, args.out):
+    for path in report_from_args(args):
         print(path)
     return 0
 
@@ -118,9 +118,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true")
     r.set_defaults(fn=cmd_run)
 
-    rep = sub.add_parser("report", help="Table 3 and plots from a results dir")
-    rep.add_argument("results")
-    rep.add_argument("--out", default="reports")
+    from grid.report import add_arguments as report_arguments
+
+    rep = sub.add_parser("report", help="Table 3, plots and significance tests from a results dir")
+    report_arguments(rep)
     rep.set_defaults(fn=cmd_report)
     return p
 

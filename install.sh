@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs clfgrid into ./.venv (idempotent): torch first (the pinned CPU wheel; a looser pin pulls
+# a multi-GB CUDA build), DeepSpeed built against it, then the project. With root and apt, also
+# Debian's chromium, which the report test renders pages in.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+$PIP install torch==2.13.0
+DS_BUILD_OPS=0 $PIP install --no-build-isolation deepspeed
+$PIP install -e ".[test]"
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }) \
+    || echo "install.sh: chromium not installed; the report's browser test will be skipped" >&2
+fi
+echo "clfgrid installed in $(pwd)/.venv"
