@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 import traceback
@@ -179,9 +180,15 @@ def run_inference_group(
     rows = chunk_rows(prepared.values(), inf.batch_size)
     progress.add_examples(sum(len(p.items) for p in prepared.values()))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    remote_args: dict[str, Any] = {}
+    if spec["backend"] == "vllm" and os.environ.get("CLFGRID_VLLM_PYTHON"):
+        # vLLM pins its own torch/transformers: its actors run in the separate environment that
+        # cluster.yaml installs on every node and names in this variable.
+        remote_args["runtime_env"] = {"py_executable": os.environ["CLFGRID_VLLM_PYTHON"]}
     out = ds.map_batches(
         Predictor, fn_constructor_kwargs={"spec": spec, "retries": inf.retries},
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=inf.concurrency), num_cpus=inf.num_cpus, num_gpus=inf.num_gpus,
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=inf.concurrency), num_cpus=inf.num_cpus,
+        num_gpus=inf.num_gpus, **remote_args,
     )
     expected = {cid: -(-len(p.items) // inf.batch_size) for cid, p in prepared.items()}
     got: dict[str, dict[int, list]] = defaultdict(dict)
@@ -341,8 +348,6 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
 
 def connect_ray(num_cpus: int | None = None) -> None:
     """Use the cluster in RAY_ADDRESS (a `ray job submit` sets it), else start a local Ray."""
-    import os
-
     import ray
 
     if ray.is_initialized():

@@ -22,7 +22,7 @@ from grid.data import data_fingerprint
 from grid.errors import GridError
 from grid.prompting import template_source_hash
 from grid.tasks import get_task
-from workers.models import check_source, source_revision
+from workers.models import check_source, is_local_path, source_revision
 
 CellKind = Literal["finetune", "infer", "merge"]
 
@@ -93,14 +93,21 @@ def _builtin_skip(model: ModelSpec, shots: int, finetune: str) -> bool:
     return False
 
 
-def validate_references(config: GridConfig, source: str | Path = "grid config") -> None:
-    """Unknown tasks and unreachable models fail here, before any work, naming the field."""
+def validate_references(config: GridConfig, source: str | Path = "grid config", hub_cache: bool = True) -> None:
+    """Unknown tasks and unreachable models fail here, before any work, naming the field.
+
+    `hub_cache=False` (a dry run) skips the offline check that hub models are in the local cache:
+    planning a cluster's grid on a laptop needs no weights. API models name no weights at all.
+    """
     for i, name in enumerate(config.tasks):
         try:
             get_task(name)
         except GridError as exc:
             raise GridError(f"{source}: field tasks.{i}: {exc}") from None
     for i, model in enumerate(config.models):
+        if model.family == "api" or (not hub_cache and not is_local_path(model.source)
+                                     and ":" not in model.source):
+            continue
         try:
             check_source(model.source, model.revision)
         except GridError as exc:

@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
     from grid.tables import plan_table, print_table
 
     config = load_config(args.config)
-    validate_references(config, args.config)
+    validate_references(config, args.config, hub_cache=not args.dry_run)
     data_dir = data_dir_arg(args.data)
     plan = build_plan(config, data_dir)
     store = Store.open(args.results)
