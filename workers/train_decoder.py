@@ -298,6 +298,9 @@ def train_loop(config: dict[str, Any]) -> None:
         forward_model = engine
     else:
         forward_model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to device
+    if checkpoint:  # the schedule's length may have changed (a rerun with more steps): its lr now
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * scheduler.lr_lambdas[0](start_step)
 
     def save_checkpoint(step: int, metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
