@@ -186,13 +186,15 @@ def _extend(model: Any, state: _State, ids: list[int]) -> _State:
 
 
 def _score_choice(model: Any, state: _State, candidates: list[list[int]],
-                  length_normalized: bool) -> tuple[int, _State]:
+                  length_normalized: bool, need_next: bool = True) -> tuple[int, _State]:
     """The best candidate (token lists continuing `state`) and the state after it.
 
     The candidates become a token trie (shared first tokens once); its nodes run as one row
     after the cached prompt, each attending to the prompt and its own ancestors (a 4-D mask)
     at the position its depth gives, so every node's logits are those the candidate would
-    get alone. The state's cache is used up.
+    get alone. Only nodes with children get logits (the vocabulary projection is most of the
+    cost of a small model), and leaves too when `need_next` (the state after the winner is
+    wanted). The state's cache is used up.
     """
     tokens: list[int] = []
     parent: list[int] = []
@@ -212,27 +214,33 @@ def _score_choice(model: Any, state: _State, candidates: list[list[int]],
         paths.append(path)
     n, past = len(tokens), state.length
     dtype = model.dtype if model.dtype.is_floating_point else torch.float32
-    visible = torch.zeros(n, past + n, dtype=torch.bool)
-    visible[:, :past] = True
-    for i in range(n):  # a node sees itself and its ancestors
-        j = i
-        while j != -1:
-            visible[i, past + j] = True
-            j = parent[j]
-    mask = torch.zeros(1, 1, n, past + n, dtype=dtype)
-    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    lines: list[list[int]] = []  # each node's ancestors and itself (a parent precedes its children)
+    for i in range(n):
+        lines.append((lines[parent[i]] if parent[i] >= 0 else []) + [i])
+    rows_ix = [i for i, line in enumerate(lines) for _ in line]
+    cols_ix = [past + j for line in lines for j in line]
+    mask = torch.full((1, 1, n, past + n), torch.finfo(dtype).min, dtype=dtype)
+    mask[0, 0, :, :past] = 0
+    mask[0, 0, rows_ix, cols_ix] = 0
+    has_child = set(parent)
+    rows = [i for i in range(n) if need_next or i in has_child]
+    row_of = {node: r for r, node in enumerate(rows)}
     out = model(input_ids=torch.tensor([tokens], device=model.device), past_key_values=state.cache,
                 attention_mask=mask.to(model.device), use_cache=True,
-                position_ids=torch.tensor([[past + d for d in depth]], device=model.device))
-    logp = torch.log_softmax(out.logits[0].float(), -1)  # (node, vocab): what follows each node
-    scores = []
-    for cand, path in zip(candidates, paths):
-        total = state.logprobs[cand[0]] + sum(logp[path[j - 1], cand[j]] for j in range(1, len(cand)))
-        scores.append(float(total) / (len(cand) if length_normalized else 1))
+                position_ids=torch.tensor([[past + d for d in depth]], device=model.device),
+                logits_to_keep=torch.tensor(rows, device=model.device))
+    logp = torch.log_softmax(out.logits[0].float(), -1)  # (row, vocab): what follows a node
+    ids = torch.tensor(tokens, device=logp.device)
+    parent_rows = torch.tensor([row_of.get(p, 0) for p in parent], device=logp.device)
+    node_logp = torch.where(torch.tensor(parent, device=logp.device) >= 0, logp[parent_rows, ids],
+                            state.logprobs[ids]).tolist()
+    scores = [sum(node_logp[j] for j in path) / (len(path) if length_normalized else 1) for path in paths]
     best = max(range(len(candidates)), key=scores.__getitem__)  # the first of equal scores
+    if not need_next:
+        return best, _State(out.past_key_values, past, state.logprobs)  # the answer is complete
     keep = torch.tensor(list(range(past)) + [past + j for j in paths[best]], device=model.device)
     cache = _map_cache(model, out.past_key_values, lambda t: t.index_select(2, keep))
-    return best, _State(cache, past + len(paths[best]), logp[paths[best][-1]])
+    return best, _State(cache, past + len(paths[best]), logp[row_of[paths[best][-1]]])
 
 
 def _score_answer(model: Any, encode, program: Program, state: _State, lead: str, eos: int,
@@ -260,7 +268,7 @@ def _score_answer(model: Any, encode, program: Program, state: _State, lead: str
         after = program[i + 1].text if i + 1 < len(program) and isinstance(program[i + 1], Fixed) else ""
         last = i + (2 if after else 1) >= len(program)
         candidates = [encode(pending + opt + after) + ([eos] if last else []) for opt in seg.options]
-        index, state = _score_choice(model, state, candidates, length_normalized)
+        index, state = _score_choice(model, state, candidates, length_normalized, need_next=not last)
         picks.append(index)
         n_tokens += len(candidates[index])
         pending = ""
