@@ -206,9 +206,9 @@ def _grid(path: Path, flaky_url: str, dead_url: str, cache_dir: Path) -> Path:
     grid = {
         "name": "api-test",
         "models": [
-            {"name": "tiny-api", "source": "openai/tiny", "family": "api",
+            {"name": "tiny-api", "source": "openai/tiny", "family": "api", "backend": "litellm",
              "options": {**common, "api_base": flaky_url + "/v1", "max_retries": 12}},
-            {"name": "tiny-dead", "source": "openai/tiny", "family": "api",
+            {"name": "tiny-dead", "source": "openai/tiny-dead", "family": "api", "backend": "litellm",
              "options": {**common, "api_base": dead_url + "/v1", "max_retries": 2}},
         ],
         "tasks": ["fpb-sentiment", "massive-slots"],
