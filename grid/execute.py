@@ -323,7 +323,7 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
             cell = finetune_todo[ft_id]
             inputs = [cell.depends_on] if cell.kind == "finetune" else \
                 [ref["cell"] for ref in (cell.recipe or {})["inputs"].values() if "cell" in ref]
-            missing = [i for i in inputs if i and store.statuses().get(i) != "done"]
+            missing = [i for i in inputs if i and i not in done]
             if missing:
                 record = cell_record(cell, "failed", error=f"input cell {missing[0]} is not done")
                 store.write_cell(cell.id, record)
@@ -332,7 +332,9 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
             else:
                 record = run_finetune(cell, store, data_dir, config.inference.retries)
             _account(summary, progress, finetune_todo[ft_id], record)
-            if record["status"] != "done":
+            if record["status"] == "done":
+                done.add(ft_id)  # its model is there for the cells that read it
+            else:
                 for c in dependents.get(ft_id, []):
                     rec = cell_record(c, "failed", error=f"fine-tune cell {ft_id} failed")
                     store.write_cell(c.id, rec)
