@@ -218,3 +218,20 @@ def test_trained_model_constrained_accuracy_equals_free_on_valid(tmp_path):
     acc_con = sum(pc[i].value == gold[i] for i in on_valid)
     assert acc_free == acc_con
     assert all(pf[i].value == pc[i].value for i in on_valid)
+
+
+def test_label_chunks_in_one_pass_equal_one_by_one(tiny):
+    """The batched path of label tasks picks what scoring each example alone picks."""
+    model, tok = tiny
+    for prepared in cells_items(tok, ["massive-intent", "fpb-sentiment"], [0, 5], 5):
+        for normalized in (False, True):
+            items = [{**it, "decoding": {**it["decoding"], "length_normalized": normalized}} for it in prepared.items]
+            together = constrained_answers(model, tok, items)
+            with torch.inference_mode():
+                for it, got in zip(items, together):
+                    program = answer_program(get_task(it["task"]), it["labels"], None)
+                    state = prefill(model, [tok.encode(it["prompt"], add_special_tokens=False)], tok.pad_token_id)[0]
+                    picks, _ = constrained._score_answer(model, tok.encode and (lambda t: tok.encode(t, add_special_tokens=False)),
+                                                         program, state, constrained.answer_lead(tok, it["prompt"]),
+                                                         tok.eos_token_id, normalized)
+                    assert got["raw_output"] == render_answer(program, picks)

@@ -145,11 +145,12 @@ def _map_cache(model: Any, cache: DynamicCache, fn) -> DynamicCache:
     return _new_cache(model, [(fn(layer.keys), fn(layer.values)) for layer in cache.layers])
 
 
-def prefill(model: Any, prompts: list[list[int]], pad: int) -> list[_State]:
+def _prefill_batch(model: Any, prompts: list[list[int]], pad: int):
     """Run every prompt once; the prefix they all share (instruction, label list) only once.
 
     The rest of each prompt runs right-padded in one batch: a real token never sees the padding
-    after it (causal attention), so no mask is needed.
+    after it (causal attention), so no mask is needed. Returns the batch's cache (row i valid up
+    to len(prompts[i])) and each prompt's next-token log-probs.
     """
     shared = 0
     if len(prompts) > 1:
@@ -170,9 +171,15 @@ def prefill(model: Any, prompts: list[list[int]], pad: int) -> list[_State]:
                 past_key_values=cache, use_cache=True,
                 logits_to_keep=torch.tensor(ends, device=model.device))
     logits = out.logits.float()
-    return [_State(_map_cache(model, out.past_key_values, lambda t, i=i, n=len(p): t[i:i + 1, :, :n]),
-                   len(p), torch.log_softmax(logits[i, ends.index(len(r) - 1)], -1))
-            for i, (p, r) in enumerate(zip(prompts, rest))]
+    return out.past_key_values, [torch.log_softmax(logits[i, ends.index(len(r) - 1)], -1)
+                                 for i, r in enumerate(rest)]
+
+
+def prefill(model: Any, prompts: list[list[int]], pad: int) -> list[_State]:
+    """Each prompt's state after running it (see _prefill_batch)."""
+    cache, logprobs = _prefill_batch(model, prompts, pad)
+    return [_State(_map_cache(model, cache, lambda t, i=i, n=len(p): t[i:i + 1, :, :n]), len(p), lp)
+            for i, (p, lp) in enumerate(zip(prompts, logprobs))]
 
 
 def _extend(model: Any, state: _State, ids: list[int]) -> _State:
@@ -185,17 +192,9 @@ def _extend(model: Any, state: _State, ids: list[int]) -> _State:
 # --- strategy "score": all candidates of a choice as one token trie, in one forward pass -----
 
 
-def _score_choice(model: Any, state: _State, candidates: list[list[int]],
-                  length_normalized: bool, need_next: bool = True) -> tuple[int, _State]:
-    """The best candidate (token lists continuing `state`) and the state after it.
-
-    The candidates become a token trie (shared first tokens once); its nodes run as one row
-    after the cached prompt, each attending to the prompt and its own ancestors (a 4-D mask)
-    at the position its depth gives, so every node's logits are those the candidate would
-    get alone. Only nodes with children get logits (the vocabulary projection is most of the
-    cost of a small model), and leaves too when `need_next` (the state after the winner is
-    wanted). The state's cache is used up.
-    """
+def _token_trie(candidates: list[list[int]]):
+    """Candidates as a token trie: node tokens, parents (-1: a root child), depths, each
+    candidate's path of nodes, and each node's line (its ancestors and itself)."""
     tokens: list[int] = []
     parent: list[int] = []
     depth: list[int] = []
@@ -212,35 +211,67 @@ def _score_choice(model: Any, state: _State, candidates: list[list[int]],
             node = index[(node, tok)]
             path.append(node)
         paths.append(path)
-    n, past = len(tokens), state.length
-    dtype = model.dtype if model.dtype.is_floating_point else torch.float32
-    lines: list[list[int]] = []  # each node's ancestors and itself (a parent precedes its children)
-    for i in range(n):
+    lines: list[list[int]] = []  # a parent precedes its children
+    for i in range(len(tokens)):
         lines.append((lines[parent[i]] if parent[i] >= 0 else []) + [i])
-    rows_ix = [i for i, line in enumerate(lines) for _ in line]
-    cols_ix = [past + j for line in lines for j in line]
-    mask = torch.full((1, 1, n, past + n), torch.finfo(dtype).min, dtype=dtype)
-    mask[0, 0, :, :past] = 0
-    mask[0, 0, rows_ix, cols_ix] = 0
+    return tokens, parent, depth, paths, lines
+
+
+def _score_trie(model: Any, cache: DynamicCache, lengths: list[int], first_logprobs: list[torch.Tensor],
+                candidates: list[list[int]], length_normalized: bool, need_next: bool):
+    """Score the candidates after each row of a (right-padded) batch cache in one forward pass.
+
+    The candidates become a token trie (shared first tokens once); its nodes run after each
+    row's cached prompt, each attending to that prompt (its first `lengths[b]` positions) and to
+    its own ancestors (a 4-D mask), at the position its depth gives, so every node's logits are
+    those the candidate would get alone. Only nodes with children run (a leaf's score is in
+    its parent's logits), and leaves too when `need_next`. Returns (best index per row, model
+    output, trie paths, node -> position among the nodes run, their log-probs).
+    """
+    tokens, parent, depth, paths, lines = _token_trie(candidates)
+    batch, past = len(lengths), cache.get_seq_length()
+    # Run only the nodes whose logits are needed: those with children (a leaf's score is read
+    # from its parent's logits), and the leaves too when the state after the winner is wanted.
     has_child = set(parent)
-    rows = [i for i in range(n) if need_next or i in has_child]
-    row_of = {node: r for r, node in enumerate(rows)}
-    out = model(input_ids=torch.tensor([tokens], device=model.device), past_key_values=state.cache,
-                attention_mask=mask.to(model.device), use_cache=True,
-                position_ids=torch.tensor([[past + d for d in depth]], device=model.device),
-                logits_to_keep=torch.tensor(rows, device=model.device))
-    logp = torch.log_softmax(out.logits[0].float(), -1)  # (row, vocab): what follows a node
-    ids = torch.tensor(tokens, device=logp.device)
-    parent_rows = torch.tensor([row_of.get(p, 0) for p in parent], device=logp.device)
-    node_logp = torch.where(torch.tensor(parent, device=logp.device) >= 0, logp[parent_rows, ids],
-                            state.logprobs[ids]).tolist()
-    scores = [sum(node_logp[j] for j in path) / (len(path) if length_normalized else 1) for path in paths]
-    best = max(range(len(candidates)), key=scores.__getitem__)  # the first of equal scores
+    fed = [i for i in range(len(tokens)) if need_next or i in has_child]
+    slot = {node: k for k, node in enumerate(fed)}
+    out = logp = None
+    if fed:
+        dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+        mask = torch.full((batch, 1, len(fed), past + len(fed)), torch.finfo(dtype).min, dtype=dtype)
+        for b, length in enumerate(lengths):
+            mask[b, 0, :, :length] = 0
+        mask[:, 0, [k for k, i in enumerate(fed) for _ in lines[i]],
+             [past + slot[j] for i in fed for j in lines[i]]] = 0  # a node sees its line
+        out = model(input_ids=torch.tensor([[tokens[i] for i in fed]] * batch, device=model.device),
+                    past_key_values=cache, attention_mask=mask.to(model.device), use_cache=True,
+                    position_ids=torch.tensor([[length + depth[i] for i in fed] for length in lengths],
+                                              device=model.device))
+        logp = torch.log_softmax(out.logits.float(), -1)  # (batch row, fed node, vocab)
+    ids = torch.tensor(tokens, device=first_logprobs[0].device)
+    is_root = torch.tensor(parent, device=ids.device) < 0
+    parent_slots = torch.tensor([slot.get(p, 0) for p in parent], device=ids.device)
+    best = []
+    for b in range(batch):
+        node_logp = (first_logprobs[b][ids] if logp is None else
+                     torch.where(is_root, first_logprobs[b][ids], logp[b, parent_slots, ids])).tolist()
+        scores = [sum(node_logp[j] for j in path) / (len(path) if length_normalized else 1) for path in paths]
+        best.append(max(range(len(candidates)), key=scores.__getitem__))  # the first of equal scores
+    return best, out, paths, slot, logp
+
+
+def _score_choice(model: Any, state: _State, candidates: list[list[int]],
+                  length_normalized: bool, need_next: bool = True) -> tuple[int, _State]:
+    """The best candidate (token lists continuing `state`) and the state after it (if
+    `need_next`). The state's cache is used up."""
+    (best,), out, paths, slot, logp = _score_trie(model, state.cache, [state.length], [state.logprobs],
+                                                    candidates, length_normalized, need_next)
+    past = state.length
     if not need_next:
-        return best, _State(out.past_key_values, past, state.logprobs)  # the answer is complete
+        return best, _State(state.cache, past, state.logprobs)  # the answer is complete
     keep = torch.tensor(list(range(past)) + [past + j for j in paths[best]], device=model.device)
     cache = _map_cache(model, out.past_key_values, lambda t: t.index_select(2, keep))
-    return best, _State(cache, past + len(paths[best]), logp[row_of[paths[best][-1]]])
+    return best, _State(cache, past + len(paths[best]), logp[0, slot[paths[best][-1]]])
 
 
 def _score_answer(model: Any, encode, program: Program, state: _State, lead: str, eos: int,
@@ -471,6 +502,24 @@ def answer_lead(tokenizer: Any, prompt: str) -> str:
     return " " if prompt and not prompt[-1].isspace() else ""
 
 
+def _score_labels_batch(model: Any, encode, items: list[dict[str, Any]], prompts: list[list[int]],
+                        choice: Choice, lead: str, eos: int, pad: int) -> list[dict[str, Any]]:
+    """Label tasks (one choice, the same labels for every item): the whole chunk in two forward
+    passes, the prompts (shared prefix once) and all items' candidate tries together."""
+    candidates = [encode(lead + opt) + [eos] for opt in choice.options]
+    cache, logprobs = _prefill_batch(model, prompts, pad)
+    normalized = [bool((it.get("decoding") or {}).get("length_normalized")) for it in items]
+    answers = []
+    for flag in sorted(set(normalized)):  # one pass per scoring rule (a chunk has one in practice)
+        rows = [i for i, f in enumerate(normalized) if f == flag]
+        sub = cache if len(rows) == len(items) else _map_cache(model, cache, lambda t: t[rows])
+        best, *_ = _score_trie(model, sub, [len(prompts[i]) for i in rows], [logprobs[i] for i in rows],
+                               candidates, flag, need_next=False)
+        answers += [(i, b) for i, b in zip(rows, best)]
+    return [{"raw_output": choice.options[b], "n_prompt_tokens": len(prompts[i]),
+             "n_output_tokens": len(candidates[b])} for i, b in sorted(answers)]
+
+
 def constrained_answers(model: Any, tokenizer: Any, items: list[dict[str, Any]],
                         strategy: str | None = None) -> list[dict[str, Any]]:
     """Answers to a chunk of requests (see the module docstring), each always valid.
@@ -495,14 +544,17 @@ def constrained_answers(model: Any, tokenizer: Any, items: list[dict[str, Any]],
     prompts = [tokenizer.encode(it["prompt"], add_special_tokens=False) for it in items]
     answers: list[dict[str, Any]] = []
     with torch.inference_mode():
+        programs = [answer_program(get_task(it["task"]), it["labels"],
+                                   len(it["words"]) if it.get("words") is not None else None) for it in items]
+        leads = [answer_lead(tokenizer, it["prompt"]) for it in items]
+        if (strategy == "score" and len(set(programs)) == 1 and len(programs[0]) == 1
+                and isinstance(programs[0][0], Choice) and len(set(leads)) == 1 and not leads[0].strip()):
+            return _score_labels_batch(model, encode, items, prompts, programs[0][0], leads[0], eos, pad)
         states = prefill(model, prompts, pad)
-        for item, prompt, state in zip(items, prompts, states):
-            task = get_task(item["task"])
-            words = item.get("words")
-            program = answer_program(task, item["labels"], len(words) if words is not None else None)
+        for item, prompt, state, program, lead in zip(items, prompts, states, programs, leads):
             if strategy == "score":
                 picks, n_out = _score_answer(
-                    model, encode, program, state, answer_lead(tokenizer, item["prompt"]), eos,
+                    model, encode, program, state, lead, eos,
                     bool((item.get("decoding") or {}).get("length_normalized")))
                 text = render_answer(program, picks)
             else:
