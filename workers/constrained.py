@@ -16,8 +16,11 @@ Two strategies (`decoding["strategy"]`, default "score"):
   that is a prefix of another (`alarm` / `alarm_set`) does not win for being short. This is
   lm-evaluation-harness' `multiple_choice`, made cheap: the prompt is run once per example, its
   key/value cache reused by every candidate of a choice, and the candidates scored together in
-  one forward pass as a token trie (tree attention: shared first tokens run once); the prefix
-  that all prompts of a chunk share (instruction and label list) is run once per chunk.
+  one forward pass as a token trie (tree attention: shared first tokens run once, leaves not
+  run at all); the prefix that all prompts of a chunk share (instruction and label list) is
+  run once per chunk. A chunk of a label task takes two forward passes in all: its prompts,
+  then the tries of all its examples as one batch. (lm-eval scores labels without EOS; on the
+  benchmark's examples both picked the same label every time.)
 - **greedy**: the model's greedy path restricted, at every step, to tokens that keep the text a
   prefix of a valid answer (a character trie walked token by token, so any tokenization of a
   label is allowed, not just the canonical one). Whenever free greedy decoding writes a valid
