@@ -66,6 +66,9 @@ class Decoding(Strict):
     """How answers are produced: free generation, or held to the task's valid labels."""
 
     mode: Literal["free", "constrained"] = "free"
+    strategy: Literal["score", "greedy"] = Field(
+        default="score", description="constrained only: score every label (log-likelihood), or "
+        "follow the model's greedy path within the labels (equals free greedy where that is valid)")
     max_new_tokens: int = Field(default=64, gt=0)
     temperature: float = Field(default=0.0, ge=0)
     length_normalized: bool = False

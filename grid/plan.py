@@ -52,6 +52,7 @@ class Cell(BaseModel):
     limits: dict[str, Any]
     recipe: dict[str, Any] | None
     depends_on: str | None = None
+    endpoint: str | None = None  # an API model's server (options.api_base): another server, other answers
     # What the weights saw and where they came from (seen tasks, merge inputs, the grid's
     # reference model): derived from fields already hashed, so not part of the id.
     lineage: dict[str, Any] | None = None
@@ -155,6 +156,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
             template_fp=None if is_encoder else template_source_hash(task.prompt),
             shots=shots, finetune=mode, seed=seed,
             text_budget=config.text_budget or task.text_budget, sampler=config.sampler, limits=limits,
+            endpoint=model.options.get("api_base"),
         )
         depends_on, seen = made.get(model.name, (None, list(model.seen_tasks)))
         if mode != "none":
