@@ -354,10 +354,11 @@ def connect_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    # Workers' logs reach the driver's stderr: a training cell's steps and loss are its progress.
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+        ray.init()
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

@@ -38,6 +38,12 @@ TINY_RECIPES: dict[str, dict[str, Any]] = {
     "llama": {"architecture": "llama", "hidden_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256,
               "vocab_size": 4096, "max_position_embeddings": 16384, "seed": 0},
+    # The same size with Mistral's sliding-window attention: a model trained from random weights
+    # cannot find a 10-token utterance behind a 600-token label list when its attention starts
+    # uniform over all of it; a 64-token window makes the text near the answer what it sees.
+    "mistral": {"architecture": "mistral", "hidden_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256,
+                "vocab_size": 4096, "max_position_embeddings": 16384, "sliding_window": 64, "seed": 0},
 }
 
 
@@ -69,7 +75,8 @@ def build_tiny(recipe_name: str) -> Path:
         return out
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              PreTrainedTokenizerFast)
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -84,15 +91,16 @@ def build_tiny(recipe_name: str) -> Path:
         chat_template=TINY_CHAT_TEMPLATE, padding_side="left",
     )
     torch.manual_seed(recipe["seed"])
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=recipe["hidden_size"],
-        num_hidden_layers=recipe["num_hidden_layers"], num_attention_heads=recipe["num_attention_heads"],
-        num_key_value_heads=recipe["num_key_value_heads"], intermediate_size=recipe["intermediate_size"],
-        max_position_embeddings=recipe["max_position_embeddings"],
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
+    sizes = {k: recipe[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                     "num_key_value_heads", "intermediate_size", "max_position_embeddings")}
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    if recipe["architecture"] == "mistral":
+        config = MistralConfig(vocab_size=len(tokenizer), sliding_window=recipe["sliding_window"], **sizes, **special)
+        model = MistralForCausalLM(config)
+    else:
+        config = LlamaConfig(vocab_size=len(tokenizer), **sizes, **special)
+        model = LlamaForCausalLM(config)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
