@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from grid.errors import GridError, pydantic_message, yaml_message
+from grid.errors import GridError, read_yaml_mapping, validate_file
 from merge.config import MergeSpec
 from workers.jobs import Family, PromptFormat, Resources
 
@@ -227,16 +226,7 @@ def load_config(path: str | Path) -> GridConfig:
     path = Path(path)
     if not path.is_file():
         raise GridError(f"grid config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise GridError(f"{path}: {yaml_message(exc)}") from None
-    if not isinstance(raw, dict):
-        raise GridError(f"{path}: a grid config must be a mapping")
-    try:
-        config = GridConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise GridError(f"{path}: {pydantic_message(exc)}") from None
+    config = validate_file(GridConfig, read_yaml_mapping(path, "a grid config"), path)
     for i, rule in enumerate(config.exclude):
         unknown = set(rule) - EXCLUDE_KEYS
         if unknown:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class GridError(Exception):
@@ -24,3 +30,22 @@ def yaml_message(exc: Exception) -> str:
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
     return f"not valid YAML: {where}{problem}"
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (a grid, a task, a merge recipe); errors name the file."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise GridError(f"{path}: {yaml_message(exc)}") from None
+    if not isinstance(raw, dict):
+        raise GridError(f"{path}: {what} must be a mapping")
+    return raw
+
+
+def validate_file(model: type[M], raw: dict[str, Any], path: Path) -> M:
+    """Validate a file's mapping; the first error names the file and the field path."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise GridError(f"{path}: {pydantic_message(exc)}") from None

@@ -14,10 +14,9 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from grid.errors import GridError, pydantic_message, yaml_message
+from grid.errors import GridError, read_yaml_mapping, validate_file
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 OUTSIDE_TAG = "Other"  # the paper's word label for "no slot"; MASSIVE's `outside` value
@@ -82,16 +81,7 @@ def _task_files(tasks_dir: Path) -> dict[str, Path]:
 
 def load_task_file(path: Path) -> TaskDef:
     """Read and validate one task file; errors name the file and the field."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise GridError(f"{path}: {yaml_message(exc)}") from None
-    if not isinstance(raw, dict):
-        raise GridError(f"{path}: a task file must be a mapping")
-    try:
-        task = TaskDef.model_validate(raw)
-    except ValidationError as exc:
-        raise GridError(f"{path}: {pydantic_message(exc)}") from None
+    task = validate_file(TaskDef, read_yaml_mapping(path, "a task file"), path)
     if task.name != path.stem:
         raise GridError(f"{path}: field name: {task.name!r} must equal the file name {path.stem!r}")
     return task

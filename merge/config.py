@@ -20,10 +20,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from grid.errors import GridError
+from grid.errors import GridError, read_yaml_mapping
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPE_DIR = PROJECT_ROOT / "merge"
@@ -175,14 +174,7 @@ def recipe_path(name: str) -> Path:
 
 
 def load_recipe(name: str) -> dict[str, Any]:
-    path = recipe_path(name)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise MergeError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise MergeError(f"{path}: a merge recipe is a mapping (mergekit's schema)")
-    return raw
+    return read_yaml_mapping(recipe_path(name), "a merge recipe (mergekit's schema)")
 
 
 def _model_fields(cfg: dict[str, Any]) -> list[tuple[str, Any]]:

@@ -19,7 +19,8 @@ from grid.data import DEFAULT_LOCAL_DATA, label_sets, load_split  # noqa: E402
 from grid.parsing import parse_answer  # noqa: E402
 from grid.tasks import get_task  # noqa: E402
 from workers.jobs import FinetuneJob, Resources  # noqa: E402
-from workers.train_encoder import length_grouped_batches, worker_batches  # noqa: E402
+from workers.batching import length_grouped_batches  # noqa: E402
+from workers.train_encoder import worker_batches  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not DEFAULT_LOCAL_DATA.is_dir(), reason="needs ../shared/data")
 
@@ -68,9 +69,9 @@ def test_length_grouped_batches_cover_every_row_once_with_little_padding():
 
     rng = random.Random(0)
     lengths = [rng.randint(3, 60) for _ in range(1000)]
-    batches = length_grouped_batches(lengths, 32, seed=1, mega_batch=10)
+    batches = length_grouped_batches(lengths, 32, seed=1, group_batches=10)
     assert sorted(i for b in batches for i in b) == list(range(1000))
-    assert batches == length_grouped_batches(lengths, 32, seed=1, mega_batch=10)  # seeded
+    assert batches == length_grouped_batches(lengths, 32, seed=1, group_batches=10)  # seeded
 
     def pad_share(bs):
         padded = sum(max(lengths[i] for i in b) * len(b) for b in bs)

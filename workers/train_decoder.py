@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from grid.errors import GridError
+from workers.batching import length_grouped_batches
 from workers.jobs import FinetuneJob
 
 # Every knob of the recipe, overridable through job.hparams.
@@ -147,16 +148,7 @@ def build_examples(job: FinetuneJob, tokenizer: Any, max_length: int | None = No
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_batches: int) -> list[list[int]]:
     """One epoch's batches (example indices), length-grouped; a function of (seed, epoch) only."""
-    rng = random.Random(f"{seed}|epoch{epoch}")
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = batch_size * group_batches
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
-        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
+    return length_grouped_batches(lengths, batch_size, f"{seed}|epoch{epoch}", group_batches)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:

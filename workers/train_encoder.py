@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import tempfile
 import time
 from contextlib import nullcontext
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from workers.batching import length_grouped_batches
 from workers.jobs import FinetuneJob
 
 logger = logging.getLogger(__name__)
@@ -66,19 +66,6 @@ def job_hparams(job: FinetuneJob, dataset: str) -> dict[str, Any]:
         hp["epochs"] = PAPER_EPOCHS.get(dataset, 10)
     return hp
 
-
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, mega_batch: int) -> list[list[int]]:
-    """Shuffled batches of indices, each cut from a length-sorted, shuffled mega-batch."""
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    mega = batch_size * mega_batch
-    batches = []
-    for start in range(0, len(order), mega):
-        chunk = sorted(order[start : start + mega], key=lambda i: lengths[i], reverse=True)
-        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
 
 
 def worker_batches(lengths: list[int], hp: dict, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
