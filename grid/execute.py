@@ -98,7 +98,9 @@ def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCe
         text = prompt.as_text(cell.prompt_format, tokenizer) if cell.family == "decoder" else prompt.user
         items.append({"example_id": r["example_id"], "prompt": text, "messages": prompt.messages(),
                       "prompt_hash": prompt_hash(text), "decoding": cell.decoding, "task": cell.task,
-                      "labels": labels, "words": r["words"] if task.needs_words else None})
+                      "labels": labels, "words": r["words"] if task.needs_words else None,
+                      # as training tokenizes it: a chat template writes its own BOS, raw text does not
+                      "add_special_tokens": cell.prompt_format != "chat"})
     return PreparedCell(cell, rows, items, labels)
 
 

@@ -544,7 +544,7 @@ def constrained_answers(model: Any, tokenizer: Any, items: list[dict[str, Any]],
             token_memo[text] = tokenizer.encode(text, add_special_tokens=False)
         return token_memo[text]
 
-    prompts = [tokenizer.encode(it["prompt"], add_special_tokens=False) for it in items]
+    prompts = [tokenizer.encode(it["prompt"], add_special_tokens=it.get("add_special_tokens", False)) for it in items]
     answers: list[dict[str, Any]] = []
     with torch.inference_mode():
         programs = [answer_program(get_task(it["task"]), it["labels"],

@@ -31,7 +31,8 @@ class TransformersBackend:
             return constrained_answers(self.model, self.tokenizer, items)
         decoding = items[0]["decoding"]
         enc = self.tokenizer(
-            [it["prompt"] for it in items], return_tensors="pt", padding=True, add_special_tokens=False
+            [it["prompt"] for it in items], return_tensors="pt", padding=True,
+            add_special_tokens=items[0].get("add_special_tokens", False),
         ).to(self.device)
         sample = decoding["temperature"] > 0
         out = self.model.generate(
