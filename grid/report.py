@@ -623,6 +623,14 @@ def table_markdown(table: Table) -> str:
     return "\n".join(lines)
 
 
+
+def _diff_text(result: dict) -> str:
+    """A - B in points, with its CI when the test gives one (both the Markdown and HTML tables)."""
+    diff = f"{100 * result['diff']:+.1f}"
+    if result.get("ci_low") is not None:
+        diff += f" [{100 * result['ci_low']:+.1f}, {100 * result['ci_high']:+.1f}]"
+    return diff
+
 def comparisons_markdown(comps: list[Comparison]) -> str:
     if not comps:
         return "No pair of cells to compare."
@@ -633,9 +641,7 @@ def comparisons_markdown(comps: list[Comparison]) -> str:
                          f"{_md_escape(c.b_label)} | – | – | – | {_md_escape(c.error or '')} |")
             continue
         r = c.result
-        diff = f"{100 * r['diff']:+.1f}"
-        if r.get("ci_low") is not None:
-            diff += f" [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]"
+        diff = _diff_text(r)
         test = r["test"] + (f" (n10={r['n10']}, n01={r['n01']})" if r["test"] == "mcnemar-exact" else
                             f" (B={r['n_boot']}, seed {r['seed']})")
         lines.append(f"| {c.kind} | {_md_escape(c.column)} | {_md_escape(c.a_label)} | {_md_escape(c.b_label)} | "
@@ -707,9 +713,7 @@ def comparisons_html(comps: list[Comparison]) -> str:
                      f'<td colspan="4" class="failed">{html.escape(c.error or "")}</td></tr>')
             continue
         r = c.result
-        diff = f"{100 * r['diff']:+.1f}"
-        if r.get("ci_low") is not None:
-            diff += f" [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]"
+        diff = _diff_text(r)
         test = (f"exact McNemar (n10={r['n10']}, n01={r['n01']})" if r["test"] == "mcnemar-exact"
                 else f"paired bootstrap (B={r['n_boot']}, seed {r['seed']})")
         sig = ' class="sig"' if r["significant"] else ""
