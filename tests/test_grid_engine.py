@@ -4,6 +4,7 @@ config errors before any work, and `ray job submit` against a real head."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -200,3 +201,32 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# --- kill a training cell midway -----------------------------------------------------------
+
+def test_sigkill_during_a_finetune_cell_resumes_from_its_checkpoint(tmp_path):
+    config = write_grid(
+        tmp_path / "grid.yaml", tasks=["massive-intent"], shots=[0], finetune=["full"],
+        limits={"test": 4, "train": 200},
+        recipes={"decoder/full": {"hparams": {"max_steps": 60, "batch_size": 4, "lr": 1e-3,
+                                              "checkpoint_every_steps": 5, "max_length": 1024}}})
+    results = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, "grid/run.py", str(config), "--results", str(results)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and not list(results.glob("cells/*/checkpoints/step_*")):
+        time.sleep(0.2)
+    time.sleep(1)  # let the checkpoint's files land before the kill
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(results.glob("cells/*/checkpoints/step_*")), "a checkpoint should exist before the kill"
+    assert not list(results.glob("cells/*/cell.json")), "the kill should land during training"
+
+    resumed = run_cli("grid/run.py", str(config), "--results", str(results))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    finetune = cells(results).filter(pl.col("kind") == "finetune").collect()
+    assert finetune["status"].to_list() == ["done"]
+    record = json.loads(next(results.glob(f"cells/{finetune['cell_id'][0]}/cell.json")).read_text())
+    assert 0 < record["metrics"]["resumed_from_step"] < 60  # from the checkpoint, not from step 0
+    assert record["metrics"]["steps"] == 60
