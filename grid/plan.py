@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from grid.config import Decoding, GridConfig, ModelSpec
+from grid.config import GridConfig, ModelSpec
 from grid.data import data_fingerprint
 from grid.errors import GridError
 from grid.prompting import template_source_hash
@@ -72,10 +72,10 @@ class Cell(BaseModel):
 class Plan:
     cells: list[Cell]
     skipped: int = 0  # combinations removed by built-in rules and `exclude`
-    by_id: dict[str, Cell] = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.by_id = {c.id: c for c in self.cells}
+    @cached_property  # derived on demand: planning a large grid need not build it
+    def by_id(self) -> dict[str, Cell]:
+        return {c.id: c for c in self.cells}
 
 
 def _matches(rule: dict[str, Any], combo: dict[str, Any]) -> bool:
@@ -168,7 +168,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
                       lineage={"seen_tasks": seen, "from": depends_on}, **common)
             finetunes[ft.id] = ft
             depends_on = ft.id
-        decoding_dict = None if is_encoder else _decoding_dict(decoding)
+        decoding_dict = None if is_encoder else decoding.model_dump()
         cell = Cell(kind="infer", decoding=decoding_dict, recipe=None, depends_on=depends_on,
                     lineage=_infer_lineage(config, model.name, seen, task_name if mode != "none" else None), **common)
         infers.setdefault(cell.id, cell)
@@ -186,10 +186,6 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
     for cell in merge_infers:
         infers.setdefault(cell.id, cell)
     return Plan(cells=[*finetunes.values(), *merges, *infers.values()], skipped=skipped + merge_skipped)
-
-
-def _decoding_dict(decoding: Decoding) -> dict[str, Any]:
-    return decoding.model_dump()
 
 
 # --- models made by the grid: fine-tune chains (`finetuned_from`) and merges --------------------
@@ -309,7 +305,7 @@ def _merge_cells(config: GridConfig, finetunes: dict[str, Cell], made: dict[str,
                 kind="infer", model=spec.name, source=spec_model.source, weights=cell.id, family="decoder",
                 backend="transformers", prompt_format=spec_model.prompt_format, task=task_name,
                 data_fp=fingerprints[task_name], template_fp=template_source_hash(task.prompt), shots=shots,
-                finetune="none", seed=seed, decoding=_decoding_dict(decoding),
+                finetune="none", seed=seed, decoding=decoding.model_dump(),
                 text_budget=config.text_budget or task.text_budget, sampler=config.sampler,
                 limits=config.limits.model_dump(), recipe=None, depends_on=cell.id,
                 lineage=_infer_lineage(config, spec.name, seen),
