@@ -235,3 +235,57 @@ def test_label_chunks_in_one_pass_equal_one_by_one(tiny):
                                                          program, state, constrained.answer_lead(tok, it["prompt"]),
                                                          tok.eos_token_id, normalized)
                     assert got["raw_output"] == render_answer(program, picks)
+
+
+def sliding_model(layers: str, vocab_size: int, window: int = 8):
+    """A random decoder whose every layer (Mistral) or every other layer (Qwen2's layer_types,
+    as Gemma and Qwen mix them) attends to a sliding window; large weights, so that what the
+    window hides changes the scores."""
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    sizes = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                 sliding_window=window, initializer_range=0.3)
+    if layers == "mistral":
+        config = MistralConfig(**sizes)
+    else:
+        config = Qwen2Config(use_sliding_window=True, layer_types=["sliding_attention", "full_attention"], **sizes)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("layers", ["mistral", "mixed"])
+def test_trie_scores_equal_plain_log_likelihood_with_sliding_windows(tiny, layers):
+    """With prompts many windows long, batched and alone, every candidate's trie score is its
+    plain log-likelihood, and the state after the winner is the plain model's."""
+    _, tok = tiny
+    model = sliding_model(layers, len(tok))
+    prompts = [tok.encode(p, add_special_tokens=False) for p in
+               ["Classify the text into one of the labels: alarm, weather, music. Text: wake me up at "
+                "seven tomorrow and play some jazz. Label:",
+                "Classify the text into one of the labels: alarm, weather, music. Text: rain? Label:"]]
+    assert min(len(p) for p in prompts) > 2 * 8
+    labels = ["alarm_set", "alarm_query", "weather_query", "music_likeness", "qa_factoid"]
+    cands = [tok.encode(" " + l, add_special_tokens=False) + [tok.eos_token_id] for l in labels]
+    want = [[_loglik(model, p, c) for c in cands] for p in prompts]
+    with torch.inference_mode():
+        cache, logprobs = constrained._prefill_batch(model, prompts, tok.pad_token_id)
+        got, *_ = constrained._score_trie(model, cache, [len(p) for p in prompts], logprobs, cands,
+                                          False, need_next=False)
+        assert got == [pytest.approx(w, abs=1e-4) for w in want]
+        for prompt, w in zip(prompts, want):
+            best, state = constrained._score_choice(model, prefill(model, [prompt], tok.pad_token_id)[0], cands, False)
+            assert best == max(range(len(w)), key=w.__getitem__)
+            plain = model(input_ids=torch.tensor([prompt + cands[best]])).logits[0, -1].float()
+            assert torch.allclose(state.logprobs, torch.log_softmax(plain, -1), atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["score", "greedy"])
+def test_zero_invalid_with_sliding_windows(tiny, strategy):
+    """Five-shot prompts hundreds of tokens long on a sliding-window model: always valid."""
+    _, tok = tiny
+    model = sliding_model("mistral", len(tok), window=64)
+    for prepared in cells_items(tok, ["massive-multi", "fpb-sentiment"], [5], 2):
+        assert min(len(tok.encode(it["prompt"])) for it in prepared.items) > 2 * 64
+        answers = constrained_answers(model, tok, prepared.items, strategy=strategy)
+        assert invalid_count(prepared, answers) == 0, [a["raw_output"] for a in answers]

@@ -139,13 +139,38 @@ class _State:
     logprobs: torch.Tensor  # (vocab,)
 
 
-def _new_cache(model: Any, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    return DynamicCache(ddp_cache_data=kv, config=model.config)
+def _full_cache(kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
+    """A cache that keeps every position, sliding-window layers included (the model's own cache
+    drops what slid out of the window). Row slicing and the tries' masks index positions from
+    0, and a trie's nodes sit at their own depths; their masks apply the window (_masks)."""
+    return DynamicCache(ddp_cache_data=kv)
 
 
-def _map_cache(model: Any, cache: DynamicCache, fn) -> DynamicCache:
+def _map_cache(cache: DynamicCache, fn) -> DynamicCache:
     """A new cache with `fn` applied to every layer's keys and values."""
-    return _new_cache(model, [(fn(layer.keys), fn(layer.values)) for layer in cache.layers])
+    return _full_cache([(fn(layer.keys), fn(layer.values)) for layer in cache.layers])
+
+
+def _masks(model: Any, visible: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+    """The additive 4-D attention mask(s) for a (batch, query, key) boolean `visible`, with the
+    model's sliding window applied: a query at position p sees keys at positions > p - window,
+    as transformers' own masks do. A custom 4-D mask replaces the model's for every layer, so
+    models that mix full and sliding layers (`layer_types`) get one mask per layer type."""
+    config = model.config.get_text_config(decoder=True)
+    dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+    window = getattr(config, "sliding_window", None)
+    layer_types = set(getattr(config, "layer_types", None) or [])
+
+    def additive(ok: torch.Tensor) -> torch.Tensor:
+        zero = torch.zeros((), dtype=dtype)
+        return torch.where(ok, zero, torch.finfo(dtype).min)[:, None].to(model.device)
+
+    if window is None or (layer_types and "sliding_attention" not in layer_types):
+        return additive(visible)
+    windowed = visible & (q_pos[:, :, None] - k_pos[:, None, :] < window)
+    if not layer_types:  # Mistral: every layer slides
+        return additive(windowed)
+    return {kind: additive(windowed if kind == "sliding_attention" else visible) for kind in layer_types}
 
 
 def _prefill_batch(model: Any, prompts: list[list[int]], pad: int):
@@ -160,13 +185,12 @@ def _prefill_batch(model: Any, prompts: list[list[int]], pad: int):
         first, shortest = prompts[0], min(len(p) for p in prompts)
         while shared < shortest - 1 and all(p[shared] == first[shared] for p in prompts):
             shared += 1
-    cache = None
     if shared >= MIN_SHARED_PREFIX:
         prefix = model(input_ids=torch.tensor([prompts[0][:shared]], device=model.device),
-                       use_cache=True, logits_to_keep=1).past_key_values
-        cache = _map_cache(model, prefix, lambda t: t.expand(len(prompts), -1, -1, -1))
+                       past_key_values=_full_cache(), use_cache=True, logits_to_keep=1).past_key_values
+        cache = _map_cache(prefix, lambda t: t.expand(len(prompts), -1, -1, -1))
     else:
-        shared = 0
+        shared, cache = 0, _full_cache()
     rest = [p[shared:] for p in prompts]
     width = max(len(r) for r in rest)
     ends = sorted({len(r) - 1 for r in rest})  # only these positions' logits are needed
@@ -181,7 +205,7 @@ def _prefill_batch(model: Any, prompts: list[list[int]], pad: int):
 def prefill(model: Any, prompts: list[list[int]], pad: int) -> list[_State]:
     """Each prompt's state after running it (see _prefill_batch)."""
     cache, logprobs = _prefill_batch(model, prompts, pad)
-    return [_State(_map_cache(model, cache, lambda t, i=i, n=len(p): t[i:i + 1, :, :n]), len(p), lp)
+    return [_State(_map_cache(cache, lambda t, i=i, n=len(p): t[i:i + 1, :, :n]), len(p), lp)
             for i, (p, lp) in enumerate(zip(prompts, logprobs))]
 
 
@@ -228,8 +252,8 @@ def _score_trie(model: Any, cache: DynamicCache, lengths: list[int], first_logpr
     row's cached prompt, each attending to that prompt (its first `lengths[b]` positions) and to
     its own ancestors (a 4-D mask), at the position its depth gives, so every node's logits are
     those the candidate would get alone. Only nodes with children run (a leaf's score is in
-    its parent's logits), and leaves too when `need_next`. Returns (best index per row, model
-    output, trie paths, node -> position among the nodes run, their log-probs).
+    its parent's logits), and leaves too when `need_next`. Returns (every candidate's score per
+    row, model output, trie paths, node -> position among the nodes run, their log-probs).
     """
     tokens, parent, depth, paths, lines = _token_trie(candidates)
     batch, past = len(lengths), cache.get_seq_length()
@@ -240,40 +264,43 @@ def _score_trie(model: Any, cache: DynamicCache, lengths: list[int], first_logpr
     slot = {node: k for k, node in enumerate(fed)}
     out = logp = None
     if fed:
-        dtype = model.dtype if model.dtype.is_floating_point else torch.float32
-        mask = torch.full((batch, 1, len(fed), past + len(fed)), torch.finfo(dtype).min, dtype=dtype)
+        visible = torch.zeros((batch, len(fed), past + len(fed)), dtype=torch.bool)
         for b, length in enumerate(lengths):
-            mask[b, 0, :, :length] = 0
-        mask[:, 0, [k for k, i in enumerate(fed) for _ in lines[i]],
-             [past + slot[j] for i in fed for j in lines[i]]] = 0  # a node sees its line
+            visible[b, :, :length] = True
+        visible[:, [k for k, i in enumerate(fed) for _ in lines[i]],
+                [past + slot[j] for i in fed for j in lines[i]]] = True  # a node sees its line
+        q_pos = torch.tensor([[length + depth[i] for i in fed] for length in lengths])
+        k_pos = torch.cat([torch.arange(past).expand(batch, past), q_pos], 1)
         out = model(input_ids=torch.tensor([[tokens[i] for i in fed]] * batch, device=model.device),
-                    past_key_values=cache, attention_mask=mask.to(model.device), use_cache=True,
-                    position_ids=torch.tensor([[length + depth[i] for i in fed] for length in lengths],
-                                              device=model.device))
+                    past_key_values=cache, attention_mask=_masks(model, visible, q_pos, k_pos),
+                    use_cache=True, position_ids=q_pos.to(model.device))
         logp = torch.log_softmax(out.logits.float(), -1)  # (batch row, fed node, vocab)
     ids = torch.tensor(tokens, device=first_logprobs[0].device)
     is_root = torch.tensor(parent, device=ids.device) < 0
     parent_slots = torch.tensor([slot.get(p, 0) for p in parent], device=ids.device)
-    best = []
+    scores = []
     for b in range(batch):
         node_logp = (first_logprobs[b][ids] if logp is None else
                      torch.where(is_root, first_logprobs[b][ids], logp[b, parent_slots, ids])).tolist()
-        scores = [sum(node_logp[j] for j in path) / (len(path) if length_normalized else 1) for path in paths]
-        best.append(max(range(len(candidates)), key=scores.__getitem__))  # the first of equal scores
-    return best, out, paths, slot, logp
+        scores.append([sum(node_logp[j] for j in path) / (len(path) if length_normalized else 1) for path in paths])
+    return scores, out, paths, slot, logp
+
+
+def _best(scores: list[float]) -> int:
+    return max(range(len(scores)), key=scores.__getitem__)  # the first of equal scores
 
 
 def _score_choice(model: Any, state: _State, candidates: list[list[int]],
                   length_normalized: bool, need_next: bool = True) -> tuple[int, _State]:
     """The best candidate (token lists continuing `state`) and the state after it (if
     `need_next`). The state's cache is used up."""
-    (best,), out, paths, slot, logp = _score_trie(model, state.cache, [state.length], [state.logprobs],
+    (scores,), out, paths, slot, logp = _score_trie(model, state.cache, [state.length], [state.logprobs],
                                                     candidates, length_normalized, need_next)
-    past = state.length
+    best, past = _best(scores), state.length
     if not need_next:
         return best, _State(state.cache, past, state.logprobs)  # the answer is complete
     keep = torch.tensor(list(range(past)) + [past + j for j in paths[best]], device=model.device)
-    cache = _map_cache(model, out.past_key_values, lambda t: t.index_select(2, keep))
+    cache = _map_cache(out.past_key_values, lambda t: t.index_select(2, keep))
     return best, _State(cache, past + len(paths[best]), logp[0, slot[paths[best][-1]]])
 
 
@@ -515,10 +542,10 @@ def _score_labels_batch(model: Any, encode, items: list[dict[str, Any]], prompts
     answers = []
     for flag in sorted(set(normalized)):  # one pass per scoring rule (a chunk has one in practice)
         rows = [i for i, f in enumerate(normalized) if f == flag]
-        sub = cache if len(rows) == len(items) else _map_cache(model, cache, lambda t: t[rows])
-        best, *_ = _score_trie(model, sub, [len(prompts[i]) for i in rows], [logprobs[i] for i in rows],
-                               candidates, flag, need_next=False)
-        answers += [(i, b) for i, b in zip(rows, best)]
+        sub = cache if len(rows) == len(items) else _map_cache(cache, lambda t: t[rows])
+        scores, *_ = _score_trie(model, sub, [len(prompts[i]) for i in rows], [logprobs[i] for i in rows],
+                                 candidates, flag, need_next=False)
+        answers += [(i, _best(row_scores)) for i, row_scores in zip(rows, scores)]
     return [{"raw_output": choice.options[b], "n_prompt_tokens": len(prompts[i]),
              "n_output_tokens": len(candidates[b])} for i, b in sorted(answers)]
 
