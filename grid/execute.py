@@ -132,14 +132,25 @@ def finish_cell(store: Store, prepared: PreparedCell, results: list[dict[str, An
         "n_output_tokens": pa.array([res.get("n_output_tokens") for res in results], pa.int64()),
         "latency_s": pa.array([res.get("latency_s") for res in results], pa.float64()),
         "cost_usd": pa.array([res.get("cost_usd") for res in results], pa.float64()),
+        "cached": pa.array([bool(res.get("cached")) for res in results], pa.bool_()),
     })
     store.write_predictions(cell.id, table)
-    usage = {key: sum(res.get(key) or 0 for res in results)
-             for key in ("n_prompt_tokens", "n_output_tokens", "cost_usd")}
+    usage = cell_usage(results)
     record = cell_record(cell, "done", metrics=metrics, seconds=seconds, n_examples=len(results),
                          usage=usage, finished_at=time.time())
     store.write_cell(cell.id, record)
     return record
+
+
+def cell_usage(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Tokens and cost of a cell's answers. `cost_usd` is what the answers cost when they were
+    paid for (the price of the cell, comparable across runs); `spent_usd` is what this run paid,
+    leaving out answers served from the request cache (`n_cached`)."""
+    usage = {key: sum(res.get(key) or 0 for res in results)
+             for key in ("n_prompt_tokens", "n_output_tokens", "cost_usd")}
+    usage["spent_usd"] = sum(res.get("cost_usd") or 0 for res in results if not res.get("cached"))
+    usage["n_cached"] = sum(bool(res.get("cached")) for res in results)
+    return usage
 
 
 def chunk_rows(prepared: Iterable[PreparedCell], chunk_size: int) -> list[dict[str, Any]]:

@@ -16,6 +16,8 @@ from grid.store import Store
 
 CELL_COLUMNS = ["cell_id", "status", "kind", "model", "family", "backend", "task", "shots", "finetune",
                 "seed", "decoding", "prompt_format", "depends_on", "seconds", "n_examples", "error"]
+USAGE = {"n_prompt_tokens": pl.Int64, "n_output_tokens": pl.Int64, "cost_usd": pl.Float64,
+         "spent_usd": pl.Float64, "n_cached": pl.Int64}  # see grid.execute.cell_usage
 
 
 def _flat(record: dict[str, Any]) -> dict[str, Any]:
@@ -30,16 +32,21 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _usage(record: dict[str, Any]) -> dict[str, Any]:
+    usage = record.get("usage") or {}
+    return {key: usage.get(key) for key in USAGE}
+
+
 def _records(results: str | Path | Store) -> list[dict[str, Any]]:
     store = results if isinstance(results, Store) else Store.open(results)
     return store.records()
 
 
 def cells(results: str | Path | Store) -> pl.LazyFrame:
-    """One row per cell in the store: its axes, status, timings and error."""
-    rows = [_flat(r) for r in _records(results)]
+    """One row per cell in the store: its axes, status, timings, error, tokens and cost."""
+    rows = [_flat(r) | _usage(r) for r in _records(results)]
     schema = {c: pl.Utf8 for c in CELL_COLUMNS} | {"shots": pl.Int64, "seed": pl.Int64,
-                                                    "seconds": pl.Float64, "n_examples": pl.Int64}
+                                                    "seconds": pl.Float64, "n_examples": pl.Int64} | USAGE
     return pl.DataFrame(rows, schema=schema).lazy()
 
 

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from grid.tasks import get_task
@@ -262,6 +263,14 @@ def test_grid_end_to_end_faults_failures_cache_and_no_key_leak(server, tmp_path)
         second, log2 = _run_grid(config, tmp_path / "results2")  # a fresh results dir, the same cache
         assert flaky.requests == 0
         assert second["ran"] == 4 and len(second["failed"]) == 2
+        # Usage tells what the answers cost from what each run paid: run 2 paid for nothing.
+        from grid.query import cells, predictions
+
+        for results, n_cached in ((tmp_path / "results1", 0), (tmp_path / "results2", 6)):
+            done = cells(results).filter(pl.col("status") == "done").collect()
+            assert done["n_examples"].to_list() == [6, 6] and done["n_cached"].to_list() == [n_cached] * 2
+            assert (done["n_prompt_tokens"] > 0).all() and done["spent_usd"].to_list() == [0.0, 0.0]
+            assert predictions(results).select(pl.col("cached").sum()).collect().item() == 2 * n_cached
 
         for folder in (tmp_path / "results1", tmp_path / "results2", Path(first["session"]) / "logs",
                        Path(second["session"]) / "logs"):
