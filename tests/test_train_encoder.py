@@ -140,6 +140,10 @@ def test_two_heads_train_checkpoint_and_resume(ray_local, minilm, tmp_path):
     second = run(make_job(minilm, "massive-multi", tmp_path, max_steps=12, checkpoint_every_steps=4))
     assert second["resumed_from_step"] == 5 and second["steps"] == 12
     assert second["steps_per_epoch"] == 8 and second["epochs"] == pytest.approx(1.5)
+    # Each head's loss is logged apart; together they are the training loss.
+    heads = second["head_epoch_losses"]
+    assert set(heads) == {"intent", "slots"}
+    assert heads["intent"][-1] + heads["slots"][-1] == pytest.approx(second["epoch_losses"][-1])
 
     rows, answers, parsed = predict_and_parse(second["model_dir"], "massive-multi")
     for row, answer, p in zip(rows, answers, parsed):

@@ -97,7 +97,8 @@ class EncoderClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: dict[str, torch.Tensor] | None = None):
-        """Logits per head; with `labels`, also the equally weighted sum of cross-entropies."""
+        """Logits per head; with `labels`, also each head's cross-entropy (the training loss is
+        their equally weighted sum; they are kept apart so that each head's progress is logged)."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         hidden = self.dropout(hidden)
         logits = {}
@@ -106,14 +107,14 @@ class EncoderClassifier(nn.Module):
             logits[spec["name"]] = head(hidden[:, 0]) if spec["type"] == "label" else head(hidden)
         if labels is None:
             return None, logits
-        loss = sum(
-            nn.functional.cross_entropy(
+        losses = {
+            name: nn.functional.cross_entropy(
                 logits[name].reshape(-1, logits[name].shape[-1]), labels[name].reshape(-1),
                 ignore_index=IGNORE_INDEX,
             )
             for name in logits
-        )
-        return loss, logits
+        }
+        return losses, logits
 
     def save(self, out_dir: str | Path, tokenizer=None) -> None:
         out = Path(out_dir)

@@ -151,6 +151,7 @@ def train_loop(config: dict) -> None:
     tokens = pads = 0
     step_seconds = 0.0
     epoch_losses: list[float] = []
+    head_epoch_losses: dict[str, list[float]] = {spec["name"]: [] for spec in specs}
     t_start = time.perf_counter()
     model.train()
     while epoch < hp["epochs"] and step < total_steps:
@@ -158,10 +159,12 @@ def train_loop(config: dict) -> None:
         loader = DataLoader(features, batch_sampler=batches, collate_fn=lambda fs: collate(fs, tokenizer.pad_token_id, specs))
         loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
         loss_sum, loss_n, log_tokens, log_t = 0.0, 0, 0, time.perf_counter()
+        head_sums = dict.fromkeys(head_epoch_losses, 0.0)
         for batch in loader:
             t0 = time.perf_counter()
             with autocast:
-                loss, _ = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                head_losses, _ = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                loss = sum(head_losses.values())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), hp["max_grad_norm"])
             optimizer.step()
@@ -176,10 +179,13 @@ def train_loop(config: dict) -> None:
             pads += batch["attention_mask"].numel() - n_tokens
             loss_sum += loss.item()
             loss_n += 1
+            for name, value in head_losses.items():
+                head_sums[name] += value.item()
             if rank == 0 and step % hp["log_every_steps"] == 0:
                 now = time.perf_counter()
+                per_head = " ".join(f"{name} {total / loss_n:.4f}" for name, total in head_sums.items())
                 _log(f"epoch {epoch + 1}/{hp['epochs']} step {step}/{total_steps} "
-                     f"loss {loss_sum / loss_n:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                     f"loss {loss_sum / loss_n:.4f} ({per_head}) lr {scheduler.get_last_lr()[0]:.2e} "
                      f"{log_tokens * world / (now - log_t):.0f} tokens/s")
                 log_tokens, log_t = 0, now
             at_epoch_end = batch_in_epoch == steps_per_epoch
@@ -190,6 +196,8 @@ def train_loop(config: dict) -> None:
                 save_checkpoint(epoch, batch_in_epoch, {"step": step, "loss": loss_sum / loss_n})
         if loss_n:
             epoch_losses.append(loss_sum / loss_n)
+            for name, total in head_sums.items():
+                head_epoch_losses[name].append(total / loss_n)
         if batch_in_epoch == steps_per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
             _log(f"epoch {epoch} done at step {step}: mean loss {epoch_losses[-1] if loss_n else float('nan'):.4f}")
@@ -206,6 +214,7 @@ def train_loop(config: dict) -> None:
     metrics = {
         "train_loss": epoch_losses[-1] if epoch_losses else None,
         "epoch_losses": epoch_losses,
+        "head_epoch_losses": head_epoch_losses,  # each head's mean cross-entropy per epoch (this run)
         "epochs": step / steps_per_epoch if steps_per_epoch else 0.0,
         "steps": step,
         "steps_per_epoch": steps_per_epoch,
