@@ -291,9 +291,12 @@ def _fingerprint(task: TaskDef, data_dir: Path | None) -> str:
     for split in ("train", "test"):
         table: pa.Table = _load_cached(task, split, data_dir).data.table
         cols = ["example_id", "text"] + [s.field for s in task.subtasks]
+        # Content only: the schema's metadata holds HF's own fingerprint, which follows the
+        # files' paths and modification times, and a fresh copy of the same data must resume.
+        rows = table.select(cols).combine_chunks().replace_schema_metadata(None)
         sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.select(cols).schema) as writer:
-            writer.write_table(table.select(cols).combine_chunks())
+        with pa.ipc.new_stream(sink, rows.schema) as writer:
+            writer.write_table(rows)
         digest.update(sink.getvalue().to_pybytes())
     return digest.hexdigest()[:16]
 

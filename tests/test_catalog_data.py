@@ -89,6 +89,17 @@ def test_fingerprint_is_stable_and_task_specific():
     assert data_fingerprint(a) != data_fingerprint(b)
 
 
+def test_fingerprint_follows_content_not_files(tmp_path):
+    """A fresh copy of the same data (new path, new mtimes) keeps every cell id, so it resumes."""
+    import shutil
+
+    from grid.data import resolve_data_dir
+
+    task = get_task("fpb-sentiment")
+    shutil.copytree(resolve_data_dir(None) / "financial_phrasebank", tmp_path / "financial_phrasebank")
+    assert data_fingerprint(task, tmp_path) == data_fingerprint(task)
+
+
 def test_unknown_task_names_the_known_ones():
     with pytest.raises(GridError, match="unknown task 'massive-intnet'.*massive-intent"):
         get_task("massive-intnet")
