@@ -210,7 +210,7 @@ def _grid(path: Path, flaky_url: str, dead_url: str, cache_dir: Path) -> Path:
             {"name": "tiny-api", "source": "openai/tiny", "family": "api", "backend": "litellm",
              "options": {**common, "api_base": flaky_url + "/v1", "max_retries": 12}},
             {"name": "tiny-dead", "source": "openai/tiny-dead", "family": "api", "backend": "litellm",
-             "options": {**common, "api_base": dead_url + "/v1", "max_retries": 2}},
+             "options": {**common, "api_base": dead_url + "/v1", "max_retries": 2, "breaker_after": 2}},
         ],
         "tasks": ["fpb-sentiment", "massive-slots"],
         "decoding": [{"mode": "free", "max_new_tokens": 8}],
@@ -257,6 +257,10 @@ def test_grid_end_to_end_faults_failures_cache_and_no_key_leak(server, tmp_path)
         assert status == {("tiny-api", "fpb-sentiment"): "done", ("tiny-api", "massive-slots"): "done",
                           ("tiny-dead", "fpb-sentiment"): "failed", ("tiny-dead", "massive-slots"): "failed"}
         assert sum(flaky.injected.values()) >= 2 and flaky.forwarded == 12
+        # The dead model's breaker opened after 2 requests failed for good (3 tries each): of its
+        # 12 examples x 2 chunk tries x 3 tries, at most the requests already in flight were sent.
+        assert dead.requests <= (2 + 3) * 3
+        assert all("circuit open" in c["error"] for c in cells if c["status"] == "failed")
         assert any(a.startswith("Bearer sk-SENTINEL") for a in flaky.auth_headers)  # the key was sent
 
         flaky.reset_counts()

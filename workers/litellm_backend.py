@@ -12,6 +12,10 @@ client with `options` (all optional):
     max_retries         retries after the first try on 429, 408, 5xx, timeouts and dropped
                         connections, with exponential backoff and jitter (default 6)
     backoff_s           first backoff (default 1.0), doubled per retry up to max_backoff_s (30)
+    breaker_after       after this many requests in a row failed for good (retries spent), every
+                        other request of the model fails at once for the rest of the run: a dead
+                        endpoint or a revoked key costs minutes, not hours of backoff (default 5;
+                        0: never). Its cells are marked failed and a rerun tries them again.
     cache_dir           where the request cache lives (default $CLFGRID_CACHE/requests)
     cache               false to turn the request cache off (default true)
     structured_outputs  "auto" (default), "json_schema" or "off": see below
@@ -155,6 +159,10 @@ class LiteLLMBackend:
         self.limiter = _RateLimiter(opts.get("requests_per_second"))
         self.pool = ThreadPoolExecutor(max_workers=int(opts.get("max_concurrency", 4)))
         self.rng = random.Random(0)
+        self.breaker_after = int(opts.get("breaker_after", 5))
+        self.failures_in_a_row = 0
+        self.last_failure = ""
+        self.failure_lock = threading.Lock()
         self.sent = 0  # requests that reached the client (tries included), for tests and logs
 
     # one request --------------------------------------------------------------------------
@@ -216,6 +224,22 @@ class LiteLLMBackend:
                 delay *= 2
         raise AssertionError("unreachable")
 
+    def _complete_or_trip(self, request: dict[str, Any]) -> Any:
+        """`_complete`, behind the circuit breaker (`breaker_after`)."""
+        if self.breaker_after and self.failures_in_a_row >= self.breaker_after:
+            raise APICallError(f"circuit open: {self.failures_in_a_row} requests in a row failed for good, "
+                               f"so the model's other requests are not sent this run (last: {self.last_failure})")
+        try:
+            resp = self._complete(request)
+        except APICallError as exc:
+            with self.failure_lock:
+                self.failures_in_a_row += 1
+                self.last_failure = str(exc)[:200]
+            raise
+        with self.failure_lock:
+            self.failures_in_a_row = 0
+        return resp
+
     def _answer(self, item: dict[str, Any]) -> dict[str, Any]:
         request = self.build_request(item)
         key = request_key(self.model, self.revision, self.api_base,
@@ -224,7 +248,7 @@ class LiteLLMBackend:
             hit = self.cache.get(key)
             if hit is not None:
                 return {**hit, "cached": True}
-        resp = self._complete(request)
+        resp = self._complete_or_trip(request)
         content = resp.choices[0].message.content or ""
         if "response_format" in request:
             content = canonical_from_structured(content, get_task(item["task"]))
