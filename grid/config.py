@@ -47,6 +47,12 @@ class ModelSpec(Strict):
     prompt_format: PromptFormat = "chat"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     hparams: dict[str, Any] = Field(default_factory=dict, description="fine-tune overrides")
+    resources: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the recipe's resources for this model's "
+        "fine-tunes, e.g. {zero_offload: optimizer} for a 70B model")
+    inference: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the grid's inference stage for this model, "
+        "e.g. {num_gpus: 4} for a 70B model served with tensor parallel 4")
     options: dict[str, Any] = Field(default_factory=dict, description="backend options")
     finetuned_from: FinetunedFrom | None = Field(
         default=None, description="made by the grid; source, family, ... default to the parent's")
@@ -214,8 +220,55 @@ class GridConfig(Strict):
             raise ValueError(f"model names must be unique: {', '.join(sorted(dupes))}")
         return self
 
+    @model_validator(mode="after")
+    def _model_resources(self) -> "GridConfig":
+        """A model's overrides must make valid resources with every recipe they meet, and a
+        valid inference stage."""
+        for i, m in enumerate(self.models):
+            try:
+                self.inference_for(m)
+            except ValueError as e:
+                raise ValueError(f"models.{i}.inference: {_first_error(e)}") from None
+            if m.resources:
+                modes = {f for f in self.finetune if f != "none"} | ({m.finetuned_from.finetune} if m.finetuned_from else set())
+                for mode in sorted(modes):
+                    try:
+                        self.recipe_for(m, mode)
+                    except ValueError as e:
+                        raise ValueError(f"models.{i}.resources (with the {m.family}/{mode} recipe): "
+                                         f"{_first_error(e)}") from None
+        return self
+
     def recipe(self, family: str, mode: str) -> Recipe:
         return self.recipes.get(f"{family}/{mode}", Recipe())
+
+    def inference_for(self, model: ModelSpec) -> "Inference":
+        """The inference stage for `model`: the grid's, with the model's overrides."""
+        if not model.inference:
+            return self.inference
+        return Inference(**{**self.inference.model_dump(), **model.inference})
+
+    def recipe_for(self, model: ModelSpec, mode: str, hparams: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A fine-tune cell's recipe: the grid's recipe for the model's family and `mode`, the
+        model's hparams and resources over it, then `hparams` (a finetuned_from chain's)."""
+        recipe = self.recipe(model.family, mode)
+        out = recipe.model_dump()
+        out["hparams"] = {**recipe.hparams, **model.hparams, **(hparams or {})}
+        if model.resources:
+            out["resources"] = Resources(**{**out["resources"], **model.resources}).model_dump()
+        return out
+
+
+def _first_error(error: ValueError) -> str:
+    """One line of a pydantic ValidationError: field and message."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError) and error.errors():
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        return f"{where}: {msg}" if where else msg
+    return str(error)
 
 
 EXCLUDE_KEYS = {"model", "family", "backend", "task", "shots", "finetune", "seed", "decoding"}

@@ -189,7 +189,7 @@ def run_inference_group(
 
         tokenizer = AutoTokenizer.from_pretrained(spec["path"])
     prepared = {c.id: prepare_cell(c, data_dir, tokenizer) for c in cells}
-    inf = config.inference
+    inf = config.inference_for(config.model(cells[0].model))
     rows = chunk_rows(prepared.values(), inf.batch_size)
     progress.add_examples(sum(len(p.items) for p in prepared.values()))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))

@@ -136,7 +136,6 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
     fingerprints = {name: data_fingerprint(task, data_dir) for name, task in tasks.items()}
     limits = config.limits.model_dump()
     made = _made_models(config, finetunes, data_dir)  # fine-tune chains of `finetuned_from` models
-    recipes = {(f, m): config.recipe(f, m) for f in ("encoder", "decoder", "api") for m in config.finetune}
     for model, task_name, shots, mode, seed, decoding in itertools.product(
         config.models, config.tasks, config.shots, config.finetune, config.seeds, config.decoding
     ):
@@ -160,9 +159,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
         )
         depends_on, seen = made.get(model.name, (None, list(model.seen_tasks)))
         if mode != "none":
-            recipe = recipes[model.family, mode]
-            recipe_dict = recipe.model_dump()
-            recipe_dict["hparams"] = {**recipe.hparams, **model.hparams}
+            recipe_dict = config.recipe_for(model, mode)
             seen = _union(seen, [task_name])
             ft = Cell(kind="finetune", decoding=None, recipe=recipe_dict, depends_on=depends_on,
                       lineage={"seen_tasks": seen, "from": depends_on}, **common)
@@ -217,9 +214,7 @@ def _made_models(config: GridConfig, finetunes: dict[str, Cell], data_dir: str |
             made[model.name] = (None, list(model.seen_tasks))
             continue
         parent_id, seen = made[ff.model]
-        recipe = config.recipe(model.family, ff.finetune)
-        recipe_dict = recipe.model_dump()
-        recipe_dict["hparams"] = {**recipe.hparams, **model.hparams, **ff.hparams}
+        recipe_dict = config.recipe_for(model, ff.finetune, ff.hparams)
         if ff.train_limit is not None:
             recipe_dict["train_limit"] = ff.train_limit
         for task_name in ff.tasks:

@@ -10,7 +10,8 @@ all-gathers every layer's parameters at every step: keep it on NVLink, never acr
 else PACK (the group spans nodes, as few as possible); CPU-only groups are PACK. For the paper's
 recipe that is 8 bundles {GPU: 1, CPU: 10} on one 8-GPU node, ZeRO-3 sharding weights, gradients
 and optimizer state 8 ways. Inference actors are not placement groups: each Ray Data actor asks
-for `inference.num_cpus` / `inference.num_gpus`, `inference.concurrency` of them per model.
+for `inference.num_cpus` / `inference.num_gpus`, `inference.concurrency` of them per model (a
+model's own `inference` overrides the grid's).
 
 GPU-hours, a stated simple model (not a measurement):
 
@@ -25,6 +26,13 @@ GPU-hours, a stated simple model (not a measurement):
     tokens = 1.35 per whitespace word of the task's texts (cut at the text budget); a prompt is
              instructions + label list (~100 + 4 per label) + (shots + 1) texts + shots answers.
     A100: 312 TFLOP/s bf16 dense; MFU 0.35 for training, 0.15 for batched vLLM generation.
+
+Training state per GPU, the ZeRO paper's accounting for bf16 mixed-precision Adam (activations,
+the CUDA context and fragmentation not counted, so a group is flagged above 80% of the GPU's
+memory): a trained parameter costs 2 (bf16 weight) + 2 (gradient) + 12 (fp32 master, Adam m, v)
+bytes, a frozen one (LoRA's base) 2. Over W data-parallel workers ZeRO-2 splits the gradients
+and optimizer states (2 + 14/W), ZeRO-3 everything (16/W); offloading the optimizer keeps its
+12 bytes in CPU memory, offloading all keeps the weights there too.
 
 Inference GPU-hours are the reserved ones: an actor that reserves more GPUs than its model's
 tensor-parallel degree (`options.tensor_parallel_size`, default 1) pays for the idle ones too.
@@ -123,12 +131,14 @@ def prompt_tokens(cell: Cell, size: TaskSize) -> float:
 @dataclass
 class PlacementGroup:
     cell_id: str
+    model: str
     label: str
     bundles: list[dict[str, float]]
     strategy: str
     deepspeed_stage: int
     tokens: float
     gpu_hours: float | None
+    state_gb_per_gpu: float | None = None  # training state (module docstring); None: CPU or unknown size
 
     @property
     def gpus(self) -> float:
@@ -183,6 +193,18 @@ def strategy_for(num_workers: int, gpus_per_worker: float, node_gpus: int = NODE
     return "STRICT_PACK" if num_workers * gpus_per_worker <= node_gpus else "PACK"
 
 
+def training_state_bytes(n_params: float, mode: str, stage: int, offload: str, workers: int) -> float:
+    """Bytes of weights, gradients and optimizer state per GPU (module docstring)."""
+    if mode == "lora":  # the adapter's own state is a rounding error
+        return 0.0 if offload == "all" else 2 * n_params / (workers if stage == 3 else 1)
+    optimizer = 0 if offload != "none" else 12
+    if stage == 3:
+        return (0 if offload == "all" else 4 + optimizer) * n_params / workers
+    if stage == 2:
+        return (2 + (2 + optimizer) / workers) * n_params
+    return 16 * n_params
+
+
 def _gpu_seconds(flops: float, gpu: str, mfu: float) -> float:
     return flops / (GPU_TYPES[gpu]["bf16_flops"] * mfu)
 
@@ -226,19 +248,21 @@ def estimate(plan: Plan, config: GridConfig, data_dir: str | None = None, gpu: s
                     tokens = (hp.get("epochs") or 1) * n_train * per_example
             hours = (_gpu_seconds(6 * n_params * tokens, gpu, TRAIN_MFU) / 3600) if n_params and gpw > 0 else (
                 0.0 if gpw <= 0 else None)
+            stage, offload = int(res.get("deepspeed_stage", 0)), res.get("zero_offload", "none")
+            state = (training_state_bytes(n_params, cell.finetune, stage, offload, workers) / 1e9
+                     if n_params and gpw > 0 else None)
             est.placement_groups.append(PlacementGroup(
-                cell_id=cell.id, label=f"{cell.model} {cell.task} {cell.shots}-shot ft={cell.finetune}",
+                cell_id=cell.id, model=cell.model, label=f"{cell.model} {cell.task} {cell.shots}-shot ft={cell.finetune}",
                 bundles=[{"CPU": cpw, "GPU": gpw} for _ in range(workers)],
-                strategy=strategy_for(workers, gpw, node_gpus), deepspeed_stage=int(res.get("deepspeed_stage", 0)),
-                tokens=tokens, gpu_hours=hours))
+                strategy=strategy_for(workers, gpw, node_gpus), deepspeed_stage=stage,
+                tokens=tokens, gpu_hours=hours, state_gb_per_gpu=state))
             continue
         g = groups.get(cell.model)
         if g is None:
-            per_actor = {"CPU": config.inference.num_cpus, "GPU": config.inference.num_gpus}
-            if cell.family == "api":
-                per_actor = {"CPU": config.inference.num_cpus, "GPU": 0}
+            inf = config.inference_for(config.model(cell.model))
+            per_actor = {"CPU": inf.num_cpus, "GPU": 0 if cell.family == "api" else inf.num_gpus}
             g = groups[cell.model] = InferenceGroup(cell.model, cell.family, cell.backend,
-                                                   config.inference.concurrency, per_actor)
+                                                   inf.concurrency, per_actor)
         g.cells += 1
         g.examples += size.n_test
         out_tokens = (cell.decoding or {}).get("max_new_tokens", 0) if cell.family != "encoder" else 0
@@ -277,9 +301,24 @@ def fits(request: dict[str, float], node_resources: dict[str, float]) -> bool:
     return all(node_resources.get(k, 0) >= v for k, v in request.items() if v)
 
 
+def memory_problems(est: Estimate) -> list[str]:
+    """Models whose fine-tunes hold more training state per GPU than 80% of its memory (module
+    docstring), one line per model and size."""
+    memory = GPU_TYPES[est.gpu]["memory_gb"]
+    over: dict[tuple[str, float], int] = {}
+    for pg in est.placement_groups:
+        if (pg.state_gb_per_gpu or 0) > 0.8 * memory:
+            key = (pg.model, round(pg.state_gb_per_gpu))
+            over[key] = over.get(key, 0) + 1
+    return [f"{model}: {n} fine-tune cells hold {gb:.0f} GB of training state per GPU, more than 80% of an "
+            f"{est.gpu}'s {memory} GB: set its resources.zero_offload (optimizer, or all with ZeRO-3) or add workers"
+            for (model, gb), n in over.items()]
+
+
 def check_fits(est: Estimate, node_types: dict[str, dict[str, float]]) -> list[str]:
-    """Problems: a bundle or actor no node type can hold, or a STRICT_PACK group larger than every node."""
-    problems = []
+    """Problems: training state a GPU cannot hold, a bundle or actor no node type can hold, or
+    a STRICT_PACK group larger than every node."""
+    problems = memory_problems(est)
     for pg in est.placement_groups:
         if not any(fits(b, r) for b in pg.bundles[:1] for r in node_types.values()):
             problems.append(f"fine-tune {pg.label}: bundle {pg.bundles[0]} fits no node type")
@@ -310,7 +349,9 @@ def resources_tables(est: Estimate):
     import polars as pl
 
     pgs = pl.DataFrame([{"cell_id": p.cell_id, "fine-tune": p.label, "placement group": p.describe(),
-                         "zero": p.deepspeed_stage, "Mtokens": round(p.tokens / 1e6, 1),
+                         "zero": p.deepspeed_stage,
+                         "state GB/GPU": "-" if p.state_gb_per_gpu is None else f"{p.state_gb_per_gpu:.1f}",
+                         "Mtokens": round(p.tokens / 1e6, 1),
                          "GPU-hours": _fmt_hours(p.gpu_hours)} for p in est.placement_groups])
     inf = pl.DataFrame([{"model": g.model, "backend": g.backend, "actors": g.actors,
                          "per actor": f"{{GPU: {g.per_actor['GPU']:g}, CPU: {g.per_actor['CPU']:g}}}",
@@ -337,9 +378,11 @@ def print_resources(plan: Plan, config: GridConfig, data_dir: str | None = None,
     print()
     print_table(inf, f"inference actors: {len(est.inference)} models")
     print(line)
+    for problem in memory_problems(est):
+        print(f"warning: {problem}")
     print(ASSUMPTIONS.replace("{peak}", f"{GPU_TYPES[gpu]['bf16_flops'] / 1e12:g}"))
     return est
 
 
-__all__ = ["estimate", "print_resources", "check_fits", "node_types_from_cluster", "model_params",
+__all__ = ["estimate", "print_resources", "check_fits", "memory_problems", "training_state_bytes", "node_types_from_cluster", "model_params",
            "strategy_for", "Estimate", "PlacementGroup", "InferenceGroup"]

@@ -85,8 +85,9 @@ def test_setup_commands_install_in_the_right_order(cluster):
 def test_paper_grid_requests_fit_the_node_types(cluster, paper):
     nodes = node_types_from_cluster(CLUSTER)
     gpu_nodes = [r for r in nodes.values() if r.get("GPU", 0) > 0]
-    inf = paper.inference
-    assert any(r["GPU"] >= inf.num_gpus and r["CPU"] >= inf.num_cpus for r in gpu_nodes)
+    for m in paper.models:
+        inf = paper.inference_for(m)
+        assert any(r["GPU"] >= inf.num_gpus and r["CPU"] >= inf.num_cpus for r in gpu_nodes), m.name
     for key, recipe in paper.recipes.items():
         res = recipe.resources
         total_gpus = res.num_workers * res.gpus_per_worker
@@ -99,7 +100,7 @@ def test_paper_grid_requests_fit_the_node_types(cluster, paper):
     for m in paper.models:
         tp = m.options.get("tensor_parallel_size", 1)
         if m.backend == "vllm":
-            assert inf.num_gpus % tp == 0, m.name
+            assert paper.inference_for(m).num_gpus == tp, m.name  # no actor reserves idle GPUs
             params = model_params(m.source, m.name)
             assert params * 2 < 0.9 * tp * GPU_TYPES["A100"]["memory_gb"] * 1e9, f"{m.name}: bf16 weights fit TP GPUs"
 
@@ -139,6 +140,52 @@ def test_paper_grid_loads_and_plans(paper):
     assert all(p.strategy == "STRICT_PACK" and len(p.bundles) == 8 for p in seventy)
     assert min(p.gpu_hours for p in seventy) > max(p.gpu_hours for p in eight)  # 70B: 2x steps, ~9x params
     assert not est.unknown_params
+    # The 70B models' optimizer is offloaded (models[].resources): 35 GB of state per GPU, not 140.
+    assert {c.recipe["resources"].get("zero_offload") for c in plan.cells
+            if c.kind == "finetune" and "70b" in c.model} == {"optimizer"}
+    assert {round(p.state_gb_per_gpu) for p in seventy} == {35} and {round(p.state_gb_per_gpu) for p in eight} == {16}
+    without = paper.model_copy(update={"models": tuple(m.model_copy(update={"resources": {}}) for m in paper.models)})
+    problems = check_fits(estimate(build_plan(without), without), node_types_from_cluster(CLUSTER))
+    assert [p.split(":")[0] for p in problems] == ["llama2-70b-chat", "llama3-70b-instruct"]
+    assert all("140 GB of training state per GPU" in p and "zero_offload" in p for p in problems)
+
+
+def test_training_state_per_gpu():
+    from grid.resources import training_state_bytes
+
+    n = 1e9
+    assert training_state_bytes(n, "full", 0, "none", 8) == 16e9  # DDP: every rank holds everything
+    assert training_state_bytes(n, "full", 2, "none", 8) == (2 + 14 / 8) * n
+    assert training_state_bytes(n, "full", 3, "none", 8) == 2e9
+    assert training_state_bytes(n, "full", 2, "optimizer", 8) == (2 + 2 / 8) * n
+    assert training_state_bytes(n, "full", 3, "optimizer", 8) == 0.5e9
+    assert training_state_bytes(n, "full", 3, "all", 8) == 0
+    assert training_state_bytes(n, "lora", 3, "none", 8) == 0.25e9  # the frozen base, in bf16
+
+
+def test_model_resources_are_checked_against_the_recipe(tmp_path):
+    from grid.config import load_config
+    from grid.errors import GridError
+
+    grid = tmp_path / "g.yaml"
+    base = ("name: g\ntasks: [fpb-sentiment]\nfinetune: [full]\n"
+            "recipes: {decoder/full: {resources: {deepspeed_stage: 2}}}\n"
+            "models:\n  - {name: big, source: tiny:llama, family: decoder, resources: %s}\n")
+    grid.write_text(base % "{zero_offload: optimizer}")
+    config = load_config(grid)
+    assert config.recipe_for(config.models[0], "full")["resources"]["zero_offload"] == "optimizer"
+    for bad, says in (("{zero_offload: all}", "needs deepspeed_stage 3"),
+                      ("{zero_ofload: optimizer}", "zero_ofload: Extra inputs are not permitted")):
+        grid.write_text(base % bad)
+        with pytest.raises(GridError, match=f"g.yaml.*models.0.resources.*{says}"):
+            load_config(grid)
+    # and the model's inference overrides, over the grid's inference stage
+    grid.write_text((base % "{}").replace("resources: {}", "inference: {num_gpus: 4}") + "inference: {num_cpus: 3}\n")
+    config = load_config(grid)
+    assert (config.inference_for(config.models[0]).num_gpus, config.inference_for(config.models[0]).num_cpus) == (4, 3)
+    grid.write_text((base % "{}").replace("resources: {}", "inference: {num_gpu: 4}"))
+    with pytest.raises(GridError, match="g.yaml.*models.0.inference: num_gpu: Extra inputs are not permitted"):
+        load_config(grid)
 
 
 def test_strategy_and_fits():

@@ -139,11 +139,14 @@ def test_lora_with_two_ddp_workers_saves_merged_model_and_adapter(local_ray, tin
     assert isinstance(generate(tmp_path / "model", prompt), str)
 
 
-@pytest.mark.parametrize("stage,mode", [(2, "full"), (3, "lora")])
-def test_deepspeed_zero_two_workers(local_ray, tiny, tmp_path, stage, mode):
-    resources = Resources(num_workers=2, cpus_per_worker=1, deepspeed_stage=stage)
+@pytest.mark.parametrize("stage,mode,offload", [(2, "full", "none"), (3, "lora", "none"), (3, "full", "optimizer")])
+def test_deepspeed_zero_two_workers(local_ray, tiny, tmp_path, stage, mode, offload):
+    """ZeRO-2 and -3 with 2 CPU workers, and ZeRO-3 with the optimizer offloaded (DeepSpeed's CPU
+    Adam), as the 70B models of grids/paper.yaml train."""
+    resources = Resources(num_workers=2, cpus_per_worker=1, deepspeed_stage=stage, zero_offload=offload)
     metrics = run(job(tiny, tmp_path, mode=mode, resources=resources, hparams={"max_steps": 6, "lr": 3e-3}))
     assert metrics["world_size"] == 2 and metrics["steps"] == 6
+    assert metrics["optimizer_offloaded"] == (offload != "none")
     assert metrics["train_loss"] < metrics["first_loss"]
     # ZeRO checkpoints hold every rank's partition, merged into one folder.
     newest = sorted((tmp_path / "checkpoints").glob("step_*"))[-1]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 Family = Literal["encoder", "decoder", "api"]
 PromptFormat = Literal["chat", "inst", "plain"]
@@ -24,6 +24,27 @@ class Resources(BaseModel):
     deepspeed_stage: Literal[0, 2, 3] = Field(
         default=0, description="0: plain DDP; 2/3: DeepSpeed ZeRO (bf16 on GPU, fp32 on CPU)"
     )
+    zero_offload: Literal["none", "optimizer", "all"] = Field(
+        default="none", description="ZeRO CPU offload: the optimizer states (stage 2 or 3), or "
+        "also the weights (stage 3), for models whose training state does not fit the GPUs "
+        "(a 70B full fine-tune on 8 x 80 GB); `grid/run.py --dry-run` prints the GiB per GPU")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "Resources":
+        if self.zero_offload != "none" and self.deepspeed_stage == 0:
+            raise ValueError("zero_offload needs deepspeed_stage 2 or 3")
+        if self.zero_offload == "all" and self.deepspeed_stage != 3:
+            raise ValueError("zero_offload 'all' (the weights too) needs deepspeed_stage 3")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_no_offload(self, handler: Any) -> dict[str, Any]:
+        """Without offload the field is left out, so the cell ids of recipes written before it
+        existed stay the same (a cell id hashes its recipe)."""
+        data = handler(self)
+        if self.zero_offload == "none":
+            data.pop("zero_offload", None)
+        return data
 
 
 class FinetuneJob(BaseModel):

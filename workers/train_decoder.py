@@ -261,10 +261,16 @@ def train_loop(config: dict[str, Any]) -> None:
         from workers.deepspeed import zero_config
 
         ds_config = zero_config(stage, micro_batch_size=hp["batch_size"], world_size=world,
-                                gradient_clipping=hp["max_grad_norm"], on_gpu=on_gpu)
+                                gradient_clipping=hp["max_grad_norm"], on_gpu=on_gpu,
+                                offload=job.resources.zero_offload)
     model = load_model(job, hp)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    if job.resources.zero_offload != "none":
+        from workers.deepspeed import offload_optimizer
+
+        optimizer = offload_optimizer(trainable, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=hp["lr"], weight_decay=hp["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp["warmup_steps"], total_steps))
 
     # Resume: Ray Train hands back the newest checkpoint of this run (same output_dir).
@@ -371,6 +377,8 @@ def train_loop(config: dict[str, Any]) -> None:
         "nonpad_tokens": nonpad,
         "resumed_from_step": start_step,
         "world_size": world,
+        # what DeepSpeed actually did with the optimizer (ZeRO-Offload steps it on the CPU)
+        "optimizer_offloaded": bool(stage and engine.zero_cpu_offload()),
     }
 
     # The final model: ZeRO-3 gathers the partitions on rank 0; otherwise rank 0 has the weights.
