@@ -120,6 +120,9 @@ class GridConfig(Strict):
         default_factory=dict, description="keys `family/mode`, e.g. decoder/lora, encoder/full"
     )
     inference: Inference = Inference()
+    parallel: int = Field(
+        default=1, gt=0, description="fine-tunes and model groups run at once (each in a driver "
+        "thread; Ray queues what the cluster cannot place yet); 1: one after another")
     exclude: tuple[dict[str, Any], ...] = ()
     merges: tuple[MergeSpec, ...] = Field(default=(), description="merged models (merge/config.py)")
     reference: str | dict[str, str] | None = Field(

@@ -6,6 +6,9 @@ artifact). Each group is one Ray Data pipeline over an actor pool that holds the
 model is loaded once per actor however many cells (tasks x shots x seeds) use it, and cells
 stream through it concurrently. A cell is written (predictions, then cell.json) the moment its
 last chunk comes back.
+
+The driver runs units (a fine-tune or merge cell, then the group that reads its model; or a base
+model's group) in up to `parallel` threads, each unit once the cells it reads are done (execute).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import random
 import time
 import traceback
 from collections import defaultdict
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -304,9 +308,45 @@ def run_merge_cell(cell: Cell, store: Store) -> dict[str, Any]:
 # --- the whole plan -----------------------------------------------------------------------
 
 
+@dataclass
+class Unit:
+    """What one driver thread runs: a fine-tune or merge cell (unless done already), then the
+    inference group that reads its model; or a base model's inference group alone."""
+
+    producer: Cell | None  # the cell to run first, None when there is none or it is done
+    inputs: list[str]  # cells whose models the producer (or else the group) reads
+    group: list[Cell]  # inference cells of one model
+
+
+def plan_units(plan: Plan, todo: list[Cell]) -> list[Unit]:
+    """The units of the cells to do: base models' groups first (no training, results soonest),
+    then every fine-tune or merge cell in plan order (each input before what reads it)."""
+    todo_ids = {c.id for c in todo}
+    groups: dict[str, list[Cell]] = defaultdict(list)
+    for c in todo:
+        if c.kind == "infer":
+            groups[c.depends_on or f"model:{c.model}"].append(c)
+    units = [Unit(None, [], cells) for key, cells in groups.items() if key.startswith("model:")]
+    for cell in plan.cells:
+        if cell.kind not in ("finetune", "merge"):
+            continue
+        if cell.id in todo_ids:
+            inputs = [cell.depends_on] if cell.kind == "finetune" else \
+                [ref["cell"] for ref in (cell.recipe or {})["inputs"].values() if "cell" in ref]
+            units.append(Unit(cell, [i for i in inputs if i], groups.get(cell.id, [])))
+        elif cell.id in groups:  # trained earlier; its inference cells are still to do
+            units.append(Unit(None, [cell.id], groups[cell.id]))
+    return units
+
+
 def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
             num_cpus: int | None = None) -> RunSummary:
-    """Run every cell not yet done; Ray is started (or joined) only when there is work."""
+    """Run every cell not yet done; Ray is started (or joined) only when there is work.
+
+    Up to `config.parallel` units run at once, each in a driver thread: a unit starts when the
+    cells it reads are done, and Ray queues its workers and actors until the cluster can place
+    them. With `parallel: 1` units run one after another, in `plan_units` order.
+    """
     statuses = store.statuses()
     done = {cid for cid, s in statuses.items() if s == "done"}
     todo = [c for c in plan.cells if c.id not in done]
@@ -315,48 +355,58 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
         return summary
     connect_ray(num_cpus)
     progress = Progress(total_cells=len(todo))
-    infer_todo = [c for c in todo if c.kind == "infer"]
-    finetune_todo = {c.id: c for c in todo if c.kind in ("finetune", "merge")}
 
-    def groups(cells: list[Cell]) -> dict[str, list[Cell]]:
-        out: dict[str, list[Cell]] = defaultdict(list)
+    def fail(cells: list[Cell], error: str) -> None:
         for c in cells:
-            out[c.depends_on or f"{c.model}"].append(c)
-        return out
+            record = cell_record(c, "failed", error=error)
+            store.write_cell(c.id, record)
+            _account(summary, progress, c, record)
 
-    # Base models first: they need no training, and their results arrive soonest.
-    for key, cells in groups([c for c in infer_todo if not c.depends_on]).items():
-        run_inference_group(cells, model_spec(cells[0], store, config), config, store, data_dir,
-                            progress, summary)
-    # Then each fine-tune or merge cell (in plan order: every input before the cells that read
-    # it), followed at once by the inference cells that use its model.
-    dependents = groups([c for c in infer_todo if c.depends_on])
-    for ft_id in [c.id for c in plan.cells if c.kind in ("finetune", "merge")]:
-        if ft_id in finetune_todo:
-            cell = finetune_todo[ft_id]
-            inputs = [cell.depends_on] if cell.kind == "finetune" else \
-                [ref["cell"] for ref in (cell.recipe or {})["inputs"].values() if "cell" in ref]
-            missing = [i for i in inputs if i and i not in done]
-            if missing:
-                record = cell_record(cell, "failed", error=f"input cell {missing[0]} is not done")
-                store.write_cell(cell.id, record)
-            elif cell.kind == "merge":
-                record = run_merge_cell(cell, store)
-            else:
-                record = run_finetune(cell, store, data_dir, config.inference.retries)
-            _account(summary, progress, finetune_todo[ft_id], record)
-            if record["status"] == "done":
-                done.add(ft_id)  # its model is there for the cells that read it
-            else:
-                for c in dependents.get(ft_id, []):
-                    rec = cell_record(c, "failed", error=f"fine-tune cell {ft_id} failed")
-                    store.write_cell(c.id, rec)
-                    _account(summary, progress, c, rec)
+    def run_unit(unit: Unit) -> bool:
+        """Run a unit; False when its producer failed (then its group is marked failed)."""
+        if unit.producer is not None:
+            cell = unit.producer
+            record = run_merge_cell(cell, store) if cell.kind == "merge" else \
+                run_finetune(cell, store, data_dir, config.inference.retries)
+            _account(summary, progress, cell, record)
+            if record["status"] != "done":
+                fail(unit.group, f"{cell.kind} cell {cell.id} failed")
+                return False
+        if unit.group:
+            run_inference_group(unit.group, model_spec(unit.group[0], store, config), config, store,
+                                data_dir, progress, summary)
+        return True
+
+    pending = plan_units(plan, todo)
+    failed: set[str] = set()
+    running: dict[Future, Unit] = {}
+    with ThreadPoolExecutor(max_workers=config.parallel, thread_name_prefix="unit") as pool:
+        while pending or running:
+            for unit in list(pending):
+                if len(running) >= config.parallel:
+                    break
+                broken = [i for i in unit.inputs if i in failed]
+                if not broken and not all(i in done for i in unit.inputs):
+                    continue  # an input is still being made
+                pending.remove(unit)
+                if broken:
+                    fail([unit.producer, *unit.group] if unit.producer else unit.group,
+                         f"input cell {broken[0]} is not done")
+                    if unit.producer:
+                        failed.add(unit.producer.id)
+                    continue
+                running[pool.submit(run_unit, unit)] = unit
+            if not running:
+                if pending:  # inputs that no unit makes: fail instead of waiting forever
+                    missing = next(i for i in pending[0].inputs if i not in done)
+                    failed.add(missing)
                 continue
-        if ft_id in dependents:
-            cells = dependents[ft_id]
-            run_inference_group(cells, model_spec(cells[0], store, config), config, store, data_dir,
-                                progress, summary)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                unit = running.pop(future)
+                ok = future.result()  # an exception in a unit stops the grid, as it would alone
+                if unit.producer is not None:
+                    (done if ok else failed).add(unit.producer.id)
     progress.close()
     return summary
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -10,7 +11,8 @@ log = logging.getLogger("clfgrid")
 
 
 class Progress:
-    """Counts cells and examples; logs a line when a cell ends and at most every `every` seconds."""
+    """Counts cells and examples; logs a line when a cell ends and at most every `every` seconds.
+    Units of the grid run in several driver threads: every count is taken under one lock."""
 
     def __init__(self, total_cells: int, every: float = 10.0):
         self.total_cells = total_cells
@@ -20,16 +22,23 @@ class Progress:
         self.every = every
         self.start = time.perf_counter()
         self.last = 0.0
+        self.lock = threading.RLock()
 
     def add_examples(self, n: int) -> None:
-        self.examples_total += n
+        with self.lock:
+            self.examples_total += n
 
     def examples_done(self, n: int) -> None:
-        self.examples += n
-        if time.perf_counter() - self.last >= self.every:
-            self._log()
+        with self.lock:
+            self.examples += n
+            if time.perf_counter() - self.last >= self.every:
+                self._log()
 
     def cell_done(self, cell: Any, record: dict[str, Any]) -> None:
+        with self.lock:
+            self._cell_done(cell, record)
+
+    def _cell_done(self, cell: Any, record: dict[str, Any]) -> None:
         self.cells += 1
         metrics = record.get("metrics") or {}
         headline = {k: round(v, 4) for k, v in metrics.items()
@@ -48,4 +57,5 @@ class Progress:
                  self.cells, self.total_cells, self.examples, self.examples_total, rate, eta)
 
     def close(self) -> None:
-        self._log()
+        with self.lock:
+            self._log()

@@ -230,3 +230,34 @@ def test_sigkill_during_a_finetune_cell_resumes_from_its_checkpoint(tmp_path):
     record = json.loads(next(results.glob(f"cells/{finetune['cell_id'][0]}/cell.json")).read_text())
     assert 0 < record["metrics"]["resumed_from_step"] < 60  # from the checkpoint, not from step 0
     assert record["metrics"]["steps"] == 60
+
+
+# --- units in parallel -----------------------------------------------------------------------
+
+def test_parallel_units_overlap_and_equal_a_one_at_a_time_run(tmp_path):
+    """With `parallel: 2` the base model's cells and a fine-tune run at the same time, the
+    fine-tuned model's cells wait for their fine-tune, and every prediction equals a run with
+    `parallel: 1` (which runs the fine-tune only after the base model's cells)."""
+    common = dict(tasks=["massive-intent"], shots=[0], finetune=["none", "lora"], limits={"test": 24, "train": 64},
+                  recipes={"decoder/lora": {"hparams": {"max_steps": 12, "batch_size": 4, "lr": 1e-3,
+                                                        "max_length": 1024}}})
+    runs = {}
+    for parallel in (2, 1):
+        config = write_grid(tmp_path / f"p{parallel}.yaml", parallel=parallel, **common)
+        proc = run_cli("grid/run.py", str(config), "--results", str(tmp_path / f"p{parallel}"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records = [json.loads(p.read_text()) for p in (tmp_path / f"p{parallel}").glob("cells/*/cell.json")]
+        assert {r["status"] for r in records} == {"done"} and len(records) == 3
+        span = {("base" if r["cell"]["finetune"] == "none" else r["cell"]["kind"]):
+                (r["finished_at"] - r["seconds"], r["finished_at"]) for r in records}
+        assert span["infer"][0] >= span["finetune"][1]  # the tuned model's cells after its fine-tune
+        runs[parallel] = span
+    two, one = runs[2], runs[1]
+    assert two["base"][0] < two["finetune"][1] and two["finetune"][0] < two["base"][1]  # they overlapped
+    assert one["finetune"][0] >= one["base"][1]  # one at a time
+
+    def table(folder: str) -> pl.DataFrame:
+        return (predictions(tmp_path / folder).select("cell_id", "example_id", "raw_output")
+                .sort("cell_id", "example_id").collect())
+
+    assert table("p2").equals(table("p1"))
