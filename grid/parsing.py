@@ -198,14 +198,18 @@ def _parse_label(text: str, labels: tuple[str, ...]) -> Parsed:
 
 
 def _tags_from_items(items: list, tags: tuple[str, ...], n_words: int | None) -> Parsed:
-    """A list of tags (already parsed) checked against the tag set and the number of words."""
+    """A list of tags (already parsed) checked against the tag set and the number of words.
+
+    A tag outside the set keeps its place as written (the answer is invalid): scored, it is a
+    predicted slot of an unknown type, a false positive, as MASSIVE's own scorer counts it.
+    """
     out: list[str] = []
     unknown: list[str] = []
     for item in items:
         tag = _match(item, tags) if isinstance(item, str) else None
         if tag is None:
-            unknown.append(item if isinstance(item, str) else json.dumps(item, default=str))
-            tag = OUTSIDE_TAG
+            tag = item if isinstance(item, str) else json.dumps(item, default=str)
+            unknown.append(tag)
         out.append(tag)
     reasons: list[str] = []
     if unknown:

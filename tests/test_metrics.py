@@ -117,7 +117,7 @@ def _perturb(rows, intents, tags, seed):
             pred = pred[: rng.randrange(len(pred))]
         elif r < 0.90:  # lengthened
             pred = pred + [rng.choice(tags) for _ in range(rng.randint(1, 3))]
-        elif r < 0.95:  # an unknown tag: the parser keeps its place as "Other"
+        elif r < 0.95:  # an unknown tag: the parser keeps it, a false positive in slot F1
             j = rng.randrange(len(pred))
             pred[j] = "not_a_slot"
         else:
@@ -128,8 +128,7 @@ def _perturb(rows, intents, tags, seed):
                 pred[j] = rng.choice(slot_tags)
         unknown = pred is not None and "not_a_slot" in pred
         out.append({"intent": intent, "intent_raw": intent_raw, "tags_raw": pred,
-                    "tags": None if pred is None else
-                    [("Other" if t == "not_a_slot" else t) for t in pred],
+                    "tags": None if pred is None else list(pred),
                     "unknown": unknown, "broken": rng.random() < 0.04, "style": rng.randrange(6)})
     return out
 

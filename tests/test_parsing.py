@@ -151,15 +151,20 @@ def test_word_tags_wrong_count_keeps_the_list(slots):
     assert parse_answer(json.dumps(TAGS[:6]), task, labels, None)["slots"].valid
 
 
-def test_word_tags_unknown_tag_becomes_other(slots):
+def test_word_tags_unknown_tag_is_kept_in_place(slots):
+    """An unknown tag stays as written, so scoring counts it as a wrong slot (as MASSIVE does)."""
+    from grid.metrics.slots import slot_f1
+
     task, labels = slots
     raw = json.dumps(["Other", "alarm", "time", 3])
     got = parse_answer(raw, task, labels, 4)["slots"]
     assert got.valid is False
-    assert got.value == ["Other", "Other", "time", "Other"]
+    assert got.value == ["Other", "alarm", "time", "3"]
     assert "'alarm'" in got.reason and "not in the label set" in got.reason
+    # the gold's one slot is found, and "alarm" and "3" are two false positives: P 1/3, R 1
+    assert slot_f1([["Other", "Other", "time", "Other"]], [got.value]) == pytest.approx(0.5)
     both = parse_answer(json.dumps(["alarm", "time"]), task, labels, 3)["slots"]
-    assert both.value == ["Other", "time"]
+    assert both.value == ["alarm", "time"]
     assert "not in the label set" in both.reason and "expected 3 word tags, got 2" in both.reason
 
 
