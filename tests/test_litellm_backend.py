@@ -257,10 +257,12 @@ def test_grid_end_to_end_faults_failures_cache_and_no_key_leak(server, tmp_path)
         assert status == {("tiny-api", "fpb-sentiment"): "done", ("tiny-api", "massive-slots"): "done",
                           ("tiny-dead", "fpb-sentiment"): "failed", ("tiny-dead", "massive-slots"): "failed"}
         assert sum(flaky.injected.values()) >= 2 and flaky.forwarded == 12
-        # The dead model's breaker opened after 2 requests failed for good (3 tries each): of its
-        # 12 examples x 2 chunk tries x 3 tries, at most the requests already in flight were sent.
-        assert dead.requests <= (2 + 3) * 3
-        assert all("circuit open" in c["error"] for c in cells if c["status"] == "failed")
+        # The dead model's breaker opened after 2 requests failed for good (3 tries each). Of its
+        # 12 examples x 2 chunk tries x 3 tries = 72 requests, only the first chunk's went out
+        # (both its tries may start before the breaker counts 2: 2 x 3 x 3); that chunk may fail
+        # with the server's own error, every later one with the open circuit.
+        assert dead.requests <= 2 * 3 * 3
+        assert any("circuit open" in c["error"] for c in cells if c["status"] == "failed")
         assert any(a.startswith("Bearer sk-SENTINEL") for a in flaky.auth_headers)  # the key was sent
 
         flaky.reset_counts()
