@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from grid.errors import GridError, read_yaml_mapping, validate_file
+from grid.errors import GridError, first_error, read_yaml_mapping, validate_file
 from merge.config import MergeSpec
 from workers.jobs import Family, PromptFormat, Resources
 
@@ -230,16 +230,16 @@ class GridConfig(Strict):
         for i, m in enumerate(self.models):
             try:
                 self.inference_for(m)
-            except ValueError as e:
-                raise ValueError(f"models.{i}.inference: {_first_error(e)}") from None
+            except ValidationError as e:
+                raise ValueError(f"models.{i}.inference: {first_error(e)}") from None
             if m.resources:
                 modes = {f for f in self.finetune if f != "none"} | ({m.finetuned_from.finetune} if m.finetuned_from else set())
                 for mode in sorted(modes):
                     try:
                         self.recipe_for(m, mode)
-                    except ValueError as e:
+                    except ValidationError as e:
                         raise ValueError(f"models.{i}.resources (with the {m.family}/{mode} recipe): "
-                                         f"{_first_error(e)}") from None
+                                         f"{first_error(e)}") from None
         return self
 
     def recipe(self, family: str, mode: str) -> Recipe:
@@ -260,18 +260,6 @@ class GridConfig(Strict):
         if model.resources:
             out["resources"] = Resources(**{**out["resources"], **model.resources}).model_dump()
         return out
-
-
-def _first_error(error: ValueError) -> str:
-    """One line of a pydantic ValidationError: field and message."""
-    from pydantic import ValidationError
-
-    if isinstance(error, ValidationError) and error.errors():
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
-        return f"{where}: {msg}" if where else msg
-    return str(error)
 
 
 EXCLUDE_KEYS = {"model", "family", "backend", "task", "shots", "finetune", "seed", "decoding"}

@@ -15,13 +15,20 @@ class GridError(Exception):
     """A problem with the user's input (config, data, task, file), stated in one line."""
 
 
-def pydantic_message(exc: ValidationError) -> str:
-    """The first validation error as `field.path: message`, the form every CLI error uses."""
+def first_error(exc: ValidationError) -> str:
+    """The first validation error as `field.path: message`; a validator's own message (which
+    names its field itself) without pydantic's "Value error, " prefix."""
     err = exc.errors()[0]
-    path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    path = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{path}: {msg}" if path else msg
+
+
+def pydantic_message(exc: ValidationError) -> str:
+    """`first_error` in the form every CLI error uses, with the count of the others."""
     more = len(exc.errors()) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-    return f"field {path}: {err['msg']}{suffix}"
+    return ("field " if exc.errors()[0]["loc"] else "") + first_error(exc) + suffix
 
 
 def yaml_message(exc: Exception) -> str:

@@ -22,7 +22,7 @@ class Progress:
         self.every = every
         self.start = time.perf_counter()
         self.last = 0.0
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
 
     def add_examples(self, n: int) -> None:
         with self.lock:
@@ -35,19 +35,16 @@ class Progress:
                 self._log()
 
     def cell_done(self, cell: Any, record: dict[str, Any]) -> None:
-        with self.lock:
-            self._cell_done(cell, record)
-
-    def _cell_done(self, cell: Any, record: dict[str, Any]) -> None:
-        self.cells += 1
         metrics = record.get("metrics") or {}
         headline = {k: round(v, 4) for k, v in metrics.items()
                     if isinstance(v, (int, float)) and k.count("/") <= 1 and not k.endswith(("_low", "_high"))}
         shown = ", ".join(f"{k}={v}" for k, v in list(headline.items())[:4])
-        log.info("[%d/%d] %s %s %s", self.cells, self.total_cells, record["status"], cell.label(), shown)
-        self._log()
+        with self.lock:
+            self.cells += 1
+            log.info("[%d/%d] %s %s %s", self.cells, self.total_cells, record["status"], cell.label(), shown)
+            self._log()
 
-    def _log(self) -> None:
+    def _log(self) -> None:  # callers hold the lock
         self.last = time.perf_counter()
         elapsed = self.last - self.start
         rate = self.examples / elapsed if elapsed > 0 else 0.0

@@ -623,13 +623,13 @@ def table_markdown(table: Table) -> str:
     return "\n".join(lines)
 
 
-
 def _diff_text(result: dict) -> str:
     """A - B in points, with its CI when the test gives one (both the Markdown and HTML tables)."""
     diff = f"{100 * result['diff']:+.1f}"
     if result.get("ci_low") is not None:
         diff += f" [{100 * result['ci_low']:+.1f}, {100 * result['ci_high']:+.1f}]"
     return diff
+
 
 def comparisons_markdown(comps: list[Comparison]) -> str:
     if not comps:

@@ -384,5 +384,6 @@ def print_resources(plan: Plan, config: GridConfig, data_dir: str | None = None,
     return est
 
 
-__all__ = ["estimate", "print_resources", "check_fits", "memory_problems", "training_state_bytes", "node_types_from_cluster", "model_params",
-           "strategy_for", "Estimate", "PlacementGroup", "InferenceGroup"]
+__all__ = ["estimate", "print_resources", "check_fits", "memory_problems", "training_state_bytes",
+           "node_types_from_cluster", "model_params", "strategy_for", "Estimate", "PlacementGroup",
+           "InferenceGroup"]

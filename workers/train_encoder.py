@@ -67,7 +67,6 @@ def job_hparams(job: FinetuneJob, dataset: str) -> dict[str, Any]:
     return hp
 
 
-
 def worker_batches(lengths: list[int], hp: dict, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
     """This worker's slice of every global batch of an epoch (batches too small to split are dropped)."""
     batches = length_grouped_batches(lengths, hp["batch_size"], seed * 100_003 + epoch, hp["mega_batch"])
