@@ -52,6 +52,8 @@ DEFAULT_HPARAMS: dict[str, Any] = {
     "lora_alpha": 16,
     "lora_dropout": 0.05,
     "lora_target_modules": "all-linear",  # or a list of module names, e.g. ["q_proj", "v_proj"]
+    "lora_layers": None,          # adapt only the last N transformer layers: the backward pass
+                                  # stops at the lowest adapted one (about 2x faster on a CPU)
     "checkpoint_every_steps": 500,  # 0: only at the last step
     "group_batches": 50,          # length-grouping window, in batches
     "log_every_steps": 50,
@@ -80,14 +82,14 @@ def answer_text(prompt_text: str, prompt: Any, answer: str, fmt: str, tokenizer:
     """What follows the prompt in a training example.
 
     `chat`: the tokenizer's own rendering of the assistant turn (for the tiny [INST] template,
-    " answer</s>"). `inst` / `plain`: a space then the answer, as Llama-2's template writes it.
+    " answer</s>"; for ChatML, "answer<|im_end|>"). `inst` / `plain`: a space then the answer, as Llama-2's template writes it.
     """
     if fmt == "chat":
         full = tokenizer.apply_chat_template(
             prompt.messages() + [{"role": "assistant", "content": answer}], tokenize=False
         )
-        if full.startswith(prompt_text):
-            return full[len(prompt_text):]
+        if full.startswith(prompt_text):  # the line break a template writes after EOS is not an answer
+            return full[len(prompt_text):].rstrip()
     return " " + answer
 
 
@@ -182,12 +184,25 @@ def answer_loss(model: Any, batch: dict[str, Any]):
 # --- model ---------------------------------------------------------------------------------
 
 
-def lora_config(hp: dict[str, Any]):
+def lora_config(hp: dict[str, Any], model: Any):
+    """peft's LoRA config; with `lora_layers`, only the last N layers get adapters (peft wants
+    module names then, so "all-linear" becomes the names of the layers' linear modules)."""
+    import torch
     from peft import LoraConfig
 
+    targets, last = hp["lora_target_modules"], hp["lora_layers"]
+    layers = None
+    if last is not None:
+        num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        if not 0 < last <= num_layers:
+            raise GridError(f"decoder fine-tune: lora_layers {last} must be between 1 and the model's {num_layers} layers")
+        layers = list(range(num_layers - last, num_layers))
+        if targets == "all-linear":
+            targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                              if isinstance(module, torch.nn.Linear) and ".layers." in name})
     return LoraConfig(
         r=hp["lora_r"], lora_alpha=hp["lora_alpha"], lora_dropout=hp["lora_dropout"],
-        target_modules=hp["lora_target_modules"], task_type="CAUSAL_LM",
+        target_modules=targets, task_type="CAUSAL_LM", layers_to_transform=layers,
     )
 
 
@@ -199,7 +214,7 @@ def load_model(job: FinetuneJob, hp: dict[str, Any]):
     if job.mode == "lora":
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(hp))
+        model = get_peft_model(model, lora_config(hp, model))
     return model
 
 
