@@ -1,9 +1,12 @@
 """The grid config: a YAML file you can read as a table, validated with pydantic.
 
 Axes: models x tasks x shots x fine-tune modes x seeds x decodings. `exclude` drops combinations
-(each entry a partial assignment; a list value means "any of"). Built-in rules that no grid can
-turn off: encoders are only evaluated fine-tuned and zero-shot (they have heads, not prompts), and
-API models are never fine-tuned. An error names the file and the field path.
+(each entry a partial assignment; a list value means "any of"; a decoding is named as
+`decoding_name` names it, e.g. `constrained+pmi`). Built-in rules that no grid can turn off:
+encoders are only evaluated fine-tuned and zero-shot (they have heads, not prompts), API models
+are never fine-tuned, and a calibrated decoding runs only on single-label tasks with the
+transformers backend (it needs the log-prob of every label). An error names the file and the
+field path.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_serializer, model_validator)
 
 from grid.errors import GridError, first_error, read_yaml_mapping, validate_file
 from merge.config import MergeSpec
@@ -77,6 +81,37 @@ class Decoding(Strict):
     max_new_tokens: int = Field(default=64, gt=0)
     temperature: float = Field(default=0.0, ge=0)
     length_normalized: bool = False
+    calibration: Literal["none", "contextual", "pmi"] = Field(
+        default="none", description="constrained score only: correct the label scores for the model's "
+        "bias toward some labels; contextual: divide each label's probability by its mean probability "
+        "on content-free inputs (N/A, [MASK], empty; Zhao et al. 2021); pmi: subtract each label's "
+        "log-prob after the answer cue alone (domain-conditional PMI, Holtzman et al. 2021)")
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibrated_scores(cls, value: str, info: ValidationInfo) -> str:
+        """A correction of label scores needs label scores: constrained decoding, strategy score."""
+        if value != "none" and (info.data.get("mode"), info.data.get("strategy")) != ("constrained", "score"):
+            raise ValueError(f"calibration {value!r} needs mode constrained with strategy score")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _without_default_calibration(self, handler: Any) -> dict[str, Any]:
+        """Cell ids hash this dict: leaving calibration "none" out keeps the ids (and so the
+        results) of every grid written before the option existed."""
+        data = handler(self)
+        if self.calibration == "none":
+            data.pop("calibration", None)
+        return data
+
+
+def decoding_name(decoding: dict[str, Any] | None) -> str:
+    """A cell's decoding as tables, reports and exclude rules name it: `free`, `constrained`,
+    `constrained+contextual`, `constrained+pmi`; `-` for a cell without decoding (an encoder)."""
+    if not decoding:
+        return "-"
+    calibration = decoding.get("calibration", "none")
+    return decoding["mode"] if calibration == "none" else f"{decoding['mode']}+{calibration}"
 
 
 class Recipe(Strict):
@@ -262,6 +297,7 @@ class GridConfig(Strict):
         return out
 
 
+# `decoding` matches decoding_name: free, constrained, constrained+contextual, constrained+pmi.
 EXCLUDE_KEYS = {"model", "family", "backend", "task", "shots", "finetune", "seed", "decoding"}
 
 

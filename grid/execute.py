@@ -34,7 +34,7 @@ from grid.metrics.score import score
 from grid.parsing import parse_answer
 from grid.plan import Cell, Plan
 from grid.progress import Progress
-from grid.prompting import PromptBuilder, gold_of, prompt_hash
+from grid.prompting import Prompt, PromptBuilder, gold_of, prompt_hash
 from grid.store import Store
 from grid.tasks import get_task
 from workers.models import resolve
@@ -88,7 +88,10 @@ def _prompt_builder(task_name: str, data_dir: str | None, text_budget: int | Non
 
 
 def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCell:
-    """The requests of one inference cell: a prompt per test example (or text for encoders)."""
+    """The requests of one inference cell: a prompt per test example (or text for encoders).
+
+    A calibrated decoding's request also carries `calibration_prompts`, in the same format as
+    its prompt: the prompts whose label scores correct the prompt's (workers.constrained)."""
     task = get_task(cell.task)
     rows = _test_rows(cell.task, data_dir, cell.limits["test"], cell.limits["seed"])
     labels = label_sets(task, data_dir)
@@ -96,15 +99,24 @@ def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCe
         items = [{"example_id": r["example_id"], "text": r["text"], "words": r["words"]} for r in rows]
         return PreparedCell(cell, rows, items, labels)
     builder = _prompt_builder(cell.task, data_dir, cell.text_budget, cell.sampler)
+    calibration = (cell.decoding or {}).get("calibration", "none")
+
+    def as_text(prompt: Prompt) -> str:
+        return prompt.as_text(cell.prompt_format, tokenizer) if cell.family == "decoder" else prompt.user
+
     items = []
     for r in rows:
         prompt = builder.build(r, cell.shots, cell.seed)
-        text = prompt.as_text(cell.prompt_format, tokenizer) if cell.family == "decoder" else prompt.user
-        items.append({"example_id": r["example_id"], "prompt": text, "messages": prompt.messages(),
-                      "prompt_hash": prompt_hash(text), "decoding": cell.decoding, "task": cell.task,
-                      "labels": labels, "words": r["words"] if task.needs_words else None,
-                      # as training tokenizes it: a chat template writes its own BOS, raw text does not
-                      "add_special_tokens": cell.prompt_format != "chat"})
+        text = as_text(prompt)
+        item = {"example_id": r["example_id"], "prompt": text, "messages": prompt.messages(),
+                "prompt_hash": prompt_hash(text), "decoding": cell.decoding, "task": cell.task,
+                "labels": labels, "words": r["words"] if task.needs_words else None,
+                # as training tokenizes it: a chat template writes its own BOS, raw text does not
+                "add_special_tokens": cell.prompt_format != "chat"}
+        if calibration != "none":
+            item["calibration_prompts"] = [as_text(p) for p in
+                                           builder.calibration_prompts(r, cell.shots, cell.seed, calibration)]
+        items.append(item)
     return PreparedCell(cell, rows, items, labels)
 
 

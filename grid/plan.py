@@ -17,11 +17,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from grid.config import GridConfig, ModelSpec
+from grid.config import Decoding, GridConfig, ModelSpec, decoding_name
 from grid.data import data_fingerprint
 from grid.errors import GridError
 from grid.prompting import template_source_hash
-from grid.tasks import get_task
+from grid.tasks import TaskDef, get_task
 from workers.models import check_source, is_local_path, source_revision
 
 CellKind = Literal["finetune", "infer", "merge"]
@@ -64,7 +64,7 @@ class Cell(BaseModel):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def label(self) -> str:
-        dec = f" {self.decoding['mode']}" if self.decoding else ""
+        dec = f" {decoding_name(self.decoding)}" if self.decoding else ""
         return f"{self.kind} {self.model} {self.task} {self.shots}-shot ft={self.finetune} seed={self.seed}{dec}"
 
 
@@ -92,6 +92,15 @@ def _builtin_skip(model: ModelSpec, shots: int, finetune: str) -> bool:
     if model.family == "api":
         return finetune != "none"
     return False
+
+
+def _uncalibratable(decoding: Decoding, model: ModelSpec, task: TaskDef) -> bool:
+    """A calibrated decoding corrects the log-probs of every label of one choice: only the
+    transformers backend computes them, and only a single-label task is one choice (word tags and
+    multi-task answers chain many). Encoders answer from their heads and ignore decodings."""
+    single_label = not task.is_multi and task.subtasks[0].type == "label"
+    return (decoding.calibration != "none" and model.family != "encoder"
+            and (model.backend != "transformers" or not single_label))
 
 
 def validate_references(config: GridConfig, source: str | Path = "grid config", hub_cache: bool = True) -> None:
@@ -141,12 +150,13 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
     ):
         combo = {"model": model.name, "family": model.family, "backend": model.backend,
                  "task": task_name, "shots": shots, "finetune": mode, "seed": seed,
-                 "decoding": decoding.mode}
-        if _builtin_skip(model, shots, mode) or any(_matches(r, combo) for r in config.exclude):
-            skipped += 1
-            continue
+                 "decoding": decoding_name(decoding.model_dump())}
         task = tasks[task_name]
         is_encoder = model.family == "encoder"
+        if (_builtin_skip(model, shots, mode) or _uncalibratable(decoding, model, task)
+                or any(_matches(r, combo) for r in config.exclude)):
+            skipped += 1
+            continue
         common = dict(
             model=model.name, source=model.source, weights=source_revision(model.source, model.revision),
             family=model.family, backend=model.backend,
@@ -171,14 +181,18 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
         infers.setdefault(cell.id, cell)
         if mode != "none" and model.family == "decoder" and config.finetuned_eval == "all":
             for other in config.tasks:  # the fine-tuned model on the grid's other (unseen) tasks
-                if other != task_name:
-                    t = tasks[other]
-                    cross = {**common, "task": other, "data_fp": fingerprints[other],
-                             "template_fp": template_source_hash(t.prompt),
-                             "text_budget": config.text_budget or t.text_budget}
-                    cell = Cell(kind="infer", decoding=decoding_dict, recipe=None, depends_on=depends_on,
-                                lineage=_infer_lineage(config, model.name, seen, task_name), **cross)
-                    infers.setdefault(cell.id, cell)
+                if other == task_name:
+                    continue
+                t = tasks[other]
+                if _uncalibratable(decoding, model, t):
+                    skipped += 1
+                    continue
+                cross = {**common, "task": other, "data_fp": fingerprints[other],
+                         "template_fp": template_source_hash(t.prompt),
+                         "text_budget": config.text_budget or t.text_budget}
+                cell = Cell(kind="infer", decoding=decoding_dict, recipe=None, depends_on=depends_on,
+                            lineage=_infer_lineage(config, model.name, seen, task_name), **cross)
+                infers.setdefault(cell.id, cell)
     merges, merge_infers, merge_skipped = _merge_cells(config, finetunes, made, fingerprints, tasks)
     for cell in merge_infers:
         infers.setdefault(cell.id, cell)
@@ -291,8 +305,10 @@ def _merge_cells(config: GridConfig, finetunes: dict[str, Cell], made: dict[str,
             config.tasks, config.shots, config.seeds, config.decoding
         ):
             combo = {"model": spec.name, "family": "decoder", "backend": "transformers", "task": task_name,
-                     "shots": shots, "finetune": "none", "seed": seed, "decoding": decoding.mode}
-            if any(_matches(r, combo) for r in config.exclude):
+                     "shots": shots, "finetune": "none", "seed": seed,
+                     "decoding": decoding_name(decoding.model_dump())}
+            if (_uncalibratable(decoding, spec_model, tasks[task_name])
+                    or any(_matches(r, combo) for r in config.exclude)):
                 skipped += 1
                 continue
             task = tasks[task_name]

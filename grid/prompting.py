@@ -74,6 +74,12 @@ class Prompt:
             return f"[INST]{body} [/INST]"
         return body
 
+    def answer_cue(self) -> "Prompt":
+        """The domain premise of PMI calibration: the user message's last line alone (`Label:`),
+        without instruction, label list, examples or input, so that the log-prob of a label after
+        it is the label's prior in this answer slot (Holtzman et al. 2021)."""
+        return Prompt(system=None, user=self.user.splitlines()[-1])
+
     def messages(self) -> list[dict[str, str]]:
         """The OpenAI-style messages for chat APIs."""
         return ([{"role": "system", "content": self.system}] if self.system else []) + [
@@ -158,6 +164,9 @@ def gold_of(task: TaskDef, row: dict[str, Any]) -> dict[str, Any]:
     return {sub.name: row[sub.field] for sub in task.subtasks}
 
 
+CONTENT_FREE_INPUTS = ("N/A", "[MASK]", "")  # contextual calibration's inputs (Zhao et al. 2021)
+
+
 class PromptBuilder:
     """Builds the prompt of any test example of one task; holds the train rows once."""
 
@@ -175,11 +184,24 @@ class PromptBuilder:
         self.budget = text_budget if text_budget is not None else task.text_budget
         self.sampler = FewShotSampler(task, train_rows, sampler)
 
-    def build(self, row: dict[str, Any], shots: int, seed: int) -> Prompt:
+    def build(self, row: dict[str, Any], shots: int, seed: int, text: str | None = None) -> Prompt:
+        """The example's prompt; with `text`, that text in place of the example's, after the same
+        examples (they are drawn for the example, so calibration sees the demos it corrects)."""
         picks = self.sampler.draw(row["example_id"], row["text"], shots, seed)
         examples = [
             {"text": cut_text(self.train[i]["text"], self.budget),
              "answer": format_answer(self.task, gold_of(self.task, self.train[i]))}
             for i in picks
         ]
-        return render(self.task, self.labels, cut_text(row["text"], self.budget), examples)
+        query = row["text"] if text is None else text
+        return render(self.task, self.labels, cut_text(query, self.budget), examples)
+
+    def calibration_prompts(self, row: dict[str, Any], shots: int, seed: int, method: str) -> list[Prompt]:
+        """The prompts whose label scores correct this example's (see workers.constrained.calibrate):
+        `contextual`, its prompt with each content-free input in place of its text; `pmi`, the
+        answer cue alone."""
+        if method == "contextual":
+            return [self.build(row, shots, seed, text=cf) for cf in CONTENT_FREE_INPUTS]
+        if method == "pmi":
+            return [self.build(row, shots, seed).answer_cue()]
+        raise ValueError(f"unknown calibration {method!r}")

@@ -12,6 +12,7 @@ from typing import Any
 
 import polars as pl
 
+from grid.config import decoding_name
 from grid.store import Store
 
 CELL_COLUMNS = ["cell_id", "status", "kind", "model", "family", "backend", "task", "shots", "finetune",
@@ -26,7 +27,8 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
         "cell_id": record["cell_id"], "status": record["status"], "kind": cell["kind"],
         "model": cell["model"], "family": cell["family"], "backend": cell["backend"],
         "task": cell["task"], "shots": cell["shots"], "finetune": cell["finetune"], "seed": cell["seed"],
-        "decoding": (cell.get("decoding") or {}).get("mode"), "prompt_format": cell["prompt_format"],
+        "decoding": decoding_name(cell["decoding"]) if cell.get("decoding") else None,
+        "prompt_format": cell["prompt_format"],
         "depends_on": cell.get("depends_on"), "seconds": record.get("seconds"),
         "n_examples": record.get("n_examples"), "error": record.get("error"),
     }

@@ -11,8 +11,10 @@ found in the results. Each entry is the cell's own metric from its cell.json (th
 `86.5 [85.7, 87.3] inv 0.2%` (the sub-task's invalid rate for consolidated cells).
 
 Significance (grid.significance, seeded): by default, for every column and model, fine-tuned vs
-not (same shots), 5-shot vs 0-shot (same fine-tune), and consolidated vs dual (same shots and
-fine-tune); plus any `--pairs A:B` of cell ids. Accuracy: exact McNemar on per-example
+not (same shots), 5-shot vs 0-shot (same fine-tune), consolidated vs dual (same shots and
+fine-tune), calibrated vs raw (a calibrated decoding, e.g. `constrained+pmi`, vs `constrained`,
+all else equal), and LLM vs encoder (every decoder or API row vs each fine-tuned encoder row);
+plus any `--pairs A:B` of cell ids. Accuracy: exact McNemar on per-example
 correctness; slot F1: paired bootstrap.
 
 Plots (matplotlib, as inline base64 PNG; the page links nothing outside itself): score by
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grid.config import decoding_name
 from grid.errors import GridError
 from grid.store import Store
 
@@ -117,17 +120,13 @@ def _made_models(records: dict[str, dict[str, Any]]) -> set[str]:
             if r.get("cell", {}).get("kind") == "infer" and _is_made(r["cell"], records)}
 
 
-def _decoding_mode(cell: dict[str, Any]) -> str:
-    return (cell.get("decoding") or {}).get("mode", "-")
-
-
 @dataclass(frozen=True)
 class RowKey:
     model: str
     family: str
     shots: int
     finetune: str
-    decoding: str
+    decoding: str  # grid.config.decoding_name: free, constrained, constrained+pmi, ...; - for encoders
     seed: int
 
     def label(self, show_decoding: bool, show_seed: bool) -> str:
@@ -148,7 +147,7 @@ FAMILY_ORDER = {"encoder": 0, "decoder": 1, "api": 2}
 
 def row_key(cell: dict[str, Any]) -> RowKey:
     return RowKey(cell["model"], cell.get("family", ""), int(cell["shots"]), str(cell["finetune"]),
-                  _decoding_mode(cell), int(cell.get("seed", 0)))
+                  decoding_name(cell.get("decoding")), int(cell.get("seed", 0)))
 
 
 def _sort_key(k: RowKey) -> tuple:
@@ -243,7 +242,7 @@ def build_table(records: list[dict[str, Any]]) -> Table:
 
 @dataclass
 class Comparison:
-    kind: str  # "fine-tuned vs not", "5-shot vs 0-shot", "consolidated vs dual", "requested"
+    kind: str  # a default pair's kind (run_comparisons' order), or "requested"
     column: str  # column title (for the metric)
     a: str  # cell ids
     b: str
@@ -281,6 +280,7 @@ def default_pairs(table: Table) -> list[tuple[str, Column, Column, RowKey, RowKe
     rows = set(table.rows)
     out = []
     done = {k for k, e in table.entries.items() if e.status == "done" and e.value is not None}
+    encoders = [r for r in table.rows if r.family == "encoder" and r.finetune != "none" and r.shots == 0]
     for col in table.used_columns():
         for row in table.rows:
             if (row, col.key) not in done:
@@ -298,6 +298,12 @@ def default_pairs(table: Table) -> list[tuple[str, Column, Column, RowKey, RowKe
                              and d.head == col.head and d.metric == col.metric), None)
                 if dual is not None and (row, dual.key) in done:
                     out.append(("consolidated vs dual", col, dual, row, row))
+            if "+" in row.decoding:  # a calibrated decoding, e.g. constrained+pmi
+                raw = replace(row, decoding=row.decoding.split("+")[0])
+                if raw in rows and (raw, col.key) in done:
+                    out.append(("calibrated vs raw", col, col, row, raw))
+            if row.family != "encoder":
+                out += [("LLM vs encoder", col, col, row, enc) for enc in encoders if (enc, col.key) in done]
     return out
 
 
@@ -315,7 +321,8 @@ def run_comparisons(store: Store, table: Table, pairs: list[tuple[str, str]] | N
     cache = OutcomeCache(store)
     todo: list[tuple[str, Column, Column, str, str]] = []
     if include_default:
-        order = {"fine-tuned vs not": 0, "5-shot vs 0-shot": 1, "consolidated vs dual": 2}
+        order = {"fine-tuned vs not": 0, "5-shot vs 0-shot": 1, "consolidated vs dual": 2, "calibrated vs raw": 3,
+                 "LLM vs encoder": 4}
         cols = {c.key: i for i, c in enumerate(table.columns)}
         ranked = sorted(default_pairs(table), key=lambda p: (order[p[0]], cols[p[1].key], _sort_key(p[3])))
         for kind, ca, cb, ra, rb in ranked:
@@ -564,7 +571,7 @@ def forgetting_rows(table: Table) -> list[dict[str, Any]]:
                 oc = other.get("cell", {})
                 if (other["status"] != "done" or oc.get("kind") != "infer" or other is rec
                         or any(oc.get(k) != cell.get(k) for k in same)
-                        or _decoding_mode(oc) != _decoding_mode(cell)):
+                        or decoding_name(oc.get("decoding")) != decoding_name(cell.get("decoding"))):
                     continue
                 oe = entry_of(other, col)
                 if oe.value is None:

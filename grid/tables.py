@@ -7,6 +7,7 @@ from typing import Any
 
 import polars as pl
 
+from grid.config import decoding_name
 from grid.plan import Plan
 
 HEADLINE_SUFFIXES = ("/accuracy", "/slot_f1", "/rouge_l", "exact_match", "invalid_rate")
@@ -37,7 +38,7 @@ def plan_table(plan: Plan, statuses: dict[str, str]) -> tuple[pl.DataFrame, str]
         status = "to do" if status not in ("done", "failed") else status
         rows.append({"cell_id": c.id, "kind": c.kind, "model": c.model, "task": c.task, "shots": c.shots,
                      "finetune": c.finetune, "seed": c.seed,
-                     "decoding": (c.decoding or {}).get("mode", "-"), "status": status})
+                     "decoding": decoding_name(c.decoding), "status": status})
     line = summary_line([r["status"] for r in rows])
     if plan.skipped:
         line += f" ({plan.skipped} combinations skipped by rules)"
@@ -51,7 +52,7 @@ def status_table(records: list[dict[str, Any]]) -> tuple[pl.DataFrame, str]:
         c = r["cell"]
         rows.append({"cell_id": r["cell_id"], "kind": c["kind"], "model": c["model"], "task": c["task"],
                      "shots": c["shots"], "finetune": c["finetune"], "seed": c["seed"],
-                     "decoding": (c.get("decoding") or {}).get("mode", "-"), "status": r["status"],
+                     "decoding": decoding_name(c.get("decoding")), "status": r["status"],
                      "metrics": _lineage_text(c) if c["kind"] == "merge" and r["status"] == "done"
                      else headline(r.get("metrics")) if r["status"] == "done" else (r.get("error") or "")})
     return pl.DataFrame(rows), summary_line([r["status"] for r in rows]) + _forgetting_text(records)
@@ -102,7 +103,7 @@ def forgetting_frame(records: list[dict[str, Any]], reference: str | None = None
         seen = c["task"] in (lineage.get("seen_tasks") or []) and c["task"] not in ref_seen.get(ref_name, set())
         rows.append({"weights": f"{c['model']} {c['finetune']}:{trained_on}" if trained_on else c["model"],
                      "model": c["model"], "task": c["task"], "shots": c["shots"], "seed": c["seed"],
-                     "decoding": (c.get("decoding") or {}).get("mode", "-"), "finetune": c["finetune"],
+                     "decoding": decoding_name(c.get("decoding")), "finetune": c["finetune"],
                      "seen": seen, "metric": metric, "score": value, "reference": ref_name})
     schema = {"weights": pl.String, "model": pl.String, "task": pl.String, "shots": pl.Int64, "seed": pl.Int64, "decoding": pl.String,
               "finetune": pl.String, "seen": pl.Boolean, "metric": pl.String, "score": pl.Float64,

@@ -63,14 +63,16 @@ def _answer(sub, gold, skill: float, invalid: float, rng: random.Random) -> Pars
 
 def add_cell(store: Store, model: str, family: str, task_name: str, shots: int, finetune: str,
              skill: float, invalid: float = 0.05, status: str = "done", decoding: str = "free",
-             seen_tasks: list[str] | None = None, lineage: dict | None = None, depends_on: str | None = None) -> str:
+             seen_tasks: list[str] | None = None, lineage: dict | None = None, depends_on: str | None = None,
+             calibration: str | None = None) -> str:
     task = get_task(task_name)
     cell = Cell(kind="infer", model=model, source=f"hub/{model}", weights="main", family=family,
                 backend={"encoder": "transformers", "decoder": "vllm", "api": "litellm"}[family],
                 prompt_format="none" if family == "encoder" else "chat", task=task_name, data_fp="fp",
                 template_fp=None, shots=shots, finetune=finetune, seed=0,
                 decoding=None if family == "encoder" else {"mode": decoding, "max_new_tokens": 64,
-                                                           "temperature": 0.0, "length_normalized": False},
+                                                           "temperature": 0.0, "length_normalized": False,
+                                                           **({"calibration": calibration} if calibration else {})},
                 text_budget=None, sampler="random", limits={"test": None, "train": None, "seed": 0},
                 recipe=None, depends_on=depends_on)
     dumped = cell.model_dump()
@@ -82,7 +84,7 @@ def add_cell(store: Store, model: str, family: str, task_name: str, shots: int, 
     if status != "done":
         store.write_cell(cid, {"cell_id": cid, "status": status, "cell": dumped, "error": "CUDA out of memory"})
         return cid
-    rng = random.Random(f"{model}{task_name}{shots}{finetune}{seen_tasks}")
+    rng = random.Random(f"{model}{task_name}{shots}{finetune}{seen_tasks}{calibration or ''}")
     golds = [_gold(task_name, i) for i in range(N)]
     parsed = [{s.name: _answer(s, g[s.name], skill, invalid, rng) for s in task.subtasks} for g in golds]
     metrics = score(task, golds, parsed, seed=0, n_boot=200)
@@ -214,7 +216,10 @@ def test_default_significance_pairs(rich):
     root, paths = rich
     data = json.loads(Path(paths[2]).read_text())
     kinds = {c["kind"] for c in data["comparisons"]}
-    assert kinds == {"fine-tuned vs not", "5-shot vs 0-shot", "consolidated vs dual"}
+    assert kinds == {"fine-tuned vs not", "5-shot vs 0-shot", "consolidated vs dual", "LLM vs encoder"}
+    # every LLM row's done entries against the fine-tuned encoder (done on all 8 columns): llama3-8b
+    # 4 rows x 8, gpt-4o 8 + 7 (its 5-shot slot cell failed), merge-ties 2
+    assert sum(c["kind"] == "LLM vs encoder" for c in data["comparisons"]) == 32 + 15 + 2
     ft = [c for c in data["comparisons"] if c["kind"] == "fine-tuned vs not"]
     assert len(ft) == 2 * 8  # llama3-8b at 0 and 5 shots, 8 columns
     tests = {c["result"]["test"] for c in ft}
@@ -222,6 +227,32 @@ def test_default_significance_pairs(rich):
     assert all(c["result"]["significant"] for c in ft if c["column"].endswith("Intent"))
     slot = next(c for c in ft if c["column"] == "MASSIVE dual: Slot filling")
     assert slot["result"]["test"] == "paired-bootstrap" and slot["result"]["n_boot"] == 200
+
+
+def test_calibrated_vs_raw_and_llm_vs_encoder_pairs(tmp_path):
+    """A calibrated row is compared with its raw row, every LLM row with the fine-tuned encoder."""
+    from grid.report import default_pairs
+
+    store = Store.open(tmp_path / "res")
+    enc = add_cell(store, "roberta-base", "encoder", "massive-intent", 0, "full", 0.85, invalid=0.0)
+    raw = add_cell(store, "smollm2", "decoder", "massive-intent", 0, "none", 0.2, decoding="constrained")
+    cal = {c: add_cell(store, "smollm2", "decoder", "massive-intent", 0, "none", 0.6, decoding="constrained",
+                       calibration=c) for c in ("contextual", "pmi")}
+    add_cell(store, "smollm2", "decoder", "massive-slots", 0, "none", 0.2, decoding="constrained")  # no encoder there
+    table = build_table(store.records())
+    assert {r.decoding for r in table.rows} == {"-", "constrained", "constrained+contextual", "constrained+pmi"}
+    pairs = {(kind, table.entries[(a, ca.key)].cell_id, table.entries[(b, cb.key)].cell_id)
+             for kind, ca, cb, a, b in default_pairs(table)}
+    assert pairs == {("calibrated vs raw", cal["contextual"], raw), ("calibrated vs raw", cal["pmi"], raw),
+                     ("LLM vs encoder", raw, enc), ("LLM vs encoder", cal["contextual"], enc),
+                     ("LLM vs encoder", cal["pmi"], enc)}
+    data = json.loads(Path(write_report(tmp_path / "res", tmp_path / "out", n_boot=50)[2]).read_text())
+    comps = [(c["kind"], c["a_label"]) for c in data["comparisons"]]
+    assert comps[:2] == [("calibrated vs raw", "smollm2 zero-shot w/o FT constrained+contextual [massive-intent]"),
+                         ("calibrated vs raw", "smollm2 zero-shot w/o FT constrained+pmi [massive-intent]")]
+    assert [k for k, _ in comps[2:]] == ["LLM vs encoder"] * 3
+    assert all(c["result"]["test"] == "mcnemar-exact" for c in data["comparisons"])
+    assert "smollm2 zero-shot w/o FT constrained+pmi" in {r["label"] for r in data["rows"]}
 
 
 def test_requested_pairs_and_confusion_cell(tmp_path):

@@ -33,11 +33,23 @@ puts something (Llama-2's ` `, Llama-3's nothing): "score" prepends the template
 prefix when the prompt is in the tokenizer's chat format, else a space when the prompt ends in
 a non-space (`Label:`), else nothing; "greedy" lets the model write up to two whitespace
 characters first.
+
+**Calibration** (`decoding["calibration"]`; strategy score, single-label tasks): small
+instruction-tuned models answer one favourite label for almost every input, so the label scores
+(as above, EOS included, per token when length-normalized) are corrected for that prior before
+the argmax (`calibrate`); the answer is still the chosen label. `contextual` (Zhao et al. 2021):
+the labels' probabilities (softmax of their scores) divided by their mean probabilities on the
+same prompt, same examples, with a content-free input (`N/A`, `[MASK]`, empty) in place of the
+text. `pmi` (Holtzman et al. 2021): each score minus the label's log-prob after the answer cue
+alone (`Label:`, in the same prompt format). The requests carry those prompts
+(`calibration_prompts`, grid.execute); each distinct one runs once per chunk (a zero-shot
+cell's are the same for every example), in two more forward passes per chunk-sized batch.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -532,22 +544,70 @@ def answer_lead(tokenizer: Any, prompt: str) -> str:
     return " " if prompt and not prompt[-1].isspace() else ""
 
 
-def _score_labels_batch(model: Any, encode, items: list[dict[str, Any]], prompts: list[list[int]],
-                        choice: Choice, lead: str, eos: int, pad: int) -> list[dict[str, Any]]:
-    """Label tasks (one choice, the same labels for every item): the whole chunk in two forward
-    passes, the prompts (shared prefix once) and all items' candidate tries together."""
-    candidates = [encode(lead + opt) + [eos] for opt in choice.options]
+def _logsumexp(xs: Sequence[float]) -> float:
+    top = max(xs)
+    return top + math.log(sum(math.exp(x - top) for x in xs))
+
+
+def _log_softmax(xs: Sequence[float]) -> list[float]:
+    z = _logsumexp(xs)
+    return [x - z for x in xs]
+
+
+def calibrate(scores: Sequence[float], cf_scores: Sequence[Sequence[float]], method: str) -> list[float]:
+    """One example's label scores corrected for the model's prior over the labels; the answer is
+    their argmax. `cf_scores`: the scores of the same labels after each calibration prompt.
+
+    - contextual: the calibrated distribution q(y|x) = p(y|x) / p_cf(y), normalized over the
+      labels, where p = softmax(scores) and p_cf is the mean of softmax(row) over the rows
+      (Zhao et al.'s W = diag(p_cf)^-1, b = 0). Computed in log space, so that a label the
+      content-free prompts never pick does not divide by an underflowed zero.
+    - pmi: scores minus the domain premise's (its one row): log P(y|x) - log P(y|premise).
+    """
+    if method == "pmi":
+        (premise,) = cf_scores
+        return [s - c for s, c in zip(scores, premise)]
+    if method == "contextual":
+        rows = [_log_softmax(row) for row in cf_scores]
+        log_prior = [_logsumexp(col) - math.log(len(rows)) for col in zip(*rows)]
+        return [math.exp(x) for x in _log_softmax([s - c for s, c in zip(scores, log_prior)])]
+    raise ValueError(f"unknown calibration {method!r}")
+
+
+def _label_scores(model: Any, prompts: list[list[int]], candidates: list[list[int]], pad: int) -> list[list[float]]:
+    """Every candidate's log-likelihood (sum over its tokens) after each prompt, in two forward
+    passes: the prompts (their shared prefix once), then all their candidate tries together."""
     cache, logprobs = _prefill_batch(model, prompts, pad)
-    normalized = [bool((it.get("decoding") or {}).get("length_normalized")) for it in items]
+    scores, *_ = _score_trie(model, cache, [len(p) for p in prompts], logprobs, candidates, False, need_next=False)
+    return scores
+
+
+def _score_labels_batch(model: Any, encode, items: list[dict[str, Any]], prompts: list[list[int]],
+                        calibration_prompts: list[list[list[int]]], choice: Choice, lead: str, eos: int,
+                        pad: int) -> list[dict[str, Any]]:
+    """Label tasks (one choice, the same labels for every item): the whole chunk in two forward
+    passes. The calibration prompts of calibrated items take two more per chunk-sized batch of
+    distinct ones (a zero-shot cell's are the same for every example: run once)."""
+    candidates = [encode(lead + opt) + [eos] for opt in choice.options]
+    lengths = [len(c) for c in candidates]
+    scores = _label_scores(model, prompts, candidates, pad)
+    distinct = list(dict.fromkeys(tuple(p) for ps in calibration_prompts for p in ps))
+    cf: dict[tuple[int, ...], list[float]] = {}
+    for start in range(0, len(distinct), len(items)):  # no batch larger than the chunk's own
+        part = distinct[start:start + len(items)]
+        cf.update(zip(part, _label_scores(model, [list(p) for p in part], candidates, pad)))
     answers = []
-    for flag in sorted(set(normalized)):  # one pass per scoring rule (a chunk has one in practice)
-        rows = [i for i, f in enumerate(normalized) if f == flag]
-        sub = cache if len(rows) == len(items) else _map_cache(cache, lambda t: t[rows])
-        scores, *_ = _score_trie(model, sub, [len(prompts[i]) for i in rows], [logprobs[i] for i in rows],
-                                 candidates, flag, need_next=False)
-        answers += [(i, _best(row_scores)) for i, row_scores in zip(rows, scores)]
-    return [{"raw_output": choice.options[b], "n_prompt_tokens": len(prompts[i]),
-             "n_output_tokens": len(candidates[b])} for i, b in sorted(answers)]
+    for item, prompt, row, cal in zip(items, prompts, scores, calibration_prompts):
+        decoding = item.get("decoding") or {}
+        per_token = [n if decoding.get("length_normalized") else 1 for n in lengths]  # sum, or mean per token
+        final = [x / n for x, n in zip(row, per_token)]
+        if cal:
+            final = calibrate(final, [[x / n for x, n in zip(cf[tuple(p)], per_token)] for p in cal],
+                              decoding["calibration"])
+        best = _best(final)
+        answers.append({"raw_output": choice.options[best], "n_prompt_tokens": len(prompt),
+                        "n_output_tokens": len(candidates[best])})
+    return answers
 
 
 def constrained_answers(model: Any, tokenizer: Any, items: list[dict[str, Any]],
@@ -571,7 +631,10 @@ def constrained_answers(model: Any, tokenizer: Any, items: list[dict[str, Any]],
             token_memo[text] = tokenizer.encode(text, add_special_tokens=False)
         return token_memo[text]
 
-    prompts = [tokenizer.encode(it["prompt"], add_special_tokens=it.get("add_special_tokens", False)) for it in items]
+    def tokenize(text: str, item: dict[str, Any]) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=item.get("add_special_tokens", False))
+
+    prompts = [tokenize(it["prompt"], it) for it in items]
     answers: list[dict[str, Any]] = []
     with torch.inference_mode():
         programs = [answer_program(get_task(it["task"]), it["labels"],
@@ -579,7 +642,11 @@ def constrained_answers(model: Any, tokenizer: Any, items: list[dict[str, Any]],
         leads = [answer_lead(tokenizer, it["prompt"]) for it in items]
         if (strategy == "score" and len(set(programs)) == 1 and len(programs[0]) == 1
                 and isinstance(programs[0][0], Choice) and len(set(leads)) == 1 and not leads[0].strip()):
-            return _score_labels_batch(model, encode, items, prompts, programs[0][0], leads[0], eos, pad)
+            calibration = [[tokenize(p, it) for p in it.get("calibration_prompts") or []] for it in items]
+            return _score_labels_batch(model, encode, items, prompts, calibration, programs[0][0], leads[0], eos, pad)
+        if any(it.get("calibration_prompts") for it in items):
+            raise ValueError("calibration corrects the scores of one label choice: it needs strategy score, "
+                             "a single-label task and a chat template whose answer lead is whitespace")
         states = prefill(model, prompts, pad)
         for item, prompt, state, program, lead in zip(items, prompts, states, programs, leads):
             if strategy == "score":
