@@ -76,6 +76,7 @@ def test_same_file_same_cells_from_two_install_folders(tmp_path, monkeypatch):
     before = [c.id for c in build_plan(_grid()).cells]
     other = tmp_path / "site" / module
     other.mkdir(parents=True)
+    (other / "__init__.py").write_text("")  # a regular package, as an install makes
     os.link(GGUF, other / filename) if GGUF.stat().st_dev == tmp_path.stat().st_dev else shutil.copy(GGUF, other / filename)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     importlib.invalidate_caches()
