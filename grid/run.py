@@ -43,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     from grid.execute import data_dir_arg, execute
     from grid.plan import build_plan, validate_references
     from grid.store import Store
-    from grid.tables import plan_table, print_table
+    from grid.tables import plan_table, print_table, status_table
 
     config = load_config(args.config)
     validate_references(config, args.config, hub_cache=not args.dry_run)
@@ -57,7 +57,8 @@ def _run(args: argparse.Namespace) -> int:
         print_resources(plan, config, data_dir)
         return 0
     summary = execute(plan, config, store, data_dir, args.num_cpus)
-    print_table(*plan_table(plan, store.statuses()))
+    cell_ids = {c.id for c in plan.cells}  # this grid's cells and their metrics, as `grid status` shows them
+    print_table(*status_table([r for r in store.records() if r["cell_id"] in cell_ids]))
     print(f"ran {len(summary.ran)} cells ({summary.already_done} already done), {len(summary.failed)} failed")
     return 1 if summary.failed else 0
 

@@ -14,13 +14,21 @@ HEADLINE_SUFFIXES = ("/accuracy", "/slot_f1", "/rouge_l", "exact_match", "invali
 
 
 def headline(metrics: dict[str, Any] | None) -> str:
-    """The few numbers worth a column: accuracy / slot F1 per sub-task, exact match, invalid rate."""
+    """The few numbers worth a column: accuracy / slot F1 per sub-task with its 95% CI (and an
+    accuracy's majority-class rate, the floor it must clear), exact match, invalid rate."""
     if not metrics:
         return ""
     parts = []
     for key, value in metrics.items():
         if key.endswith(HEADLINE_SUFFIXES) and key.count("/") <= 1 and isinstance(value, (int, float)):
-            parts.append(f"{key}={value:.3f}")
+            text = f"{key}={value:.3f}"
+            low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+            if low is not None and high is not None:
+                text += f" [{low:.3f}, {high:.3f}]"
+            majority = metrics.get(key.replace("/accuracy", "/majority_rate")) if key.endswith("/accuracy") else None
+            if majority is not None:
+                text += f" (majority {majority:.3f})"
+            parts.append(text)
     return " ".join(parts)
 
 

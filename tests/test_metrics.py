@@ -249,12 +249,16 @@ def test_score_keys(massive):
     assert list(got) == [
         "n", "invalid_rate",
         "intent/invalid_rate", "intent/accuracy", "intent/accuracy_ci_low",
-        "intent/accuracy_ci_high", "intent/macro_f1", "intent/macro_f1_ci_low",
+        "intent/accuracy_ci_high", "intent/majority_rate", "intent/macro_f1", "intent/macro_f1_ci_low",
         "intent/macro_f1_ci_high",
         "slots/invalid_rate", "slots/slot_f1", "slots/slot_f1_ci_low", "slots/slot_f1_ci_high",
         "exact_match", "exact_match_ci_low", "exact_match_ci_high",
     ]
     assert all(isinstance(v, float) for v in got.values())
+    from collections import Counter
+
+    intents = Counter(r["intent"] for r in rows[:300])
+    assert got["intent/majority_rate"] == max(intents.values()) / 300  # the floor to beat
     no_ci = score(task, rows[:300], parsed, n_boot=0)
     assert not any(k.endswith(("_ci_low", "_ci_high")) for k in no_ci)
     assert all(no_ci[k] == got[k] for k in no_ci)

@@ -8,6 +8,8 @@ exact_match (every sub-task right) to the whole task. Keys:
     invalid_rate                      share of examples with any invalid sub-task
     <sub>/invalid_rate                per sub-task
     <sub>/accuracy, <sub>/macro_f1    label sub-tasks
+    <sub>/majority_rate               label sub-tasks: the accuracy of always answering the most
+                                      frequent gold label of these rows (the floor to beat)
     <sub>/slot_f1                     word_tags sub-tasks (MASSIVE's official slot F1)
     <sub>/rouge1, /rouge2, /rougeL    text sub-tasks
     exact_match                       when the task lists it
@@ -21,6 +23,7 @@ stripped gold. Golds are dicts keyed by sub-task name or by gold field (dataset 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -136,6 +139,8 @@ def score(task: TaskDef, golds: list[dict[str, object]], parsed: list[dict[str, 
         if sub.type == "label":
             if "accuracy" in task.metrics:
                 _put(out, f"{name}/accuracy", right.mean(), ci(mean_statistic, right))
+                gold_counts = Counter(_gold_labels(sub, golds))
+                out[f"{name}/majority_rate"] = gold_counts.most_common(1)[0][1] / n
             if "macro_f1" in task.metrics:
                 gold_ids, pred_ids, classes = class_indices(
                     _gold_labels(sub, golds), [_pred_label(p) for p in answers])
