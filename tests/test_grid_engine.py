@@ -85,6 +85,8 @@ def test_run_rerun_and_add_a_seed(tmp_path):
     assert first.returncode == 0, first.stderr
     assert ran(first) == (4, 0)
     assert "progress: cells" in first.stderr and "examples/s" in first.stderr
+    # the run ends with its cells' metrics: accuracy, its CI and the majority rate it must clear
+    assert re.search(r"intent/accuracy=[0-9.]+ \[[0-9.]+, [0-9.]+\] \(majority [0-9.]+\)", first.stdout), first.stdout
 
     table = cells(results).collect()
     assert table.height == 4 and set(table["status"]) == {"done"}
