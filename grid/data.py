@@ -1,11 +1,12 @@
-"""Dataset loaders: hub copies when online, the same formats from a local folder when offline.
+"""A task's rows: its declared data (grid.dataspec) read and normalized, one split at a time.
 
-Every loader returns an HF `datasets.Dataset` of normalized rows with the columns
-`example_id` (str), `text` (str), `words` (list of str; the text split on whitespace) and one
-column per gold field (e.g. `intent`, `slots`, `label`, `root`). Tasks name those gold fields.
+Every split is an HF `datasets.Dataset` of normalized rows with the columns `example_id` (str),
+`text` (str), `words` (list of str: the text split on whitespace, or an annotation's words, which
+must equal them) and one column per gold field the task declares (e.g. `intent`, `slots`).
 
 Where the data comes from: an explicit `--data DIR`, else `$CLFGRID_DATA`, else `../shared/data`
-beside the project when it exists, else the hub (`HF_HUB_OFFLINE=1` then fails with a clear line).
+beside the project when it exists, else the task's hub copy (`HF_HUB_OFFLINE=1` then fails with a
+clear line).
 """
 
 from __future__ import annotations
@@ -18,21 +19,19 @@ import re
 from collections import defaultdict
 from functools import cache
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import datasets
 import pyarrow as pa
 
+from grid.annotations import bio_tags, bracket_slots, plain_tags
+from grid.dataspec import FieldSpec, FractionSplit, PartitionSplit
 from grid.errors import GridError
+from grid.readers import expand, read_files, read_hub
 from grid.tasks import OUTSIDE_TAG, TaskDef
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LOCAL_DATA = PROJECT_ROOT.parent / "shared" / "data"
-
-datasets.disable_progress_bars()
-# A bad file is reported as one GridError line naming file and row; datasets' own log would repeat it.
-datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     """The local data folder to read, or None for the hub. An explicit folder must exist."""
@@ -45,144 +44,106 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     return DEFAULT_LOCAL_DATA if DEFAULT_LOCAL_DATA.is_dir() else None
 
 
-# --- reading files -------------------------------------------------------------------------
+# --- normalized rows ---------------------------------------------------------------------
+
+_TRANSFORMS: dict[str, Callable[[str], str]] = {
+    "first_dotted_component": lambda value: value.split(".")[0],  # talk.religion.misc -> talk
+}
 
 
-def _first_bad_line(path: Path, required: tuple[str, ...]) -> str | None:
-    """Name the first line of a jsonl file that is not a JSON object with the required fields."""
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                return f"{path}:{lineno}: not valid JSON ({exc.msg})"
-            if not isinstance(obj, dict):
-                return f"{path}:{lineno}: expected a JSON object"
-            missing = [f for f in required if f not in obj]
-            if missing:
-                return f"{path}:{lineno}: missing field {missing[0]!r}"
-    return None
+def _source_rows(task: TaskDef, key: str, data_dir: Path | None) -> tuple[datasets.Dataset, str]:
+    """One source split (`train`, `test` or `all`) as found, and a name for messages."""
+    spec = task.data
+    if data_dir is not None and spec.files is not None:
+        files = expand(data_dir, spec.files[key])  # type: ignore[index]
+        where = str(files[0]) + (f" (+{len(files) - 1} files)" if len(files) > 1 else "")
+        return read_files(files, spec.read, _required_columns(task)), where  # type: ignore[arg-type]
+    if spec.hub is None:
+        raise GridError(f"task {task.name}: no hub copy is declared; pass --data DIR (see ../shared/data/README.md)")
+    return read_hub(spec.hub, key), f"{spec.hub.path} ({spec.hub.splits[key]})"  # type: ignore[index]
 
 
-def read_jsonl(files: list[Path], required: tuple[str, ...]) -> datasets.Dataset:
-    """Load jsonl files through HF datasets; a bad file or line is named in a GridError."""
-    for f in files:
-        if not f.is_file():
-            raise GridError(f"data file {f} does not exist")
-    try:
-        ds = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
-    except Exception as exc:  # datasets raises several types; find the line ourselves
-        for f in files:
-            bad = _first_bad_line(f, required)
-            if bad:
-                raise GridError(bad) from None
-        raise GridError(f"cannot read {', '.join(map(str, files))}: {exc}") from None
-    missing = [c for c in required if c not in ds.column_names]
-    if missing:
-        for f in files:
-            bad = _first_bad_line(f, required)
-            if bad:
-                raise GridError(bad) from None
-        raise GridError(f"{files[0]}: missing field {missing[0]!r}")
-    return ds
+def _required_columns(task: TaskDef) -> tuple[str, ...]:
+    """The columns every source row must have (references may differ by split, so are left out)."""
+    spec = task.data
+    partition = spec.split.partition if isinstance(spec.split, PartitionSplit) else None
+    columns = [spec.id, spec.text, partition] + [f.column for f in spec.fields.values()]
+    return tuple(dict.fromkeys(c for c in columns if c is not None))
 
 
-def _hub(repo: str, config: str | None, split: str) -> datasets.Dataset:
-    try:
-        return datasets.load_dataset(repo, config, split=split)
-    except Exception as exc:
-        raise GridError(
-            f"cannot load {repo} ({split}) from the hub: {type(exc).__name__}; "
-            "pass --data DIR to read a local copy"
-        ) from None
+def _source_keys(task: TaskDef, data_dir: Path | None) -> set[str]:
+    spec = task.data
+    keys = spec.files if data_dir is not None and spec.files is not None else (spec.hub.splits if spec.hub else {})
+    return set(keys)
 
 
-# --- MASSIVE -------------------------------------------------------------------------------
-
-_SLOT = re.compile(r"\[([^\]]*)\]")
-
-
-def massive_word_tags(annot_utt: str, where: str = "") -> tuple[list[str], list[str]]:
-    """Words and one tag per word (slot type or "Other") from MASSIVE's inline annotation.
-
-    `wake me up at [time : nine am]` -> words [wake, me, up, at, nine, am],
-    tags [Other, Other, Other, Other, time, time].
-    """
-    words: list[str] = []
-    tags: list[str] = []
-    pos = 0
-    for match in _SLOT.finditer(annot_utt):
-        outside = annot_utt[pos : match.start()].split()
-        words += outside
-        tags += [OUTSIDE_TAG] * len(outside)
-        slot, sep, value = match.group(1).partition(" : ")
-        if not sep:
-            raise GridError(f"{where}: annot_utt has a bracket without ' : ': {match.group(0)!r}")
-        inside = value.split()
-        words += inside
-        tags += [slot.strip()] * len(inside)
-        pos = match.end()
-    rest = annot_utt[pos:].split()
-    words += rest
-    tags += [OUTSIDE_TAG] * len(rest)
-    return words, tags
+def _check_columns(task: TaskDef, ds: datasets.Dataset, where: str, partition: str | None) -> None:
+    """Every column the spec reads is in the source; a missing one is named with what asks for it."""
+    spec = task.data
+    wanted = [("id", spec.id), ("text", spec.text), ("split.partition", partition)]
+    wanted += [(f"fields.{name}", f.column) for name, f in spec.fields.items()]
+    for what, column in wanted:
+        if column is not None and column not in ds.column_names:
+            raise GridError(f"{where}: missing column {column!r} (task {task.name}, data.{what}); "
+                            f"columns: {', '.join(ds.column_names)}")
+    for name, f in spec.fields.items():
+        if f.references and not set(f.references) & set(ds.column_names):
+            raise GridError(f"{where}: none of the columns {', '.join(f.references)} "
+                            f"(task {task.name}, data.fields.{name}.references)")
 
 
-def _normalize_massive(ds: datasets.Dataset, source: str) -> datasets.Dataset:
-    intent_names = getattr(ds.features.get("intent"), "names", None)  # hub: ClassLabel ints
-    scenario_names = getattr(ds.features.get("scenario"), "names", None)
+def _gold(name: str, f: FieldSpec, row: dict[str, Any], words: list[str], at: str) -> Any:
+    """One gold value of a row, as the field spec reads it."""
+    if f.references is not None:
+        refs = [str(row[c]) for c in f.references if row.get(c) is not None]
+        if not refs:
+            raise GridError(f"{at}: field {name}: no reference in {', '.join(f.references)}")
+        return refs
+    value = row[f.column]  # type: ignore[index]
+    if value is None:
+        raise GridError(f"{at}: field {name}: column {f.column!r} is empty")
+    if f.annotation == "bracket_slots":
+        annotated_words, tags = bracket_slots(str(value), at)
+        if annotated_words != words:
+            raise GridError(f"{at}: field {name}: the annotated words differ from the text's words")
+        return tags
+    if f.annotation == "bio":
+        return bio_tags(value, len(words), at)
+    if f.annotation == "tags":
+        return plain_tags(value, len(words), f.outside, at)
+    if f.names is not None:
+        try:
+            value = f.names[int(value)]
+        except (ValueError, IndexError):
+            raise GridError(f"{at}: field {name}: {value!r} is not an index into names "
+                            f"(0..{len(f.names) - 1})") from None
+    value = str(value)
+    if f.transform is not None:
+        value = _TRANSFORMS[f.transform](value)
+    if f.pattern is not None:
+        match = re.search(f.pattern, value)
+        if match is None:
+            raise GridError(f"{at}: field {name}: {value!r} does not match pattern {f.pattern!r}")
+        value = match.group(1) if match.groups() else match.group(0)
+    return value
 
-    def norm(row: dict, idx: int) -> dict:
-        words, tags = massive_word_tags(row["annot_utt"], f"{source} row {idx + 1}")
-        if words != row["utt"].split():
-            raise GridError(f"{source} row {idx + 1}: annot_utt words differ from utt")
-        intent = intent_names[row["intent"]] if intent_names else row["intent"]
-        scenario = scenario_names[row["scenario"]] if scenario_names else row["scenario"]
-        return {"example_id": str(row["id"]), "text": row["utt"], "words": words,
-                "intent": intent, "slots": tags, "scenario": scenario}
 
-    keep = ["example_id", "text", "words", "intent", "slots", "scenario"]
+def _normalize(task: TaskDef, ds: datasets.Dataset, key: str, where: str) -> datasets.Dataset:
+    """The normalized rows of one source split; ids from a column or the template."""
+    spec = task.data
+
+    def norm(row: dict[str, Any], idx: int) -> dict[str, Any]:
+        at = f"{where} row {idx + 1}"
+        text = "" if row[spec.text] is None else str(row[spec.text])  # a missing text is empty
+        words = text.split()
+        example_id = str(row[spec.id]) if spec.id else spec.id_template.format(split=key, index=idx)
+        gold = {name: _gold(name, f, row, words, at) for name, f in spec.fields.items()}
+        return {"example_id": example_id, "text": text, "words": words, **gold}
+
     out = ds.map(norm, with_indices=True, remove_columns=ds.column_names)
-    return out.select_columns(keep)
-
-
-def load_massive(split: str, data_dir: Path | None, locale: str = "en-US") -> datasets.Dataset:
-    if data_dir is None:
-        hub_split = {"dev": "validation"}.get(split, split)
-        ds = _hub("AmazonScience/massive", locale, hub_split)
-        return _normalize_massive(ds, f"AmazonScience/massive {split}")
-    path = data_dir / "massive_en_us" / f"{locale}.jsonl"
-    ds = read_jsonl([path], ("id", "partition", "intent", "utt", "annot_utt", "scenario"))
-    ds = ds.filter(lambda p: p == split, input_columns="partition")
-    return _normalize_massive(ds, str(path))
-
-
-# --- 20 Newsgroups -------------------------------------------------------------------------
-
-
-def _normalize_newsgroups(ds: datasets.Dataset, split: str) -> datasets.Dataset:
-    def norm(row: dict, idx: int) -> dict:
-        text = row["text"] or ""
-        return {"example_id": f"{split}-{idx:05d}", "text": text, "words": text.split(),
-                "label": row["label_text"], "root": row["label_text"].split(".")[0]}
-
-    return ds.map(norm, with_indices=True, remove_columns=ds.column_names)
-
-
-def load_newsgroups(split: str, data_dir: Path | None) -> datasets.Dataset:
-    """All parts of a split, in order. Texts empty after header removal are kept (see tasks/20ng-20.yaml)."""
-    if data_dir is None:
-        return _normalize_newsgroups(_hub("SetFit/20_newsgroups", None, split), split)
-    folder = data_dir / "20newsgroups" / "setfit_style"
-    parts = sorted(folder.glob(f"{split}.part*.jsonl"))
-    if not parts:
-        raise GridError(f"no {split}.part*.jsonl files in {folder}")
-    return _normalize_newsgroups(read_jsonl(parts, ("text", "label", "label_text")), split)
-
-
-# --- financial sets (merge study) ----------------------------------------------------------
+    if spec.drop_empty_text:
+        out = out.filter(lambda text: bool(text.strip()), input_columns="text")
+    return out
 
 
 def _stratified_split(
@@ -202,57 +163,48 @@ def _stratified_split(
     return ds.select(chosen)
 
 
-def load_phrasebank(
-    split: str, data_dir: Path | None, agree: str = "50Agree", split_seed: int = 42,
-    test_fraction: float = 0.2,
-) -> datasets.Dataset:
-    if data_dir is None:
-        ds = _hub("takala/financial_phrasebank", f"sentences_{agree.lower()}", "train")
-        names = ds.features["label"].names
-        ds = ds.map(lambda r, i: {"id": i, "label_text": names[r["label"]]}, with_indices=True)
-    else:
-        path = data_dir / "financial_phrasebank" / "normalized" / f"Sentences_{agree}.jsonl"
-        ds = read_jsonl([path], ("id", "sentence", "label_text"))
-    ds = ds.map(
-        lambda r: {"example_id": str(r["id"]), "text": r["sentence"], "words": r["sentence"].split(),
-                   "sentiment": r["label_text"]},
-        remove_columns=ds.column_names,
-    )
-    return _stratified_split(ds, "sentiment", split_seed, test_fraction, split)
+@cache
+def _split_rows(task: TaskDef, split: str, data_dir: Path | None) -> tuple[datasets.Dataset, str]:
+    """A split's normalized rows and the source's name: read directly, or cut from `all` rows."""
+    spec = task.data
+    if split in _source_keys(task, data_dir):
+        ds, where = _source_rows(task, split, data_dir)
+        _check_columns(task, ds, where, None)
+        return _normalize(task, ds, split, where), where
+    ds, where = _source_rows(task, "all", data_dir)
+    rule = spec.split
+    if isinstance(rule, PartitionSplit):
+        _check_columns(task, ds, where, rule.partition)
+        value = rule.values[split]  # type: ignore[index]
+        ds = ds.filter(lambda p: str(p) == value, input_columns=rule.partition)
+        return _normalize(task, ds, split, where), where
+    assert isinstance(rule, FractionSplit)  # DataSpec requires a rule for `all` sources
+    _check_columns(task, ds, where, None)
+    rows = _normalize(task, ds, "all", where)
+    return _stratified_split(rows, rule.stratify, rule.split_seed, rule.test_fraction, split), where
 
 
-def load_fomc(split: str, data_dir: Path | None, split_id: int = 5768) -> datasets.Dataset:
-    if data_dir is None:
-        raise GridError("fomc: no hub copy is wired; pass --data DIR (see ../shared/data/README.md)")
-    path = data_dir / "fomc_hawkish_dovish" / "normalized" / f"lab-manual-combine-{split}-{split_id}.jsonl"
-    ds = read_jsonl([path], ("index", "sentence", "label_text"))
-    return ds.map(
-        lambda r: {"example_id": str(r["index"]), "text": r["sentence"],
-                   "words": r["sentence"].split(), "stance": r["label_text"]},
-        remove_columns=ds.column_names,
-    )
-
-
-LOADERS: dict[str, Callable[..., datasets.Dataset]] = {
-    "massive": load_massive,
-    "newsgroups": load_newsgroups,
-    "phrasebank": load_phrasebank,
-    "fomc": load_fomc,
-}
-
+def _check_labels(task: TaskDef, ds: datasets.Dataset, split: str, where: str) -> None:
+    """Gold values outside a declared label set are named with their row."""
+    for sub in task.subtasks:
+        if sub.labels is None or sub.type == "text":
+            continue
+        allowed = set(sub.labels) | ({OUTSIDE_TAG} if sub.type == "word_tags" else set())
+        for i, value in enumerate(ds[sub.field]):
+            for v in value if sub.type == "word_tags" else [value]:
+                if v not in allowed:
+                    raise GridError(f"{where}: {split} row {i + 1} (id {ds[i]['example_id']}): "
+                                    f"{sub.name} {v!r} is not in the label set of task {task.name}")
 
 # --- the task view -------------------------------------------------------------------------
 
 
 @cache
 def _load_cached(task: TaskDef, split: str, data_dir: Path | None) -> datasets.Dataset:
-    if task.dataset not in LOADERS:
-        raise GridError(f"task {task.name}: field dataset: unknown loader {task.dataset!r}")
-    real_split = getattr(task.splits, split)
-    ds = LOADERS[task.dataset](real_split, data_dir, **task.dataset_options)
-    for sub in task.subtasks:
-        if sub.field not in ds.column_names:
-            raise GridError(f"task {task.name}: gold field {sub.field!r} is not in dataset {task.dataset}")
+    ds, where = _split_rows(task, split, data_dir)
+    if len(ds) == 0:
+        raise GridError(f"task {task.name}: the {split} split is empty ({where})")
+    _check_labels(task, ds, split, where)
     return ds
 
 
@@ -288,12 +240,17 @@ def label_sets(task: TaskDef, data_dir: str | Path | None = None) -> dict[str, t
 @cache
 def _fingerprint(task: TaskDef, data_dir: Path | None) -> str:
     digest = hashlib.sha256()
+    # The task's data definition (source, split rule, fields, sub-tasks and labels), so that an
+    # edited split_seed or label list makes new cells even where the rows read happen to agree.
+    digest.update(json.dumps(task.data_identity(), sort_keys=True).encode())
     for split in ("train", "test"):
-        table: pa.Table = _load_cached(task, split, data_dir).data.table
+        ds = _load_cached(task, split, data_dir)
         cols = ["example_id", "text"] + [s.field for s in task.subtasks]
-        # Content only: the schema's metadata holds HF's own fingerprint, which follows the
-        # files' paths and modification times, and a fresh copy of the same data must resume.
-        rows = table.select(cols).combine_chunks().replace_schema_metadata(None)
+        # The rows as read: the arrow view follows a split's indices mapping (a seeded split is a
+        # selection of one table). Content only: the schema's metadata holds HF's own fingerprint,
+        # which follows the files' paths and modification times, and a fresh copy must resume.
+        table: pa.Table = ds.select_columns(cols).with_format("arrow")[:]
+        rows = table.combine_chunks().replace_schema_metadata(None)
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, rows.schema) as writer:
             writer.write_table(rows)
@@ -302,5 +259,6 @@ def _fingerprint(task: TaskDef, data_dir: Path | None) -> str:
 
 
 def data_fingerprint(task: TaskDef, data_dir: str | Path | None = None) -> str:
-    """A hash of the rows a task reads (ids, texts, gold), so changed data makes new cells."""
+    """A hash of the task's data definition and the rows it reads (ids, texts, gold), so changed
+    data or a changed definition makes new cells."""
     return _fingerprint(task, resolve_data_dir(data_dir))

@@ -162,7 +162,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
             family=model.family, backend=model.backend,
             prompt_format="none" if is_encoder else model.prompt_format,
             task=task_name, data_fp=fingerprints[task_name],
-            template_fp=None if is_encoder else template_source_hash(task.prompt),
+            template_fp=None if is_encoder else template_source_hash(task),
             shots=shots, finetune=mode, seed=seed,
             text_budget=config.text_budget or task.text_budget, sampler=config.sampler, limits=limits,
             endpoint=model.options.get("api_base"),
@@ -188,7 +188,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
                     skipped += 1
                     continue
                 cross = {**common, "task": other, "data_fp": fingerprints[other],
-                         "template_fp": template_source_hash(t.prompt),
+                         "template_fp": template_source_hash(t),
                          "text_budget": config.text_budget or t.text_budget}
                 cell = Cell(kind="infer", decoding=decoding_dict, recipe=None, depends_on=depends_on,
                             lineage=_infer_lineage(config, model.name, seen, task_name), **cross)
@@ -238,7 +238,7 @@ def _made_models(config: GridConfig, finetunes: dict[str, Cell], data_dir: str |
                 kind="finetune", model=model.name, source=model.source,
                 weights=source_revision(model.source, model.revision), family=model.family,
                 backend=model.backend, prompt_format=model.prompt_format, task=task_name,
-                data_fp=data_fingerprint(task, data_dir), template_fp=template_source_hash(task.prompt),
+                data_fp=data_fingerprint(task, data_dir), template_fp=template_source_hash(task),
                 shots=0, finetune=ff.finetune, seed=config.seeds[0], decoding=None,
                 text_budget=config.text_budget or task.text_budget, sampler=config.sampler, limits=limits,
                 recipe=recipe_dict, depends_on=parent_id,
@@ -315,7 +315,7 @@ def _merge_cells(config: GridConfig, finetunes: dict[str, Cell], made: dict[str,
             infers.append(Cell(
                 kind="infer", model=spec.name, source=spec_model.source, weights=cell.id, family="decoder",
                 backend="transformers", prompt_format=spec_model.prompt_format, task=task_name,
-                data_fp=fingerprints[task_name], template_fp=template_source_hash(task.prompt), shots=shots,
+                data_fp=fingerprints[task_name], template_fp=template_source_hash(task), shots=shots,
                 finetune="none", seed=seed, decoding=decoding.model_dump(),
                 text_budget=config.text_budget or task.text_budget, sampler=config.sampler,
                 limits=config.limits.model_dump(), recipe=None, depends_on=cell.id,

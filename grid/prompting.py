@@ -100,20 +100,32 @@ def _template(name: str) -> jinja2.Template:
 
 
 @cache
-def template_source_hash(name: str) -> str:
-    """A hash of the template files a task's prompt reads, so an edited prompt makes new cells."""
+def template_source_hash(task: TaskDef) -> str:
+    """A hash of what a task's prompt reads: its template file, the examples macro, and the task
+    fields a template fills in (a generic template is filled from the task file), so an edited
+    prompt, description or label list makes new cells."""
     digest = hashlib.sha256()
-    for file in (f"{name}.jinja", "_examples.jinja"):
-        digest.update((PROMPTS_DIR / file).read_bytes())
+    for file in (f"{task.prompt_name}.jinja", "_examples.jinja"):
+        path = PROMPTS_DIR / file
+        if not path.is_file():
+            raise GridError(f"task {task.name}: prompt template prompts/{file} does not exist")
+        digest.update(path.read_bytes())
+    digest.update(json.dumps(_task_context(task), sort_keys=True).encode())
     return digest.hexdigest()[:16]
+
+
+def _task_context(task: TaskDef) -> dict[str, Any]:
+    """The task fields a template may read as `task`."""
+    return {"name": task.name, "description": task.description, "input_name": task.input_name,
+            "subtasks": [s.model_dump(mode="json") for s in task.subtasks]}
 
 
 def render(
     task: TaskDef, labels: dict[str, tuple[str, ...]], text: str, examples: Sequence[dict[str, str]]
 ) -> Prompt:
     """Render the task's template; `examples` are dicts with `text` and `answer`."""
-    template = _template(task.prompt)
-    ctx = template.new_context({"labels": labels, "text": text, "examples": list(examples),
+    template = _template(task.prompt_name)
+    ctx = template.new_context({"labels": labels, "text": text, "examples": list(examples), "task": _task_context(task),
                                 "examples_block": _template("_examples").module.examples_block})
     system = "".join(template.blocks["system"](ctx)).strip() if "system" in template.blocks else None
     user = "".join(template.blocks["query"](ctx)).strip()

@@ -91,7 +91,7 @@ def columns_for(tasks: set[str]) -> list[Column]:
         except GridError:
             continue
         for sub in task.subtasks:
-            cols.append(Column(task.dataset, "consolidated" if task.is_multi else "dual", sub.name, name,
+            cols.append(Column(task.name, "consolidated" if task.is_multi else "dual", sub.name, name,
                                sub.name, HEADLINE[sub.type]))
     return cols
 

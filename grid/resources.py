@@ -285,9 +285,8 @@ def estimate(plan: Plan, config: GridConfig, data_dir: str | None = None, gpu: s
 def _paper_epochs(task_name: str) -> int:
     try:
         from grid.tasks import get_task
-        from workers.train_encoder import PAPER_EPOCHS
 
-        return PAPER_EPOCHS.get(get_task(task_name).dataset, 10)
+        return get_task(task_name).encoder_epochs
     except Exception:  # noqa: BLE001 - the estimate falls back to 10 epochs
         return 10
 

@@ -1,20 +1,24 @@
 """The task catalog: one YAML file per task under `tasks/`, validated here.
 
-A task says which dataset it reads, which gold fields it asks for (its sub-tasks), which prompt
+A task says which data it reads (its `data:` block, grid.dataspec: files, format, fields), which gold fields it asks for (its sub-tasks), which prompt
 template renders it and which metrics score it. Three kinds of sub-task cover the papers:
 `label` (one label from a set), `word_tags` (one label per word, MASSIVE slots) and `text`
 (free generation scored with ROUGE). A task with several sub-tasks is answered as the paper's
 JSON object `{"task1": ..., "task2": ...}`, keys in sub-task order. A new task of an existing
-kind is a new YAML file; no code changes.
+kind is a new YAML file; no code changes. A task may start with `include: _shared.yaml` (a file
+beside it): that mapping is the base and the task's own keys replace its keys (several tasks of
+one dataset share its `data:` block). Files whose names start with `_` are not tasks.
 """
 
 from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from grid.dataspec import DataSpec
 
 from grid.errors import GridError, read_yaml_mapping, validate_file
 
@@ -30,19 +34,12 @@ class Subtask(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="name used in metrics, e.g. `intent`")
-    field: str = Field(description="gold field of the dataset's normalized rows")
+    field: str = Field(description="gold field of the normalized rows: a key of the task's data.fields")
     type: SubtaskType = "label"
     labels: tuple[str, ...] | None = Field(
         default=None,
         description="explicit label set (in prompt order); default: sorted labels of the train split",
     )
-
-
-class Split(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    train: str = "train"
-    test: str = "test"
 
 
 class TaskDef(BaseModel):
@@ -52,19 +49,42 @@ class TaskDef(BaseModel):
 
     name: str
     description: str = ""
-    dataset: str = Field(description="loader name in grid.data.LOADERS")
-    dataset_options: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    splits: Split = Split()
+    data: DataSpec
     subtasks: tuple[Subtask, ...]
-    prompt: str = Field(description="template file under prompts/, without .jinja")
+    prompt: str | None = Field(
+        default=None,
+        description="template file under prompts/, without .jinja; default: the generic one of the task's kind")
     input_name: str = Field(default="Utter", description="the paper's <<...>> block name")
     metrics: tuple[str, ...] = ("accuracy", "macro_f1")
+    encoder_epochs: int = Field(
+        default=10, description="encoder fine-tune epochs when the recipe says epochs: null (the paper's)")
     text_budget: int | None = Field(
         default=None, description="default cut of the input text, in whitespace tokens"
     )
 
     def __hash__(self) -> int:  # dict fields are not hashable; the JSON form is, and is the identity
         return hash(self.model_dump_json())
+
+    @model_validator(mode="after")
+    def _fields_declared(self) -> "TaskDef":
+        for i, sub in enumerate(self.subtasks):
+            if sub.field not in self.data.fields and sub.field != "text":  # a text task may echo its input
+                raise ValueError(f"subtasks.{i}.field: {sub.field!r} is not one of data.fields "
+                                 f"({', '.join(self.data.fields)})")
+        return self
+
+    def data_identity(self) -> dict[str, Any]:
+        """What decides a task's rows and gold: the data spec and the sub-tasks (fields, kinds,
+        label lists). A comment or a description edit leaves it as it is."""
+        return {"data": self.data.model_dump(mode="json"),
+                "subtasks": [s.model_dump(mode="json") for s in self.subtasks]}
+
+    @property
+    def prompt_name(self) -> str:
+        """The template this task's prompts render: its own, or the generic one for its kind."""
+        if self.prompt is not None:
+            return self.prompt
+        return "generic-multi" if self.is_multi else f"generic-{self.subtasks[0].type.replace('word_', '')}"
 
     @property
     def is_multi(self) -> bool:
@@ -76,12 +96,30 @@ class TaskDef(BaseModel):
 
 
 def _task_files(tasks_dir: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(tasks_dir.glob("*.yaml"))}
+    return {p.stem: p for p in sorted(tasks_dir.glob("*.yaml")) if not p.name.startswith("_")}
+
+
+def _with_include(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The task's mapping over its `include:` file's mapping (one level: the task's keys win)."""
+    include = raw.pop("include", None)
+    if include is None:
+        return raw
+    if not isinstance(include, str):
+        raise GridError(f"{path}: field include: expected a file name beside the task")
+    base_path = path.parent / include
+    if not base_path.is_file():
+        raise GridError(f"{path}: field include: {base_path} does not exist")
+    base = read_yaml_mapping(base_path, "an included task file")
+    if "include" in base:
+        raise GridError(f"{base_path}: field include: an included file cannot include another")
+    return {**base, **raw}
 
 
 def load_task_file(path: Path) -> TaskDef:
     """Read and validate one task file; errors name the file and the field."""
-    task = validate_file(TaskDef, read_yaml_mapping(path, "a task file"), path)
+    if not path.is_file():
+        raise GridError(f"task file {path} does not exist")
+    task = validate_file(TaskDef, _with_include(read_yaml_mapping(path, "a task file"), path), path)
     if task.name != path.stem:
         raise GridError(f"{path}: field name: {task.name!r} must equal the file name {path.stem!r}")
     return task

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from grid.data import label_sets, load_split, massive_word_tags, data_fingerprint
+from grid.annotations import bracket_slots
+from grid.data import label_sets, load_split, data_fingerprint
 from grid.errors import GridError
 from grid.metrics.slots import convert_to_bio
 from grid.tasks import catalog, get_task
@@ -47,7 +48,7 @@ def test_label_counts():
     ("olly quiet", ["Other", "Other"], ["O", "O"]),
 ])
 def test_massive_word_tags_and_bio(annot, tags, bio):
-    words, got = massive_word_tags(annot)
+    words, got = bracket_slots(annot)
     assert got == tags
     assert convert_to_bio(got) == bio
 

@@ -128,9 +128,11 @@ def test_paper_grid_loads_and_plans(paper):
     assert by_model["roberta-base"] == {"batch_size": 32, "lr": 1e-5, "epochs": None, "max_length": 512}
     assert by_model["llama3-8b-instruct"]["max_steps"] == 4000 and by_model["llama3-70b-instruct"]["max_steps"] == 8000
     assert {h["lr"] for m, h in by_model.items() if "llama" in m} == {1e-6}
-    from workers.train_encoder import PAPER_EPOCHS  # epochs: null means the paper's per-dataset epochs
+    from grid.tasks import catalog  # epochs: null means the paper's per-dataset epochs, in the task files
 
-    assert PAPER_EPOCHS == {"massive": 20, "newsgroups": 10}
+    paper_tasks = [n for n in catalog() if n.startswith(("massive", "20ng"))]
+    assert {n: catalog()[n].encoder_epochs for n in paper_tasks} == {
+        n: 20 if n.startswith("massive") else 10 for n in paper_tasks}
 
     est = estimate(plan, paper)
     assert not check_fits(est, node_types_from_cluster(CLUSTER))

@@ -426,7 +426,9 @@ def test_bootstrap_edge_cases():
 
 def test_rouge_on_real_sentences():
     task = TaskDef.model_validate({
-        "name": "fpb-echo", "dataset": "phrasebank", "prompt": "x", "metrics": ["rouge"],
+        "name": "fpb-echo", "data": {"hub": {"path": "x", "splits": {"train": "train", "test": "test"}}, "text": "sentence",
+                 "fields": {"sentiment": {"column": "label_text"}}},
+        "prompt": "x", "metrics": ["rouge"],
         "subtasks": [{"name": "summary", "field": "text", "type": "text"}],
     })
     rows = load_split(get_task("fpb-sentiment"), "test").to_list()[:300]

@@ -40,7 +40,7 @@ from workers.jobs import FinetuneJob
 logger = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
-    "epochs": None,  # None: the paper's, by dataset (PAPER_EPOCHS)
+    "epochs": None,  # None: the task's encoder_epochs (the paper's, by dataset)
     "batch_size": 32,  # global batch, split across workers
     "lr": 1e-5,
     "weight_decay": 0.0,  # 0: plain Adam, as in the paper
@@ -53,17 +53,16 @@ DEFAULTS: dict[str, Any] = {
     "mega_batch": 50,  # batches per length-sorted mega-batch
     "log_every_steps": 50,
 }
-PAPER_EPOCHS = {"massive": 20, "newsgroups": 10}
 CHECKPOINT_FILE = "train_state.pt"
 
 
-def job_hparams(job: FinetuneJob, dataset: str) -> dict[str, Any]:
+def job_hparams(job: FinetuneJob, task_epochs: int) -> dict[str, Any]:
     unknown = set(job.hparams) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown encoder hparams {sorted(unknown)}; known: {', '.join(DEFAULTS)}")
     hp = {**DEFAULTS, **job.hparams}
     if hp["epochs"] is None:
-        hp["epochs"] = PAPER_EPOCHS.get(dataset, 10)
+        hp["epochs"] = task_epochs
     return hp
 
 
@@ -249,7 +248,7 @@ def run(job: FinetuneJob) -> dict:
     if job.resources.deepspeed_stage != 0:
         raise ValueError("encoder jobs train with plain DDP; set resources.deepspeed_stage to 0")
     task = get_task(job.task)
-    hp = job_hparams(job, task.dataset)
+    hp = job_hparams(job, task.encoder_epochs)
     labels = {name: list(values) for name, values in label_sets(task, job.data_dir).items()}
     train = load_split(task, "train", job.data_dir)
     if job.train_limit is not None and job.train_limit < len(train):

@@ -1,0 +1,179 @@
+"""File formats: one source split (a list of files, or a hub split) read into an HF `Dataset`.
+
+Every reader returns the source's columns as found; grid.data turns them into a task's rows.
+A bad file is reported as one GridError line naming the file (and the line, where one is at fault).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import datasets
+
+from grid.dataspec import HubSpec, ReadSpec
+from grid.errors import GridError
+
+datasets.disable_progress_bars()
+# A bad file is reported as one GridError line naming file and row; datasets' own log would repeat it.
+datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+
+
+def expand(data_dir: Path, patterns: str | tuple[str, ...]) -> list[Path]:
+    """The files a split names: each pattern a path or glob under the data dir, globs sorted."""
+    files: list[Path] = []
+    for pattern in (patterns,) if isinstance(patterns, str) else patterns:
+        if any(ch in pattern for ch in "*?["):
+            found = sorted(data_dir.glob(pattern))
+            if not found:
+                raise GridError(f"no file matches {data_dir / pattern}")
+            files += found
+        else:
+            path = data_dir / pattern
+            if not path.exists():
+                raise GridError(f"data file {path} does not exist")
+            files.append(path)
+    return files
+
+
+def read_files(files: list[Path], spec: ReadSpec, required: tuple[str, ...] = ()) -> datasets.Dataset:
+    """The rows of these files, in order, as one dataset. `required`: the columns the task reads
+    (a JSON line without one is named by its line number)."""
+    fmt = spec.format
+    if fmt in ("jsonl", "json"):
+        return _read_json(files, required)
+    if fmt in ("csv", "tsv"):
+        return _read_csv(files, spec)
+    if fmt == "parquet":
+        return _load("parquet", files)
+    if fmt == "delimited":
+        return datasets.concatenate_datasets([_read_delimited(f, spec) for f in files])
+    return datasets.concatenate_datasets([_read_lines(f, spec) for f in files])
+
+
+def _load(builder: str, files: list[Path], **options: object) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
+    except Exception as exc:  # datasets raises many types; the message names the file
+        raise GridError(f"cannot read {', '.join(map(str, files))} as {builder}: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def _first_bad_json_line(path: Path, required: tuple[str, ...]) -> str | None:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"{path}:{lineno}: not valid JSON ({exc.msg})"
+            if not isinstance(obj, dict):
+                return f"{path}:{lineno}: expected a JSON object"
+            missing = [f for f in required if f not in obj]
+            if missing:
+                return f"{path}:{lineno}: missing field {missing[0]!r}"
+    return None
+
+
+def _read_json(files: list[Path], required: tuple[str, ...]) -> datasets.Dataset:
+    """JSON lines (or a JSON array) through HF datasets; a bad line is found and named."""
+    try:
+        ds = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
+    except Exception as exc:
+        _name_bad_line(files, required)
+        raise GridError(f"cannot read {', '.join(map(str, files))} as json: {type(exc).__name__}") from None
+    if set(required) - set(ds.column_names):
+        _name_bad_line(files, required)  # else the caller names the missing column
+    return ds
+
+
+def _name_bad_line(files: list[Path], required: tuple[str, ...]) -> None:
+    for f in files:
+        bad = _first_bad_json_line(f, required)
+        if bad:
+            raise GridError(bad)
+
+
+def _read_csv(files: list[Path], spec: ReadSpec) -> datasets.Dataset:
+    """csv/tsv through pandas (HF's csv builder); no value is read as missing (an "NA" is text)."""
+    sep = spec.delimiter or ("\t" if spec.format == "tsv" else ",")
+    options: dict[str, object] = {
+        "sep": sep, "encoding": spec.encoding, "keep_default_na": False, "na_filter": False,
+        "quoting": csv.QUOTE_NONE if spec.quoting == "none" else csv.QUOTE_MINIMAL,
+        "header": 0 if spec.header else None,
+    }
+    if spec.column_names:
+        options["column_names"] = list(spec.column_names)
+    return _load("csv", files, **options)
+
+
+def _lines(path: Path, encoding: str) -> list[str]:
+    try:
+        return path.read_text(encoding=encoding).splitlines()
+    except UnicodeDecodeError as exc:
+        raise GridError(f"{path}: not {encoding} text ({exc.reason} at byte {exc.start})") from None
+
+
+def _read_delimited(path: Path, spec: ReadSpec) -> datasets.Dataset:
+    """Lines split at a delimiter with no quoting; `free_column` may itself hold the delimiter."""
+    delim = spec.delimiter or ""
+    lines = [line for line in _lines(path, spec.encoding) if line.strip()]
+    if spec.header:
+        if not lines:
+            raise GridError(f"{path}: empty file, no header line")
+        names, lines, first = lines[0].split(delim), lines[1:], 2
+    else:
+        names, first = list(spec.column_names or ()), 1
+    free = names.index(spec.free_column) if spec.free_column in names else None
+    if spec.free_column and free is None:
+        raise GridError(f"{path}: free_column {spec.free_column!r} is not a column ({', '.join(names)})")
+    columns: dict[str, list[str]] = {n: [] for n in names}
+    for lineno, line in enumerate(lines, first):
+        if free is None:
+            parts = line.split(delim)
+        else:
+            head = line.split(delim, free)
+            rest = head.pop() if len(head) > free else ""
+            tail = rest.rsplit(delim, len(names) - free - 1)
+            parts = head + tail
+        if len(parts) != len(names):
+            raise GridError(f"{path}:{lineno}: {len(parts)} fields, expected {len(names)} ({', '.join(names)})")
+        for name, value in zip(names, parts):
+            columns[name].append(value)
+    return datasets.Dataset.from_dict(columns)
+
+
+def _read_lines(folder: Path, spec: ReadSpec) -> datasets.Dataset:
+    """Parallel line files in one folder (seq.in / seq.out / label): line i of each is row i."""
+    columns: dict[str, list[str]] = {}
+    for column, name in (spec.line_files or {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise GridError(f"data file {path} does not exist")
+        columns[column] = _lines(path, spec.encoding)
+    counts = {name: len(columns[col]) for col, name in (spec.line_files or {}).items()}
+    if len(set(counts.values())) > 1:
+        raise GridError(f"{folder}: line files differ in length: "
+                        + ", ".join(f"{n} {c} lines" for n, c in counts.items()))
+    return datasets.Dataset.from_dict(columns)
+
+
+def read_hub(hub: HubSpec, split: str) -> datasets.Dataset:
+    """A hub split, class-label columns as their names, renamed and indexed as the spec says."""
+    try:
+        ds = datasets.load_dataset(hub.path, hub.config, split=hub.splits[split])  # type: ignore[index]
+    except Exception as exc:
+        raise GridError(
+            f"cannot load {hub.path} ({hub.splits[split]}) from the hub: {type(exc).__name__}; "  # type: ignore[index]
+            "pass --data DIR to read a local copy"
+        ) from None
+    names = {n: f.names for n, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
+    if names:  # class-label ints -> their names, as the local copies write them
+        ds = ds.map(lambda row: {n: names[n][row[n]] for n in names})
+    if hub.rename:
+        ds = ds.rename_columns(hub.rename)
+    if hub.index_column:
+        ds = ds.add_column(hub.index_column, list(range(len(ds))))
+    return ds
