@@ -342,6 +342,8 @@ def gold_value(sub: Subtask, gold: dict[str, object]) -> object:
 def _canonical(sub: Subtask, value: object) -> str | list[str]:
     if sub.type == "word_tags":
         return [str(t) for t in value]  # type: ignore[union-attr]
+    if sub.type == "text" and not isinstance(value, str):
+        return str(list(value)[0])  # type: ignore[call-overload]  # several references: the first is the answer shown
     return str(value)
 
 

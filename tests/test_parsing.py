@@ -62,7 +62,9 @@ def test_format_parse_round_trip_on_real_rows(name):
         for sub in task.subtasks:
             got = out[sub.name]
             assert got.valid, (name, i, text, got)
-            assert got.value == row[sub.field], (name, i, text, got)
+            gold = row[sub.field]
+            want = gold[0] if sub.type == "text" and isinstance(gold, list) else gold  # first reference
+            assert got.value == want, (name, i, text, got)
 
 
 def test_format_answer_forms(multi, slots, intent):

@@ -18,7 +18,7 @@ exact_match (every sub-task right) to the whole task. Keys:
 What counts as right: a label when the answer is valid and equals the gold; word tags when the
 predicted tags, padded with "Other" or cut to the gold length (MASSIVE's exact match), equal the
 gold tags (an answer with no usable list counts as all "Other"); text when valid and equal to the
-stripped gold. Golds are dicts keyed by sub-task name or by gold field (dataset rows work).
+stripped gold (any of its references). Golds are dicts keyed by sub-task name or by gold field (dataset rows work).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from grid.metrics.classification import (
     macro_f1_statistic,
     mean_statistic,
 )
-from grid.metrics.rouge import ROUGE_TYPES, rouge_per_example
+from grid.metrics.rouge import ROUGE_TYPES, references, rouge_per_example
 from grid.metrics.slots import pad_or_cut, slot_f1_and_counts, slot_f1_statistic
 from grid.parsing import Parsed, gold_value
 from grid.tasks import Subtask, TaskDef
@@ -82,7 +82,8 @@ def _subtask_correct(sub: Subtask, golds: Sequence[dict], parsed: Sequence[dict[
              for g, p in zip(_gold_tags(sub, golds), answers)),
             dtype=bool, count=len(answers))
     return np.fromiter(
-        (p.valid and p.value == str(gold_value(sub, g)).strip() for g, p in zip(golds, answers)),
+        (p.valid and p.value in [r.strip() for r in references(gold_value(sub, g))]
+         for g, p in zip(golds, answers)),
         dtype=bool, count=len(answers))
 
 
@@ -153,7 +154,7 @@ def score(task: TaskDef, golds: list[dict[str, object]], parsed: list[dict[str, 
                                                 [_pred_tags(p) for p in answers])
                 _put(out, f"{name}/slot_f1", f1, ci(slot_f1_statistic, counts))
         elif "rouge" in task.metrics:
-            per = rouge_per_example([str(gold_value(sub, g)) for g in golds],
+            per = rouge_per_example([gold_value(sub, g) for g in golds],
                                     [p.value if p.valid else None for p in answers])
             for rouge_type in ROUGE_TYPES:
                 _put(out, f"{name}/{rouge_type}", per[rouge_type].mean(),
