@@ -17,10 +17,14 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
     from grid.data import label_sets, load_split
     from grid.tables import print_table
-    from grid.tasks import catalog
+    from grid.tasks import TASKS_DIR, catalog, get_task
 
+    # Named tasks; else a --tasks DIR's own tasks (the catalog's read other data); else the catalog.
+    names = args.names or [n for n, t in catalog().items()
+                           if not args.tasks or n not in catalog((TASKS_DIR,))]
     rows = []
-    for name, task in catalog().items():
+    for name in names:
+        task = get_task(name)
         labels = label_sets(task, args.data)
         rows.append({
             "task": name, "kind": "multi (JSON)" if task.is_multi else task.subtasks[0].type,
@@ -68,6 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from grid import run
 
     argv = [args.config, "--results", args.results] + (["--data", args.data] if args.data else [])
+    argv += ["--tasks", args.tasks] if args.tasks else []
     return run.main(argv + (["--dry-run"] if args.dry_run else []))
 
 
@@ -84,7 +89,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("tasks", help="every task, its kind, label count and split sizes")
+    t.add_argument("names", nargs="*", help="tasks to list (default: all; with --tasks, that folder's)")
     t.add_argument("--data", default=None)
+    t.add_argument("--tasks", default=None, help="a folder of more task YAML files")
     t.set_defaults(fn=cmd_tasks)
 
     pr = sub.add_parser("prompt", help="the exact prompt of one example")
@@ -98,6 +105,7 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--text-budget", type=int, default=None)
     pr.add_argument("--sampler", choices=["random", "stratified"], default="random")
     pr.add_argument("--data", default=None)
+    pr.add_argument("--tasks", default=None, help="a folder of more task YAML files")
     pr.set_defaults(fn=cmd_prompt)
 
     s = sub.add_parser("score", help="metrics of a predictions parquet (example_id, prediction)")
@@ -105,6 +113,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--task", required=True)
     s.add_argument("--split", choices=["test", "train"], default="test")
     s.add_argument("--data", default=None)
+    s.add_argument("--tasks", default=None, help="a folder of more task YAML files")
     s.set_defaults(fn=cmd_score)
 
     st = sub.add_parser("status", help="the cells of a results dir with their metrics")
@@ -115,6 +124,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("--results", required=True)
     r.add_argument("--data", default=None)
+    r.add_argument("--tasks", default=None, help="a folder of more task YAML files")
     r.add_argument("--dry-run", action="store_true")
     r.set_defaults(fn=cmd_run)
 
@@ -129,6 +139,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        from grid.tasks import use_tasks_dir
+
+        use_tasks_dir(getattr(args, "tasks", None))
         return args.fn(args)
     except GridError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,4 +1,7 @@
-"""Run a grid: `python grid/run.py GRID.yaml --results DIR [--data DIR] [--dry-run]`.
+"""Run a grid: `python grid/run.py GRID.yaml --results DIR [--data DIR] [--tasks DIR] [--dry-run]`.
+
+`--tasks DIR` adds the task YAML files in DIR (outside the repo) to the catalog; the grid's
+`tasks:` may name them. `--data DIR` is where their (and every task's) files are read from.
 
 Without RAY_ADDRESS it starts a local Ray (the embedded default); with one (as `ray job submit`
 sets it), it runs on that cluster. A rerun does only the cells not yet done.
@@ -22,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="grid YAML, e.g. grids/smoke.yaml")
     p.add_argument("--results", required=True, help="results dir (local path or pyarrow URI)")
     p.add_argument("--data", default=None, help="local data folder (default: ../shared/data, else the hub)")
+    p.add_argument("--tasks", default=None, help="a folder of more task YAML files (default: tasks/ only)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     return p
@@ -45,6 +49,9 @@ def _run(args: argparse.Namespace) -> int:
     from grid.store import Store
     from grid.tables import plan_table, print_table, status_table
 
+    from grid.tasks import use_tasks_dir
+
+    use_tasks_dir(args.tasks)  # before the config: its task names are checked against the catalog
     config = load_config(args.config)
     validate_references(config, args.config, hub_cache=not args.dry_run)
     data_dir = data_dir_arg(args.data)

@@ -12,6 +12,7 @@ one dataset share its `data:` block). Files whose names start with `_` are not t
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from grid.dataspec import DataSpec
 from grid.errors import GridError, read_yaml_mapping, validate_file
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+TASKS_ENV = "CLFGRID_TASKS"  # `--tasks DIR` sets it, so Ray workers (which inherit it) read the same tasks
 OUTSIDE_TAG = "Other"  # the paper's word label for "no slot"; MASSIVE's `outside` value
 
 SubtaskType = Literal["label", "word_tags", "text"]
@@ -125,14 +127,43 @@ def load_task_file(path: Path) -> TaskDef:
     return task
 
 
+def tasks_dirs() -> tuple[Path, ...]:
+    """The folders tasks are read from: the project's `tasks/`, then `$CLFGRID_TASKS` (a folder
+    of the user's task files, outside the repo; its tasks may not reuse a catalog name)."""
+    extra = os.environ.get(TASKS_ENV)
+    if not extra:
+        return (TASKS_DIR,)
+    path = Path(extra).expanduser().resolve()
+    if not path.is_dir():
+        raise GridError(f"tasks dir {path} does not exist")
+    return (TASKS_DIR, path) if path != TASKS_DIR else (TASKS_DIR,)
+
+
+def catalog(dirs: tuple[Path, ...] | None = None) -> dict[str, TaskDef]:
+    """Every task of the catalog (and of a `--tasks DIR`), by name."""
+    return _catalog(dirs or tasks_dirs())
+
+
 @cache
-def catalog(tasks_dir: Path = TASKS_DIR) -> dict[str, TaskDef]:
-    """Every task of the catalog, by name."""
-    return {name: load_task_file(path) for name, path in _task_files(tasks_dir).items()}
+def _catalog(dirs: tuple[Path, ...]) -> dict[str, TaskDef]:
+    tasks: dict[str, TaskDef] = {}
+    for folder in dirs:
+        for name, path in _task_files(folder).items():
+            if name in tasks:
+                raise GridError(f"{path}: task {name!r} is already defined in {TASKS_DIR}; rename it")
+            tasks[name] = load_task_file(path)
+    return tasks
 
 
-def get_task(name: str, tasks_dir: Path = TASKS_DIR) -> TaskDef:
-    tasks = catalog(tasks_dir)
+def use_tasks_dir(tasks_dir: str | Path | None) -> None:
+    """Add a folder of task files for this process and the Ray workers it starts."""
+    if tasks_dir:
+        os.environ[TASKS_ENV] = str(Path(tasks_dir).expanduser().resolve())
+        tasks_dirs()  # a missing folder fails here, naming it
+
+
+def get_task(name: str) -> TaskDef:
+    tasks = catalog()
     if name not in tasks:
         raise GridError(f"unknown task {name!r}; known tasks: {', '.join(sorted(tasks))}")
     return tasks[name]
