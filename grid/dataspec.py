@@ -134,6 +134,15 @@ class DataSpec(_Strict):
     fields: dict[str, FieldSpec]
     drop_empty_text: bool = Field(default=False, description="drop rows whose text is empty or blank")
 
+    @field_validator("id_template")
+    @classmethod
+    def _formats(cls, value: str) -> str:
+        try:
+            value.format(split="train", index=0)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"may use only {{split}} and {{index}}: {exc!r}") from None
+        return value
+
     @model_validator(mode="after")
     def _coherent(self) -> "DataSpec":
         if self.files is None and self.hub is None:
