@@ -169,9 +169,10 @@ def read_hub(hub: HubSpec, split: str) -> datasets.Dataset:
             f"cannot load {hub.path} ({hub.splits[split]}) from the hub: {type(exc).__name__}; "  # type: ignore[index]
             "pass --data DIR to read a local copy"
         ) from None
-    names = {n: f.names for n, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
-    if names:  # class-label ints -> their names, as the local copies write them
-        ds = ds.map(lambda row: {n: names[n][row[n]] for n in names})
+    for name, feature in list(ds.features.items()):
+        if isinstance(feature, datasets.ClassLabel):  # ints -> their names, as the local copies write them
+            values = [feature.int2str(i) for i in ds[name]]
+            ds = ds.remove_columns(name).add_column(name, values)
     if hub.rename:
         ds = ds.rename_columns(hub.rename)
     if hub.index_column:
