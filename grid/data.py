@@ -27,7 +27,7 @@ import pyarrow as pa
 from grid.annotations import bio_tags, bracket_slots, plain_tags
 from grid.dataspec import FieldSpec, FractionSplit, PartitionSplit
 from grid.errors import GridError
-from grid.readers import expand, read_files, read_hub
+from grid.readers import Source, expand, read_files, read_hub
 from grid.tasks import OUTSIDE_TAG, TaskDef
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -51,16 +51,15 @@ _TRANSFORMS: dict[str, Callable[[str], str]] = {
 }
 
 
-def _source_rows(task: TaskDef, key: str, data_dir: Path | None) -> tuple[datasets.Dataset, str]:
-    """One source split (`train`, `test` or `all`) as found, and a name for messages."""
+def _source_rows(task: TaskDef, key: str, data_dir: Path | None) -> Source:
+    """One source split (`train`, `test` or `all`) as found."""
     spec = task.data
     if data_dir is not None and spec.files is not None:
         files = expand(data_dir, spec.files[key])  # type: ignore[index]
-        where = str(files[0]) + (f" (+{len(files) - 1} files)" if len(files) > 1 else "")
-        return read_files(files, spec.read, _required_columns(task)), where  # type: ignore[arg-type]
+        return read_files(files, spec.read, _required_columns(task))  # type: ignore[arg-type]
     if spec.hub is None:
         raise GridError(f"task {task.name}: no hub copy is declared; pass --data DIR (see ../shared/data/README.md)")
-    return read_hub(spec.hub, key), f"{spec.hub.path} ({spec.hub.splits[key]})"  # type: ignore[index]
+    return read_hub(spec.hub, key)
 
 
 def _required_columns(task: TaskDef) -> tuple[str, ...]:
@@ -128,12 +127,14 @@ def _gold(name: str, f: FieldSpec, row: dict[str, Any], words: list[str], at: st
     return value
 
 
-def _normalize(task: TaskDef, ds: datasets.Dataset, key: str, where: str) -> datasets.Dataset:
-    """The normalized rows of one source split; ids from a column or the template."""
+def _normalize(task: TaskDef, source: Source, key: str, kept: list[int] | None = None) -> datasets.Dataset:
+    """The normalized rows of one source split (its rows `kept`, by default all); ids from a
+    column or the template (the index counts the rows kept); errors name the source file's row."""
     spec = task.data
+    ds = source.rows if kept is None else source.rows.select(kept)
 
     def norm(row: dict[str, Any], idx: int) -> dict[str, Any]:
-        at = f"{where} row {idx + 1}"
+        at = source.where(idx if kept is None else kept[idx])
         text = "" if row[spec.text] is None else str(row[spec.text])  # a missing text is empty
         words = text.split()
         example_id = str(row[spec.id]) if spec.id else spec.id_template.format(split=key, index=idx)
@@ -168,20 +169,20 @@ def _split_rows(task: TaskDef, split: str, data_dir: Path | None) -> tuple[datas
     """A split's normalized rows and the source's name: read directly, or cut from `all` rows."""
     spec = task.data
     if split in _source_keys(task, data_dir):
-        ds, where = _source_rows(task, split, data_dir)
-        _check_columns(task, ds, where, None)
-        return _normalize(task, ds, split, where), where
-    ds, where = _source_rows(task, "all", data_dir)
+        source = _source_rows(task, split, data_dir)
+        _check_columns(task, source.rows, source.name, None)
+        return _normalize(task, source, split), source.name
+    source = _source_rows(task, "all", data_dir)
     rule = spec.split
     if isinstance(rule, PartitionSplit):
-        _check_columns(task, ds, where, rule.partition)
+        _check_columns(task, source.rows, source.name, rule.partition)
         value = rule.values[split]  # type: ignore[index]
-        ds = ds.filter(lambda p: str(p) == value, input_columns=rule.partition)
-        return _normalize(task, ds, split, where), where
+        kept = [i for i, p in enumerate(source.rows[rule.partition]) if str(p) == value]
+        return _normalize(task, source, split, kept), source.name
     assert isinstance(rule, FractionSplit)  # DataSpec requires a rule for `all` sources
-    _check_columns(task, ds, where, None)
-    rows = _normalize(task, ds, "all", where)
-    return _stratified_split(rows, rule.stratify, rule.split_seed, rule.test_fraction, split), where
+    _check_columns(task, source.rows, source.name, None)
+    rows = _normalize(task, source, "all")
+    return _stratified_split(rows, rule.stratify, rule.split_seed, rule.test_fraction, split), source.name
 
 
 def _check_labels(task: TaskDef, ds: datasets.Dataset, split: str, where: str) -> None:

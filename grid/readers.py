@@ -6,8 +6,11 @@ A bad file is reported as one GridError line naming the file (and the line, wher
 
 from __future__ import annotations
 
+import bisect
 import csv
+import itertools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -37,27 +40,59 @@ def expand(data_dir: Path, patterns: str | tuple[str, ...]) -> list[Path]:
     return files
 
 
-def read_files(files: list[Path], spec: ReadSpec, required: tuple[str, ...] = ()) -> datasets.Dataset:
-    """The rows of these files, in order, as one dataset. `required`: the columns the task reads
-    (a JSON line without one is named by its line number)."""
-    fmt = spec.format
-    if fmt in ("jsonl", "json"):
-        return _read_json(files, required)
-    if fmt in ("csv", "tsv"):
-        return _read_csv(files, spec)
-    if fmt == "parquet":
-        return _load("parquet", files)
-    if fmt == "delimited":
-        return datasets.concatenate_datasets([_read_delimited(f, spec) for f in files])
-    return datasets.concatenate_datasets([_read_lines(f, spec) for f in files])
+@dataclass(frozen=True)
+class Source:
+    """One source split's rows and, for messages, which file each row came from."""
+
+    rows: datasets.Dataset
+    files: tuple[str, ...]  # file paths (or a hub split's name)
+    sizes: tuple[int, ...]  # rows per file, in order
+
+    def where(self, index: int) -> str:
+        """`file row N` for the split's row `index` (0-based), N counted within its file."""
+        ends = list(itertools.accumulate(self.sizes))
+        k = bisect.bisect_right(ends, index)
+        return f"{self.files[k]} row {index - (ends[k] - self.sizes[k]) + 1}"
+
+    @property
+    def name(self) -> str:
+        return self.files[0] + (f" (+{len(self.files) - 1} files)" if len(self.files) > 1 else "")
 
 
-def _load(builder: str, files: list[Path], **options: object) -> datasets.Dataset:
+def read_files(files: list[Path], spec: ReadSpec, required: tuple[str, ...] = ()) -> Source:
+    """The rows of these files, in order, as one split; each file is read alone (so that a row
+    is named by its own file) and the first file's column types hold for the rest. `required`:
+    the columns the task reads (a JSON line without one is named by its line number)."""
+    parts = [_read_file(f, spec, required) for f in files]
+    features = parts[0].features
     try:
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
+        rows = datasets.concatenate_datasets([p if p.features == features else p.cast(features) for p in parts])
+    except (ValueError, TypeError) as exc:
+        raise GridError(f"{files[0]} and the next files differ in columns or types: {exc}") from None
+    return Source(rows, tuple(map(str, files)), tuple(len(p) for p in parts))
+
+
+def _read_file(path: Path, spec: ReadSpec, required: tuple[str, ...]) -> datasets.Dataset:
+    fmt = spec.format
+    if fmt == "jsonl":
+        return _read_jsonl(path, required)
+    if fmt == "json":
+        return _load("json", path)
+    if fmt in ("csv", "tsv"):
+        return _read_csv(path, spec)
+    if fmt == "parquet":
+        return _load("parquet", path)
+    if fmt == "delimited":
+        return _read_delimited(path, spec)
+    return _read_lines(path, spec)
+
+
+def _load(builder: str, path: Path, **options: object) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(builder, data_files=[str(path)], split="train", **options)
     except Exception as exc:  # datasets raises many types; the message names the file
-        raise GridError(f"cannot read {', '.join(map(str, files))} as {builder}: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise GridError(f"cannot read {path} as {builder}: {type(exc).__name__}: {first}") from None
 
 
 def _first_bad_json_line(path: Path, required: tuple[str, ...]) -> str | None:
@@ -77,26 +112,21 @@ def _first_bad_json_line(path: Path, required: tuple[str, ...]) -> str | None:
     return None
 
 
-def _read_json(files: list[Path], required: tuple[str, ...]) -> datasets.Dataset:
-    """JSON lines (or a JSON array) through HF datasets; a bad line is found and named."""
+def _read_jsonl(path: Path, required: tuple[str, ...]) -> datasets.Dataset:
+    """JSON lines through HF datasets; a bad line, or one without a required field, is named."""
     try:
-        ds = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
+        ds = datasets.load_dataset("json", data_files=[str(path)], split="train")
     except Exception as exc:
-        _name_bad_line(files, required)
-        raise GridError(f"cannot read {', '.join(map(str, files))} as json: {type(exc).__name__}") from None
+        bad = _first_bad_json_line(path, required)
+        raise GridError(bad or f"cannot read {path} as jsonl: {type(exc).__name__}") from None
     if set(required) - set(ds.column_names):
-        _name_bad_line(files, required)  # else the caller names the missing column
+        bad = _first_bad_json_line(path, required)
+        if bad:
+            raise GridError(bad)  # else the caller names the missing column
     return ds
 
 
-def _name_bad_line(files: list[Path], required: tuple[str, ...]) -> None:
-    for f in files:
-        bad = _first_bad_json_line(f, required)
-        if bad:
-            raise GridError(bad)
-
-
-def _read_csv(files: list[Path], spec: ReadSpec) -> datasets.Dataset:
+def _read_csv(path: Path, spec: ReadSpec) -> datasets.Dataset:
     """csv/tsv through pandas (HF's csv builder); no value is read as missing (an "NA" is text)."""
     sep = spec.delimiter or ("\t" if spec.format == "tsv" else ",")
     options: dict[str, object] = {
@@ -106,7 +136,7 @@ def _read_csv(files: list[Path], spec: ReadSpec) -> datasets.Dataset:
     }
     if spec.column_names:
         options["column_names"] = list(spec.column_names)
-    return _load("csv", files, **options)
+    return _load("csv", path, **options)
 
 
 def _lines(path: Path, encoding: str) -> list[str]:
@@ -160,7 +190,7 @@ def _read_lines(folder: Path, spec: ReadSpec) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns)
 
 
-def read_hub(hub: HubSpec, split: str) -> datasets.Dataset:
+def read_hub(hub: HubSpec, split: str) -> Source:
     """A hub split, class-label columns as their names, renamed and indexed as the spec says."""
     try:
         ds = datasets.load_dataset(hub.path, hub.config, split=hub.splits[split])  # type: ignore[index]
@@ -177,4 +207,4 @@ def read_hub(hub: HubSpec, split: str) -> datasets.Dataset:
         ds = ds.rename_columns(hub.rename)
     if hub.index_column:
         ds = ds.add_column(hub.index_column, list(range(len(ds))))
-    return ds
+    return Source(ds, (f"{hub.path} ({hub.splits[split]})",), (len(ds),))  # type: ignore[index]

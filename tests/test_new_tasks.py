@@ -54,7 +54,7 @@ def test_fincausal_reader_splits_at_the_first_and_last_separator(tmp_path):
 
     path = tmp_path / "f.csv"
     path.write_bytes("\ufeffIndex; Text; Gold\r\n1.1; Sales fell; costs rose; 1\r\n1.2; Flat.; 0\r\n".encode())
-    ds = read_files([path], get_task("fincausal").data.read)
+    ds = read_files([path], get_task("fincausal").data.read).rows
     assert ds.to_list() == [{"Index": "1.1", "Text": "Sales fell; costs rose", "Gold": "1"},
                             {"Index": "1.2", "Text": "Flat.", "Gold": "0"}]
     assert load_split(get_task("fincausal"), "test")[0]["example_id"] == "0001.00001"

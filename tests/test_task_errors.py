@@ -103,3 +103,13 @@ def test_bad_bio_tag_names_the_row(tmp_path):
 
     with pytest.raises(GridError, match="f.txt row 3: 'X-time' is not a BIO tag"):
         bio_tags("O X-time", 2, "f.txt row 3")
+
+
+def test_a_row_of_a_globbed_split_is_named_in_its_own_file(tmp_path):
+    task = BASE.replace("d/train.jsonl", "d/train.part*.jsonl")
+    make(tmp_path, task=task)
+    (tmp_path / "d" / "train.part1.jsonl").write_text(GOOD * 2)
+    (tmp_path / "d" / "train.part2.jsonl").write_text(GOOD + GOOD.replace("[time : nine]", "[time : nine"))
+    with pytest.raises(GridError) as exc:
+        load_split(load_task_file(tmp_path / "t.yaml"), "train", tmp_path)
+    assert "train.part2.jsonl row 2: unbalanced bracket" in one_line(exc)
