@@ -66,3 +66,13 @@ def test_a_split_seed_edit_changes_that_tasks_cells_only(own_tasks):
     after = ids(own_tasks)
     assert after["x-one"] == before["x-one"]
     assert not after["x-two"] & before["x-two"]
+
+
+def test_a_generic_prompt_follows_the_task_fields_it_fills_in():
+    from grid.prompting import template_source_hash
+
+    sst2 = get_task("sst2")
+    assert sst2.prompt_name == "generic-label"
+    edited = TaskDef.model_validate({**sst2.model_dump(mode="json"), "description": "another wording"})
+    assert template_source_hash(edited) != template_source_hash(sst2)
+    assert data_fingerprint(edited) == data_fingerprint(sst2)  # the rows did not change
