@@ -112,7 +112,10 @@ def _gold(name: str, f: FieldSpec, row: dict[str, Any], words: list[str], at: st
         return plain_tags(value, len(words), f.outside, at)
     if f.names is not None:
         try:
-            value = f.names[int(value)]
+            index = int(value)
+            if index < 0:
+                raise IndexError(index)
+            value = f.names[index]
         except (ValueError, IndexError):
             raise GridError(f"{at}: field {name}: {value!r} is not an index into names "
                             f"(0..{len(f.names) - 1})") from None
@@ -127,6 +130,16 @@ def _gold(name: str, f: FieldSpec, row: dict[str, Any], words: list[str], at: st
     return value
 
 
+def _text(value: Any) -> str:
+    """The input text: a missing one is empty; a list of words (a word + tag source) is joined
+    with spaces, so its words are the list's."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return " ".join(str(w) for w in value)
+    return str(value)
+
+
 def _normalize(task: TaskDef, source: Source, key: str, kept: list[int] | None = None) -> datasets.Dataset:
     """The normalized rows of one source split (its rows `kept`, by default all); ids from a
     column or the template (the index counts the rows kept); errors name the source file's row."""
@@ -135,7 +148,7 @@ def _normalize(task: TaskDef, source: Source, key: str, kept: list[int] | None =
 
     def norm(row: dict[str, Any], idx: int) -> dict[str, Any]:
         at = source.where(idx if kept is None else kept[idx])
-        text = "" if row[spec.text] is None else str(row[spec.text])  # a missing text is empty
+        text = _text(row[spec.text])
         words = text.split()
         example_id = str(row[spec.id]) if spec.id else spec.id_template.format(split=key, index=idx)
         gold = {name: _gold(name, f, row, words, at) for name, f in spec.fields.items()}

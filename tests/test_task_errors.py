@@ -113,3 +113,34 @@ def test_a_row_of_a_globbed_split_is_named_in_its_own_file(tmp_path):
     with pytest.raises(GridError) as exc:
         load_split(load_task_file(tmp_path / "t.yaml"), "train", tmp_path)
     assert "train.part2.jsonl row 2: unbalanced bracket" in one_line(exc)
+
+
+WORD_TAGS = """\
+name: t
+data:
+  files: {train: d/train.jsonl, test: d/test.jsonl}
+  read: {format: jsonl}
+  text: tokens
+  fields:
+    ner: {column: tags, annotation: tags}
+    polarity: {column: y, names: [neg, pos]}
+subtasks:
+  - {name: ner, field: ner, type: word_tags}
+  - {name: polarity, field: polarity, type: label}
+"""
+WT_ROW = '{"tokens": ["Acme", "Corp", "fell"], "tags": ["ORG", "ORG", "O"], "y": 0}\n'
+
+
+def test_word_and_tag_columns(tmp_path):
+    task = load_task_file(make(tmp_path, task=WORD_TAGS, train=WT_ROW, test=WT_ROW))
+    row = load_split(task, "test", tmp_path)[0]
+    assert (row["text"], row["words"], row["ner"], row["polarity"]) == (
+        "Acme Corp fell", ["Acme", "Corp", "fell"], ["ORG", "ORG", "Other"], "neg")
+
+
+def test_an_index_outside_names_is_named(tmp_path):
+    task = load_task_file(make(tmp_path, task=WORD_TAGS, train=WT_ROW + WT_ROW.replace('"y": 0', '"y": -1'),
+                               test=WT_ROW))
+    with pytest.raises(GridError) as exc:
+        load_split(task, "train", tmp_path)
+    assert "train.jsonl row 2: field polarity: -1 is not an index into names (0..1)" in one_line(exc)
