@@ -10,7 +10,7 @@ import polars as pl
 from grid.config import decoding_name
 from grid.plan import Plan
 
-HEADLINE_SUFFIXES = ("/accuracy", "/slot_f1", "/rouge_l", "exact_match", "invalid_rate")
+HEADLINE_SUFFIXES = ("/accuracy", "/slot_f1", "/rougeL", "exact_match", "invalid_rate")
 
 
 def headline(metrics: dict[str, Any] | None) -> str:
@@ -79,7 +79,7 @@ def print_table(df: pl.DataFrame, line: str) -> None:
 
 def _score(metrics: dict[str, Any] | None) -> tuple[str | None, float | None]:
     """A cell's headline score: the first sub-task's accuracy (else slot F1, ROUGE-L, exact match)."""
-    for suffix in ("/accuracy", "/slot_f1", "/rouge_l", "exact_match"):
+    for suffix in ("/accuracy", "/slot_f1", "/rougeL", "exact_match"):
         for key, value in (metrics or {}).items():
             if key.endswith(suffix) and key.count("/") <= 1 and isinstance(value, (int, float)):
                 return key, float(value)
