@@ -116,7 +116,7 @@ def test_untuned_smollm2_answers_valid_labels(smollm2):
 
 @pytest.fixture(scope="module")
 def finetuned(smollm2, tmp_path_factory, ray_local) -> dict[str, str]:
-    """A LoRA and a full fine-tune of SmolLM2, four steps each, as Ray Train jobs."""
+    """A LoRA and a full fine-tune of SmolLM2, three steps each, as Ray Train jobs."""
     from workers.jobs import FinetuneJob
     from workers.train_decoder import run
 
@@ -125,10 +125,10 @@ def finetuned(smollm2, tmp_path_factory, ray_local) -> dict[str, str]:
         folder = tmp_path_factory.mktemp(mode)
         metrics = run(FinetuneJob(
             model=smollm2, family="decoder", task=TASK, mode=mode, prompt_format="chat", text_budget=32,
-            train_limit=16, output_dir=str(folder),
-            hparams={"lr": lr, "batch_size": 4, "max_steps": 4, "max_length": 256, "log_every_steps": 0,
+            train_limit=8, output_dir=str(folder),
+            hparams={"lr": lr, "batch_size": 2, "max_steps": 3, "max_length": 256, "log_every_steps": 0,
                      "lora_r": 8, "lora_alpha": 16}))
-        assert metrics["steps_run"] == 4 and metrics["dropped_examples"] == 0
+        assert metrics["steps_run"] == 3 and metrics["dropped_examples"] == 0
         out[mode] = str(folder / "model")
     return out
 

