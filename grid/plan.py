@@ -144,6 +144,8 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
     tasks = {name: get_task(name) for name in config.tasks}
     fingerprints = {name: data_fingerprint(task, data_dir) for name, task in tasks.items()}
     limits = config.limits.model_dump()
+    # once per model: a GGUF source's identity is its file's sha256, found on disk
+    weights = {m.name: source_revision(m.source, m.revision) for m in config.models}
     made = _made_models(config, finetunes, data_dir)  # fine-tune chains of `finetuned_from` models
     for model, task_name, shots, mode, seed, decoding in itertools.product(
         config.models, config.tasks, config.shots, config.finetune, config.seeds, config.decoding
@@ -158,7 +160,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
             skipped += 1
             continue
         common = dict(
-            model=model.name, source=model.source, weights=source_revision(model.source, model.revision),
+            model=model.name, source=model.source, weights=weights[model.name],
             family=model.family, backend=model.backend,
             prompt_format="none" if is_encoder else model.prompt_format,
             task=task_name, data_fp=fingerprints[task_name],

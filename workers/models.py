@@ -81,6 +81,23 @@ def _tokenizer_corpus() -> list[str]:
     return texts
 
 
+def _publish(out: Path, model: Any, tokenizer: Any, source: dict[str, str] | None = None) -> Path:
+    """Save a built model folder under `out` atomically: written beside it, then renamed, so a
+    reader never sees half a folder; a concurrent builder's identical result may win the rename."""
+    import shutil
+
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if source is not None:
+        (tmp / "clfgrid_source.json").write_text(json.dumps(source, indent=1))
+    try:
+        tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def build_tiny(recipe_name: str) -> Path:
     """Build (once) and return the folder of a tiny decoder and its freshly trained tokenizer."""
     if recipe_name not in TINY_RECIPES:
@@ -117,14 +134,7 @@ def build_tiny(recipe_name: str) -> Path:
     else:
         config = LlamaConfig(vocab_size=len(tokenizer), **sizes, **special)
         model = LlamaForCausalLM(config)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(out)  # atomic: a concurrent builder's identical result may already be there
-    except OSError:
-        pass
-    return out
+    return _publish(out, model, tokenizer)
 
 
 def minilm_path() -> Path:
@@ -204,15 +214,7 @@ def materialize_gguf(path: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "clfgrid_source.json").write_text(json.dumps({"gguf_file": name, "sha256": sha}, indent=1))
-    try:
-        tmp.rename(out)  # atomic: a concurrent builder's identical result may already be there
-    except OSError:
-        pass
-    return out
+    return _publish(out, model, tokenizer, {"gguf_file": name, "sha256": sha})
 
 
 def is_local_path(source: str) -> bool:
