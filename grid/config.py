@@ -30,11 +30,15 @@ class Strict(BaseModel):
 
 
 class FinetunedFrom(Strict):
-    """A model the grid makes (merge study, 004): `model` fine-tuned on `tasks`, one fine-tune cell
-    per task, each starting from the last (e.g. a tiny "instruct" stand-in tuned on other tasks)."""
+    """A model the grid makes (merge study, 004): `model` fine-tuned on `tasks`. In order, one
+    fine-tune cell per task, each starting from the last (e.g. a tiny "instruct" stand-in tuned on
+    other tasks); or mixed, one fine-tune cell on the shuffled union of the tasks' train rows (the
+    multi-task model that single-task merges are compared with)."""
 
     model: str = Field(description="an earlier model of the grid")
-    tasks: tuple[str, ...] = Field(min_length=1, description="trained in this order")
+    tasks: tuple[str, ...] = Field(min_length=1, description="trained in this order, or mixed")
+    mix: bool = Field(default=False, description="one fine-tune on the union of the tasks' rows "
+                      "(train_limit rows of each, each under its own task's prompt)")
     finetune: Literal["full", "lora"] = "full"
     train_limit: int | None = Field(default=None, gt=0, description="rows per task; default limits.train")
     hparams: dict[str, Any] = Field(default_factory=dict, description="over the decoder recipe's")
@@ -197,6 +201,8 @@ class GridConfig(Strict):
                 raise ValueError(f"models.{i}.finetuned_from.model: {ff.model!r} is not an earlier model of the grid")
             if ff and m.family != "decoder":
                 raise ValueError(f"models.{i}.finetuned_from: only decoders are made by the grid")
+            if ff and ff.mix and len(set(ff.tasks)) < 2:
+                raise ValueError(f"models.{i}.finetuned_from.mix: a mixture needs two or more different tasks")
         merge_names = [g.name for g in self.merges]
         for j, g in enumerate(self.merges):
             if g.name in names or merge_names.count(g.name) > 1:

@@ -258,6 +258,7 @@ def run_finetune(cell: Cell, store: Store, data_dir: str | None, retries: int) -
         shots=cell.shots, prompt_format=cell.prompt_format if cell.family == "decoder" else "plain",
         text_budget=cell.text_budget, sampler=cell.sampler, seed=cell.seed,
         train_limit=recipe.get("train_limit") or cell.limits.get("train"),
+        mix_with=tuple(recipe.get("mix_with", ())),
         hparams=recipe.get("hparams", {}), data_dir=data_dir, output_dir=str(out_dir),
         resources=Resources(**recipe.get("resources", {})),
     )

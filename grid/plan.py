@@ -211,6 +211,14 @@ def _union(*lists: list[str]) -> list[str]:
     return out
 
 
+def _joined(fingerprints: list[str]) -> str:
+    """One task's fingerprint as it is (cell ids of single-task cells do not change); several
+    tasks' (a mixed fine-tune) hashed together."""
+    if len(fingerprints) == 1:
+        return fingerprints[0]
+    return hashlib.sha256("+".join(fingerprints).encode()).hexdigest()[:16]
+
+
 def _infer_lineage(config: GridConfig, model: str, seen: list[str], trained_on: str | None = None) -> dict[str, Any]:
     return {"seen_tasks": seen, "reference": config.reference_of(model), "trained_on": trained_on}
 
@@ -219,8 +227,10 @@ def _made_models(config: GridConfig, finetunes: dict[str, Cell], data_dir: str |
                  ) -> dict[str, tuple[str | None, list[str]]]:
     """For each model: (the cell whose saved model it is, or None; the tasks its weights saw).
 
-    A `finetuned_from` model is a chain of fine-tune cells, one per task, each from the last;
-    the chain's cells join `finetunes` (so they run before anything that needs them).
+    A `finetuned_from` model is a chain of fine-tune cells, one per task, each from the last, or
+    (`mix`) one cell on all its tasks; these cells join `finetunes` (so they run before anything
+    that needs them). A mixed cell is named by its first task; its data and template fingerprints
+    cover every task, and its recipe names the others (`mix_with`).
     """
     made: dict[str, tuple[str | None, list[str]]] = {}
     limits = config.limits.model_dump()
@@ -233,14 +243,19 @@ def _made_models(config: GridConfig, finetunes: dict[str, Cell], data_dir: str |
         recipe_dict = config.recipe_for(model, ff.finetune, ff.hparams)
         if ff.train_limit is not None:
             recipe_dict["train_limit"] = ff.train_limit
-        for task_name in ff.tasks:
-            task = get_task(task_name)
-            seen = _union(seen, [task_name])
+        steps = [list(ff.tasks)] if ff.mix else [[t] for t in ff.tasks]
+        for step_tasks in steps:
+            task_name, task = step_tasks[0], get_task(step_tasks[0])
+            step_defs = [get_task(t) for t in step_tasks]
+            seen = _union(seen, step_tasks)
+            if ff.mix:
+                recipe_dict = {**recipe_dict, "mix_with": step_tasks[1:]}
             ft = Cell(
                 kind="finetune", model=model.name, source=model.source,
                 weights=source_revision(model.source, model.revision), family=model.family,
                 backend=model.backend, prompt_format=model.prompt_format, task=task_name,
-                data_fp=data_fingerprint(task, data_dir), template_fp=template_source_hash(task),
+                data_fp=_joined([data_fingerprint(t, data_dir) for t in step_defs]),
+                template_fp=_joined([template_source_hash(t) for t in step_defs]),
                 shots=0, finetune=ff.finetune, seed=config.seeds[0], decoding=None,
                 text_budget=config.text_budget or task.text_budget, sampler=config.sampler, limits=limits,
                 recipe=recipe_dict, depends_on=parent_id,

@@ -246,6 +246,29 @@ def test_plan_has_merge_cells_after_their_inputs(tmp_path):
     assert len(changed) == 2 * (1 + 2)  # the merge cell and its two inference cells, both plans
 
 
+def test_mixed_finetune_is_one_cell_on_all_its_tasks(tmp_path):
+    mixed = GRID.replace("WEIGHT", "1.0").replace(
+        "  - {name: instruct, finetuned_from: {model: base, tasks: [massive-intent]}}",
+        "  - {name: instruct, finetuned_from: {model: base, tasks: [massive-intent]}}\n"
+        "  - {name: multi, finetuned_from: {model: base, tasks: [fpb-sentiment, fomc-stance], mix: true,"
+        " finetune: lora}}")
+    plan = _plan(tmp_path, mixed)
+    (ft,) = [c for c in plan.cells if c.kind == "finetune" and c.lineage.get("prepares") == "multi"]
+    assert ft.task == "fpb-sentiment" and ft.recipe["mix_with"] == ["fomc-stance"]
+    assert ft.lineage["seen_tasks"] == ["fpb-sentiment", "fomc-stance"]
+    single = [c for c in plan.cells if c.kind == "finetune" and c.model == "base" and c.task == "fpb-sentiment"]
+    assert ft.data_fp != single[0].data_fp  # both tasks' rows are in its fingerprint
+    infers = [c for c in plan.cells if c.model == "multi" and c.kind == "infer" and c.finetune == "none"]
+    assert {c.task for c in infers} == {"fpb-sentiment", "fomc-stance"}
+    assert all(c.depends_on == ft.id and c.lineage["seen_tasks"] == ["fpb-sentiment", "fomc-stance"] for c in infers)
+    from grid.config import load_config
+
+    path = tmp_path / "one.yaml"
+    path.write_text(mixed.replace("tasks: [fpb-sentiment, fomc-stance], mix", "tasks: [fpb-sentiment], mix"))
+    with pytest.raises(GridError, match=r"models.2.finetuned_from.mix: a mixture needs two"):
+        load_config(path)
+
+
 def test_plan_names_a_missing_finetune_cell(tmp_path):
     text = GRID.replace("WEIGHT", "1.0").replace("finetune: [none, lora]", "finetune: [none]")
     with pytest.raises(GridError, match=r"field merges.0 \(model_1\): the grid has no fine-tune cell"):

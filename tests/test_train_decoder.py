@@ -50,7 +50,8 @@ def job(tiny: str, out, mode: str = "full", **kw) -> FinetuneJob:
     hparams = {"lr": 1e-3, "batch_size": 4, "max_steps": 8, "checkpoint_every_steps": 4, "log_every_steps": 0}
     hparams.update(kw.pop("hparams", {}))
     kw = {"prompt_format": "inst", "train_limit": 48, **kw}
-    return FinetuneJob(model=tiny, family="decoder", task=TASK, mode=mode, output_dir=str(out), hparams=hparams, **kw)
+    kw = {"task": TASK, **kw}
+    return FinetuneJob(model=tiny, family="decoder", mode=mode, output_dir=str(out), hparams=hparams, **kw)
 
 
 def first_test_prompt(fmt: str = "inst", tokenizer=None) -> str:
@@ -71,6 +72,16 @@ def weights_changed(tiny: str, model_dir) -> bool:
     base = AutoModelForCausalLM.from_pretrained(tiny).state_dict()
     tuned = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
     return any(not torch.equal(base[k], tuned[k]) for k in base)
+
+
+def test_a_mixed_job_trains_on_each_task_under_its_own_prompt(tiny, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    mixed = job(tiny, tmp_path, task="fpb-sentiment", mix_with=("fomc-stance",), train_limit=5)
+    examples, dropped = build_examples(mixed, tokenizer)
+    assert dropped == 0 and len(examples) == 10
+    texts = [tokenizer.decode(e.input_ids) for e in examples]
+    # fomc's label list names "hawkish"; fpb's does not
+    assert not any("hawkish" in t for t in texts[:5]) and all("hawkish" in t for t in texts[5:])
 
 
 @pytest.mark.parametrize("fmt", ["inst", "chat"])

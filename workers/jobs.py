@@ -67,6 +67,9 @@ class FinetuneJob(BaseModel):
     sampler: Literal["random", "stratified"] = "random"
     seed: int = 0
     train_limit: int | None = Field(default=None, description="seeded subsample of the train split")
+    mix_with: tuple[str, ...] = Field(
+        default=(), description="decoders: tasks trained together with `task` (one shuffled union, "
+        "train_limit rows of each, each row under its own task's prompt)")
     hparams: dict[str, Any] = Field(default_factory=dict)
     data_dir: str | None = None
     output_dir: str

@@ -107,12 +107,13 @@ def encode_example(prompt_text: str, answer: str, tokenizer: Any, fmt: str) -> E
     return Example(prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids)
 
 
-def train_rows_of(job: FinetuneJob):
-    """The task, its full train split, and the indices of the rows to train on (seeded subsample)."""
+def train_rows_of(job: FinetuneJob, task_name: str | None = None):
+    """A task's definition (default: the job's), its full train split, and the indices of the rows
+    to train on (seeded subsample)."""
     from grid.data import load_split
     from grid.tasks import get_task
 
-    task = get_task(job.task)
+    task = get_task(task_name or job.task)
     train = load_split(task, "train", job.data_dir)
     indices = list(range(len(train)))
     if job.train_limit is not None and job.train_limit < len(train):
@@ -121,27 +122,30 @@ def train_rows_of(job: FinetuneJob):
 
 
 def build_examples(job: FinetuneJob, tokenizer: Any, max_length: int | None = None) -> tuple[list[Example], int]:
-    """The training examples of a job, and how many were dropped for exceeding `max_length`."""
+    """The training examples of a job (of its task, then of each `mix_with` task: the batches
+    shuffle them together), and how many were dropped for exceeding `max_length`."""
     from grid.data import label_sets
     from grid.parsing import format_answer
     from grid.prompting import PromptBuilder, gold_of
 
-    task, train, indices = train_rows_of(job)
-    # The few-shot examples come from the whole train split, as at inference.
-    builder = PromptBuilder(task, label_sets(task, job.data_dir), train, job.text_budget, job.sampler)
     examples, dropped = [], 0
-    for i in indices:
-        row = train[i]
-        prompt = builder.build(row, job.shots, job.seed)
-        text = prompt.as_text(job.prompt_format, tokenizer)
-        answer = answer_text(text, prompt, format_answer(task, gold_of(task, row)), job.prompt_format, tokenizer)
-        example = encode_example(text, answer, tokenizer, job.prompt_format)
-        if max_length is not None and len(example.input_ids) > max_length:
-            dropped += 1
-            continue
-        examples.append(example)
+    for task_name in (job.task, *job.mix_with):
+        task, train, indices = train_rows_of(job, task_name)
+        # The few-shot examples come from the whole train split, as at inference.
+        builder = PromptBuilder(task, label_sets(task, job.data_dir), train, job.text_budget, job.sampler)
+        for i in indices:
+            row = train[i]
+            prompt = builder.build(row, job.shots, job.seed)
+            text = prompt.as_text(job.prompt_format, tokenizer)
+            answer = answer_text(text, prompt, format_answer(task, gold_of(task, row)), job.prompt_format, tokenizer)
+            example = encode_example(text, answer, tokenizer, job.prompt_format)
+            if max_length is not None and len(example.input_ids) > max_length:
+                dropped += 1
+                continue
+            examples.append(example)
     if not examples:
-        raise GridError(f"decoder fine-tune on {job.task}: no example fits max_length={max_length}")
+        names = "+".join((job.task, *job.mix_with))
+        raise GridError(f"decoder fine-tune on {names}: no example fits max_length={max_length}")
     return examples, dropped
 
 
