@@ -292,7 +292,7 @@ def test_study_grids_plan(tmp_path):
     from grid.plan import build_plan
 
     root = Path(__file__).resolve().parent.parent
-    plan = build_plan(load_config(root / "grids" / "merge-study.yaml"))
+    plan = build_plan(load_config(root / "grids" / "merge-study-tiny.yaml"))
     assert sum(c.kind == "merge" for c in plan.cells) == 3
     paper = load_config(root / "grids" / "merge-study-paper.yaml")
     assert {m.source for m in paper.models} >= {"mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.2",
