@@ -185,6 +185,23 @@ def answer_loss(model: Any, batch: dict[str, Any]):
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["targets"][keep])
 
 
+def train_step(model: Any, batch: dict[str, Any], optimizer: Any, scheduler: Any, trainable: list[Any],
+               max_grad_norm: float, bf16: bool):
+    """One optimizer step on the answer-only loss: forward (bf16 autocast on a GPU), backward,
+    clip, step, schedule. Plain PyTorch, so that the GPU check (benchmarks/gpu_check.py) times the
+    very step that Ray Train's workers run. Returns the loss tensor."""
+    import torch
+
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        loss = answer_loss(model, batch)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 # --- model ---------------------------------------------------------------------------------
 
 
@@ -352,13 +369,7 @@ def train_loop(config: dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()  # clips, steps the optimizer and the scheduler, zeroes the gradients
         else:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
-                loss = answer_loss(forward_model, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, hp["max_grad_norm"])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(forward_model, batch, optimizer, scheduler, trainable, hp["max_grad_norm"], on_gpu)
         compute_seconds += time.perf_counter() - t0
         losses.append(loss.item())
         real = int(batch["attention_mask"].sum())
