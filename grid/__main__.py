@@ -63,7 +63,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from grid.store import Store
     from grid.tables import print_table, status_table
 
-    store = Store.open(args.results)
+    store = Store.open(args.results, create=False)
     print_table(*status_table(store.records()))
     return 0
 
@@ -73,6 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     argv = [args.config, "--results", args.results] + (["--data", args.data] if args.data else [])
     argv += ["--tasks", args.tasks] if args.tasks else []
+    argv += ["--num-cpus", str(args.num_cpus)] if args.num_cpus is not None else []
     return run.main(argv + (["--dry-run"] if args.dry_run else []))
 
 
@@ -126,6 +127,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--data", default=None)
     r.add_argument("--tasks", default=None, help="a folder of more task YAML files")
     r.add_argument("--dry-run", action="store_true")
+    r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     r.set_defaults(fn=cmd_run)
 
     from grid.report import add_arguments as report_arguments

@@ -40,7 +40,7 @@ def _usage(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _records(results: str | Path | Store) -> list[dict[str, Any]]:
-    store = results if isinstance(results, Store) else Store.open(results)
+    store = results if isinstance(results, Store) else Store.open(results, create=False)
     return store.records()
 
 
@@ -68,7 +68,7 @@ def metrics(results: str | Path | Store) -> pl.LazyFrame:
 
 def predictions(results: str | Path | Store) -> pl.LazyFrame:
     """Every prediction of every finished inference cell (join with `cells` on cell_id)."""
-    store = results if isinstance(results, Store) else Store.open(results)
+    store = results if isinstance(results, Store) else Store.open(results, create=False)
     paths = [store.predictions_path(r["cell_id"]) for r in store.records()
              if r["status"] == "done" and r["cell"]["kind"] == "infer"]
     if not paths:

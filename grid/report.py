@@ -44,6 +44,9 @@ from typing import Any
 
 from grid.config import decoding_name
 from grid.errors import GridError
+from grid.merge_view import html_section as merge_html
+from grid.merge_view import markdown as merge_markdown
+from grid.merge_view import plot_sweep, study_numbers
 from grid.store import Store
 
 # --- columns ---------------------------------------------------------------------------------
@@ -772,9 +775,7 @@ def write_report(results: str | Path, out: str | Path = "reports", *, pairs: lis
     import time
 
     results_text = str(results)
-    if "://" not in results_text and not (Path(results_text) / "cells").is_dir():
-        raise GridError(f"results dir {results_text} has no cells/ folder")
-    store = Store.open(results)
+    store = Store.open(results, create=False)
     records = store.records()
     if isinstance(pairs, str):
         pairs = parse_pairs(pairs)
@@ -784,6 +785,7 @@ def write_report(results: str | Path, out: str | Path = "reports", *, pairs: lis
     plots: dict[str, str | None] = {}
     confusion_choice = choose_confusion(table, confusion_cell)
     forgetting = forgetting_rows(table)
+    merge_study = study_numbers(store, records)
     conf_info = None
     if confusion_choice:
         rec, sub = confusion_choice
@@ -797,6 +799,7 @@ def write_report(results: str | Path, out: str | Path = "reports", *, pairs: lis
                                              conf_info["counts"], f"{conf_info['label']} - {conf_info['subtask']}")
                               if conf_info else None)
         plots["forgetting"] = plot_forgetting(plt, forgetting)
+        plots["merge_sweep"] = plot_sweep(plt, merge_study) if merge_study else None
     no_mpl = "" if plt is not None else " (matplotlib is not installed: pip install matplotlib)"
 
     out = Path(out)
@@ -822,6 +825,8 @@ def write_report(results: str | Path, out: str | Path = "reports", *, pairs: lis
             delta = "–" if r["delta"] is None else f"{100 * r['delta']:+.1f}"
             md.append(f"| {r['model']} | {r['column']} | {'seen' if r['seen'] else 'unseen'} | "
                       f"{100 * r['score']:.1f} | {r['shots']} | {ref} | {delta} |")
+    if merge_study:
+        md += [""] + merge_markdown(merge_study)
     md_path = out / "table3.md"
     md_path.write_text("\n".join(md) + "\n")
 
@@ -851,6 +856,8 @@ def write_report(results: str | Path, out: str | Path = "reports", *, pairs: lis
     else:
         page.append('<p class="note">No merge cells (inference cells of merged models, carrying '
                     '<code>seen_tasks</code>) in these results.</p>')
+    if merge_study:
+        page.append(merge_html(merge_study, plots.get("merge_sweep")))
     page.append(f'<p class="note">Written {time.strftime("%Y-%m-%d %H:%M:%S")} by python -m grid report.</p>')
     page.append("</body></html>")
     html_path = out / "report.html"
@@ -864,7 +871,7 @@ def write_report(results: str | Path, out: str | Path = "reports", *, pairs: lis
                               for c in table.used_columns() if (r, c.key) in table.entries}}
                  for r in table.rows],
         "comparisons": [c.__dict__ for c in comps],
-        "confusion": conf_info, "forgetting": forgetting,
+        "confusion": conf_info, "forgetting": forgetting, "merge_study": merge_study,
         "plots": {k: v is not None for k, v in plots.items()}, "n_boot": n_boot, "seed": seed,
     }
     json_path = out / "report.json"

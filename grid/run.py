@@ -56,13 +56,18 @@ def _run(args: argparse.Namespace) -> int:
     validate_references(config, args.config, hub_cache=not args.dry_run)
     data_dir = data_dir_arg(args.data)
     plan = build_plan(config, data_dir)
-    store = Store.open(args.results)
-    if args.dry_run:
-        print_table(*plan_table(plan, store.statuses()))
+    if args.dry_run:  # reads the results dir, if there is one, and writes nothing
+        try:
+            statuses = Store.open(args.results, create=False).statuses()
+        except GridError as exc:
+            print(f"note: {exc}; planned as if no cell had run", file=sys.stderr)
+            statuses = {}
+        print_table(*plan_table(plan, statuses))
         from grid.resources import print_resources  # placement groups and a GPU-hours estimate
 
         print_resources(plan, config, data_dir)
         return 0
+    store = Store.open(args.results)
     summary = execute(plan, config, store, data_dir, args.num_cpus)
     cell_ids = {c.id for c in plan.cells}  # this grid's cells and their metrics, as `grid status` shows them
     print_table(*status_table([r for r in store.records() if r["cell_id"] in cell_ids]))

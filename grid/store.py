@@ -37,7 +37,9 @@ class Store:
     uri: str  # as the user gave it
 
     @classmethod
-    def open(cls, uri: str | Path) -> "Store":
+    def open(cls, uri: str | Path, create: bool = True) -> "Store":
+        """The store at `uri`. A run creates it (`create`); a reader (status, query, report, a dry
+        run) must not, so a mistyped path is an error rather than a new, empty results dir."""
         text = str(uri)
         try:
             if "://" in text:
@@ -46,7 +48,11 @@ class Store:
                 fs, root = pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
         except (pa.ArrowInvalid, OSError) as exc:
             raise GridError(f"results dir {text}: {exc}") from None
-        fs.create_dir(posixpath.join(root, "cells"), recursive=True)
+        cells = posixpath.join(root, "cells")
+        if create:
+            fs.create_dir(cells, recursive=True)
+        elif fs.get_file_info(cells).type != pafs.FileType.Directory:
+            raise GridError(f"results dir {text} has no cells/ folder: no grid has run there")
         return cls(fs=fs, root=root, uri=text)
 
     @property

@@ -86,3 +86,23 @@ def test_not_a_parquet(tmp_path):
     path = tmp_path / "p.parquet"
     path.write_text("hello")
     assert_one_line_error(run_cli("-m", "grid", "score", str(path), "--task", "massive-intent"), "not a parquet")
+
+
+def test_readers_never_create_a_results_dir(tmp_path):
+    """`grid status`, a dry run and the query API read a results dir; a typo is an error (status,
+    query) or an empty plan (dry run), and no folder appears."""
+    import pytest
+
+    from grid.errors import GridError
+    from grid.query import cells
+
+    typo = tmp_path / "resluts"
+    status = run_cli("-m", "grid", "status", str(typo))
+    assert status.returncode == 2 and "has no cells/ folder: no grid has run there" in status.stderr
+    assert "Traceback" not in status.stderr
+    dry = run_cli("-m", "grid", "run", "grids/smoke.yaml", "--results", str(typo), "--dry-run", "--num-cpus", "1")
+    assert dry.returncode == 0, dry.stderr
+    assert "cells: 7 in all, 0 done, 7 to do" in dry.stdout and "planned as if no cell had run" in dry.stderr
+    with pytest.raises(GridError, match="no grid has run there"):
+        cells(typo)
+    assert not typo.exists()
