@@ -84,9 +84,9 @@ def main() -> None:
     import ray
     from transformers import AutoTokenizer
 
-    from workers.jobs import FinetuneJob, Resources
+    from workers.jobs import DECODER_HPARAMS, FinetuneJob, Resources
     from workers.models import resolve
-    from workers.train_decoder import DEFAULT_HPARAMS, build_examples, run
+    from workers.train_decoder import build_examples, run
 
     model_dir = resolve("tiny:llama")
     hparams = {"max_steps": args.steps, "batch_size": args.batch_size, "lr": 1e-4,
@@ -95,9 +95,9 @@ def main() -> None:
         job = FinetuneJob(model=model_dir, family="decoder", task=TASK, mode="full", prompt_format="inst",
                           train_limit=args.train_limit, output_dir=out, hparams=hparams,
                           resources=Resources(num_workers=1, cpus_per_worker=args.cpus))
-        examples, dropped = build_examples(job, AutoTokenizer.from_pretrained(model_dir), DEFAULT_HPARAMS["max_length"])
+        examples, dropped = build_examples(job, AutoTokenizer.from_pretrained(model_dir), DECODER_HPARAMS["max_length"])
         lengths = sorted(len(e.input_ids) for e in examples)
-        print(f"{TASK}: {len(examples)} examples (dropped {dropped} over {DEFAULT_HPARAMS['max_length']} tokens), "
+        print(f"{TASK}: {len(examples)} examples (dropped {dropped} over {DECODER_HPARAMS['max_length']} tokens), "
               f"tokens median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
               f"{args.steps} steps of {args.batch_size} examples each, {args.cpus} CPUs", flush=True)
 

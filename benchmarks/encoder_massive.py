@@ -32,7 +32,8 @@ from grid.tasks import get_task  # noqa: E402
 from workers.encoder import EncoderPredictor  # noqa: E402
 from workers.jobs import FinetuneJob, Resources  # noqa: E402
 from workers.models import resolve  # noqa: E402
-from workers.train_encoder import DEFAULTS, run  # noqa: E402
+from workers.jobs import ENCODER_HPARAMS  # noqa: E402
+from workers.train_encoder import run  # noqa: E402
 
 TASKS = ("massive-intent", "massive-slots", "massive-multi")
 
@@ -78,7 +79,7 @@ def main() -> None:
             job_hparams["max_steps"] = args.single_max_steps
         out_dir = Path(args.out) / task_name
         done = out_dir / "benchmark.json"
-        if done.is_file() and json.loads(done.read_text())["train"]["hparams"] == {**DEFAULTS, **job_hparams}:
+        if done.is_file() and json.loads(done.read_text())["train"]["hparams"] == {**ENCODER_HPARAMS, **job_hparams}:
             results[task_name] = json.loads(done.read_text())  # a finished job of an earlier run
         else:
             job = FinetuneJob(model=model, family="encoder", task=task_name, mode="full",

@@ -19,7 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 
 from grid.errors import GridError, first_error, read_yaml_mapping, validate_file
 from merge.config import MergeSpec
-from workers.jobs import Family, PromptFormat, Resources
+from workers.jobs import Family, PromptFormat, Resources, unknown_hparams
 
 Backend = Literal["transformers", "vllm", "litellm"]
 FinetuneMode = Literal["none", "full", "lora"]
@@ -262,6 +262,20 @@ class GridConfig(Strict):
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"model names must be unique: {', '.join(sorted(dupes))}")
+        return self
+
+    @model_validator(mode="after")
+    def _known_hparams(self) -> "GridConfig":
+        """Every hparams key names a knob of its family's trainer: a typo fails on load, not
+        when the fine-tune runs after other work."""
+        for key, recipe in self.recipes.items():
+            if problem := unknown_hparams(key.partition("/")[0], recipe.hparams):
+                raise ValueError(f"recipes.{key}.hparams: {problem}")
+        for i, m in enumerate(self.models):
+            if m.family in ("encoder", "decoder") and (problem := unknown_hparams(m.family, m.hparams)):
+                raise ValueError(f"models.{i}.hparams: {problem}")
+            if m.finetuned_from and (problem := unknown_hparams("decoder", m.finetuned_from.hparams)):
+                raise ValueError(f"models.{i}.finetuned_from.hparams: {problem}")
         return self
 
     @model_validator(mode="after")

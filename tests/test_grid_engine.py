@@ -61,6 +61,11 @@ def ran(proc) -> tuple[int, int]:
      ["field shots.0"]),
     ("name: t\nmodels:\n  - {name: m, source: tiny:llama, family: decoder}\ntasks: [massive-intent]\n"
      "exclude:\n  - {familly: encoder}\n", ["field exclude.0", "familly"]),
+    ("name: t\nmodels:\n  - {name: m, source: tiny:llama, family: decoder}\ntasks: [massive-intent]\n"
+     "finetune: [lora]\nrecipes:\n  decoder/lora: {hparams: {learning_rate: 0.001}}\n",
+     ["recipes.decoder/lora.hparams: ", "unknown decoder hparams learning_rate; known: lr,"]),
+    ("name: t\nmodels:\n  - {name: m, source: tiny:llama, family: decoder, hparams: {lora_rank: 4}}\n"
+     "tasks: [massive-intent]\n", ["models.0.hparams: unknown decoder hparams lora_rank"]),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, text, fragments):
     config = tmp_path / "grid.yaml"

@@ -36,37 +36,15 @@ from typing import Any
 
 from grid.errors import GridError
 from workers.batching import length_grouped_batches
-from workers.jobs import FinetuneJob
+from workers.jobs import DECODER_HPARAMS, FinetuneJob, unknown_hparams
 
-# Every knob of the recipe, overridable through job.hparams.
-DEFAULT_HPARAMS: dict[str, Any] = {
-    "lr": 1e-4,                   # AdamW learning rate; the paper's 1e-6 is for 8B models
-    "epochs": 1,                  # passes over the train rows (when max_steps is None)
-    "max_steps": None,            # optimizer steps in all, counting resumed ones; overrides epochs
-    "batch_size": 8,              # examples per optimizer step per worker (the paper: 8)
-    "max_length": 2048,           # examples longer than this (prompt + answer) are dropped, counted
-    "weight_decay": 0.0,
-    "warmup_steps": 0,            # linear warm-up (the paper: 0), then linear decay to 0
-    "max_grad_norm": 1.0,
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "lora_dropout": 0.05,
-    "lora_target_modules": "all-linear",  # or a list of module names, e.g. ["q_proj", "v_proj"]
-    "lora_layers": None,          # adapt only the last N transformer layers: the backward pass
-                                  # stops at the lowest adapted one (about 2x faster on a CPU)
-    "checkpoint_every_steps": 500,  # 0: only at the last step
-    "group_batches": 50,          # length-grouping window, in batches
-    "log_every_steps": 50,
-}
 
 
 def hparams_of(job: FinetuneJob) -> dict[str, Any]:
-    unknown = sorted(set(job.hparams) - set(DEFAULT_HPARAMS))
-    if unknown:
-        raise GridError(
-            f"decoder fine-tune: unknown hparams {', '.join(unknown)}; known: {', '.join(DEFAULT_HPARAMS)}"
-        )
-    return {**DEFAULT_HPARAMS, **job.hparams}
+    problem = unknown_hparams("decoder", job.hparams)
+    if problem:
+        raise GridError(f"decoder fine-tune: {problem}")
+    return {**DECODER_HPARAMS, **job.hparams}
 
 
 # --- examples ------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
                               task="massive-multi", mode="full", output_dir="/tmp/enc"))
 
 Defaults are the paper's: batch 32, lr 1e-5, Adam(W), 10 epochs on 20NG and 20 on MASSIVE;
-every one is overridable through `job.hparams` (see DEFAULTS). `batch_size` is the global batch:
+every one is overridable through `job.hparams` (see workers.jobs.ENCODER_HPARAMS). `batch_size` is the global batch:
 with several workers, each takes its slice of every batch, so the step count does not depend on
 the number of workers.
 
@@ -35,32 +35,18 @@ from typing import Any
 import torch
 
 from workers.batching import length_grouped_batches
-from workers.jobs import FinetuneJob
+from workers.jobs import ENCODER_HPARAMS, FinetuneJob, unknown_hparams
 
 logger = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "epochs": None,  # None: the task's encoder_epochs (the paper's, by dataset)
-    "batch_size": 32,  # global batch, split across workers
-    "lr": 1e-5,
-    "weight_decay": 0.0,  # 0: plain Adam, as in the paper
-    "warmup_ratio": 0.0,  # share of the steps with a linear warm-up; then linear decay to 0
-    "max_grad_norm": 1.0,
-    "max_length": 512,  # tokens per text, truncated
-    "max_steps": None,  # stop after this many optimizer steps (counted over resumed runs too)
-    "checkpoint_every_steps": None,  # also checkpoint every N steps (epoch ends always are)
-    "checkpoints_to_keep": 2,
-    "mega_batch": 50,  # batches per length-sorted mega-batch
-    "log_every_steps": 50,
-}
 CHECKPOINT_FILE = "train_state.pt"
 
 
 def job_hparams(job: FinetuneJob, task_epochs: int) -> dict[str, Any]:
-    unknown = set(job.hparams) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown encoder hparams {sorted(unknown)}; known: {', '.join(DEFAULTS)}")
-    hp = {**DEFAULTS, **job.hparams}
+    problem = unknown_hparams("encoder", job.hparams)
+    if problem:
+        raise ValueError(problem)
+    hp = {**ENCODER_HPARAMS, **job.hparams}
     if hp["epochs"] is None:
         hp["epochs"] = task_epochs
     return hp
