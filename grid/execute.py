@@ -109,7 +109,7 @@ def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCe
         prompt = builder.build(r, cell.shots, cell.seed)
         text = as_text(prompt)
         item = {"example_id": r["example_id"], "prompt": text, "messages": prompt.messages(),
-                "prompt_hash": prompt_hash(text), "decoding": cell.decoding, "task": cell.task,
+                "prompt_hash": prompt_hash(text), "decoding": cell.decoding, "task": cell.task, "seed": cell.seed,
                 "labels": labels, "words": r["words"] if task.needs_words else None,
                 # as training tokenizes it: a chat template writes its own BOS, raw text does not
                 "add_special_tokens": cell.prompt_format != "chat"}

@@ -98,6 +98,20 @@ def test_constrained_request_uses_schema_only_when_supported(tmp_path):
     assert "response_format" not in forced.build_request(item(0, mode="free"))
 
 
+def test_sampled_requests_differ_by_seed_and_greedy_ones_do_not(tmp_path):
+    backend = LiteLLMBackend({"model_name": "openai/tiny", "options": {"api_base": "http://127.0.0.1:9/v1",
+                                                                      "cache_dir": str(tmp_path)}})
+
+    def key(seed: int, temperature: float) -> str:
+        it = item(0)
+        it = {**it, "seed": seed, "decoding": {**it["decoding"], "temperature": temperature}}
+        return backend.keyed_request(it)[1]
+
+    assert key(0, 0.7) != key(1, 0.7)  # two seeds of a sampled cell: two samples, not one cached answer
+    assert key(0, 0.0) == key(1, 0.0)  # greedy answers do not depend on the seed: shared
+    assert backend.build_request({**item(0), "seed": 3, "decoding": {**item(0)["decoding"], "temperature": 0.5}})["seed"] == 3
+
+
 def test_errors_never_carry_the_key(tmp_path, monkeypatch):
     import litellm
 

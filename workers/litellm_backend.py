@@ -185,6 +185,8 @@ class LiteLLMBackend:
             "temperature": decoding.get("temperature", 0.0),
             "max_tokens": decoding.get("max_new_tokens", 64),
         }
+        if request["temperature"] > 0:  # a sample per seed: different seeds, different answers (and keys)
+            request["seed"] = item.get("seed", 0)
         if decoding.get("mode") == "constrained" and self._schema_supported():
             task = get_task(item["task"])
             words = item.get("words")
@@ -211,7 +213,8 @@ class LiteLLMBackend:
             self.limiter.wait()
             self.sent += 1
             try:
-                return litellm.completion(model=self.model, **request, api_base=self.api_base,
+                # drop_params: a provider without `seed` (Claude) is sent the rest
+                return litellm.completion(model=self.model, **request, api_base=self.api_base, drop_params=True,
                                           api_key=key or ("none" if self.api_base else None),
                                           timeout=self.timeout_s, num_retries=0, max_retries=0)
             except Exception as exc:  # noqa: BLE001 - classified, scrubbed, retried or raised
@@ -240,10 +243,14 @@ class LiteLLMBackend:
             self.failures_in_a_row = 0
         return resp
 
-    def _answer(self, item: dict[str, Any]) -> dict[str, Any]:
+    def keyed_request(self, item: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """The request body for one item and its cache key (model, revision, endpoint, request)."""
         request = self.build_request(item)
-        key = request_key(self.model, self.revision, self.api_base,
-                          {**request, "decoding": item.get("decoding")})
+        return request, request_key(self.model, self.revision, self.api_base,
+                                    {**request, "decoding": item.get("decoding")})
+
+    def _answer(self, item: dict[str, Any]) -> dict[str, Any]:
+        request, key = self.keyed_request(item)
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None:
