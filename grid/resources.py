@@ -50,6 +50,7 @@ from typing import Any
 
 from grid.config import GridConfig
 from grid.plan import Cell, Plan
+from workers.jobs import placement_strategy
 
 GPU_TYPES = {
     "A100": {"bf16_flops": 312e12, "memory_gb": 80},
@@ -187,12 +188,6 @@ class Estimate:
         return max((p.gpus for p in self.placement_groups), default=0)
 
 
-def strategy_for(num_workers: int, gpus_per_worker: float, node_gpus: int = NODE_GPUS) -> str:
-    if gpus_per_worker <= 0:
-        return "PACK"
-    return "STRICT_PACK" if num_workers * gpus_per_worker <= node_gpus else "PACK"
-
-
 def training_state_bytes(n_params: float, mode: str, stage: int, offload: str, workers: int) -> float:
     """Bytes of weights, gradients and optimizer state per GPU (module docstring)."""
     if mode == "lora":  # the adapter's own state is a rounding error
@@ -254,7 +249,7 @@ def estimate(plan: Plan, config: GridConfig, data_dir: str | None = None, gpu: s
             est.placement_groups.append(PlacementGroup(
                 cell_id=cell.id, model=cell.model, label=f"{cell.model} {cell.task} {cell.shots}-shot ft={cell.finetune}",
                 bundles=[{"CPU": cpw, "GPU": gpw} for _ in range(workers)],
-                strategy=strategy_for(workers, gpw, node_gpus), deepspeed_stage=stage,
+                strategy=placement_strategy(workers, gpw, node_gpus), deepspeed_stage=stage,
                 tokens=tokens, gpu_hours=hours, state_gb_per_gpu=state))
             continue
         g = groups.get(cell.model)
@@ -384,5 +379,5 @@ def print_resources(plan: Plan, config: GridConfig, data_dir: str | None = None,
 
 
 __all__ = ["estimate", "print_resources", "check_fits", "memory_problems", "training_state_bytes",
-           "node_types_from_cluster", "model_params", "strategy_for", "Estimate", "PlacementGroup",
+           "node_types_from_cluster", "model_params", "Estimate", "PlacementGroup",
            "InferenceGroup"]

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from grid.config import load_config
-from grid.resources import GPU_TYPES, check_fits, estimate, model_params, node_types_from_cluster, strategy_for
+from grid.resources import GPU_TYPES, check_fits, estimate, model_params, node_types_from_cluster
+from workers.jobs import Resources, placement_strategy
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster.yaml"
@@ -94,7 +95,7 @@ def test_paper_grid_requests_fit_the_node_types(cluster, paper):
         total_cpus = res.num_workers * res.cpus_per_worker
         # one node holds the whole group: STRICT_PACK, ZeRO-3 stays on NVLink
         assert any(r["GPU"] >= total_gpus and r["CPU"] >= total_cpus for r in gpu_nodes), key
-        assert strategy_for(res.num_workers, res.gpus_per_worker, max(r["GPU"] for r in gpu_nodes)) == "STRICT_PACK"
+        assert placement_strategy(res.num_workers, res.gpus_per_worker, max(r["GPU"] for r in gpu_nodes)) == "STRICT_PACK"
     decoder = paper.recipe("decoder", "full").resources
     assert (decoder.num_workers, decoder.gpus_per_worker, decoder.deepspeed_stage) == (8, 1, 3)
     for m in paper.models:
@@ -191,9 +192,12 @@ def test_model_resources_are_checked_against_the_recipe(tmp_path):
 
 
 def test_strategy_and_fits():
-    assert strategy_for(8, 1) == "STRICT_PACK"
-    assert strategy_for(16, 1) == "PACK"
-    assert strategy_for(2, 0) == "PACK"
+    assert placement_strategy(8, 1, 8) == "STRICT_PACK"
+    assert placement_strategy(16, 1, 8) == "PACK"
+    assert placement_strategy(2, 0, 8) == "PACK"
+    # what the dry run prints is what the trainers hand Ray Train
+    assert Resources(num_workers=8, gpus_per_worker=1).scaling_config(node_gpus=8).placement_strategy == "STRICT_PACK"
+    assert Resources(num_workers=2, cpus_per_worker=2).scaling_config(node_gpus=0).placement_strategy == "PACK"
     assert model_params("meta-llama/Meta-Llama-3-70B-Instruct") == 70e9
     assert model_params("FacebookAI/roberta-large") == 355e6
     assert model_params("gpt-4o") is None

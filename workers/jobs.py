@@ -61,6 +61,15 @@ def unknown_hparams(family: str, hparams: dict[str, Any]) -> str | None:
     return f"unknown {family} hparams {', '.join(unknown)}; known: {', '.join(known)}"
 
 
+def placement_strategy(num_workers: int, gpus_per_worker: float, node_gpus: float) -> str:
+    """STRICT_PACK when the group's GPUs fit on one node (DeepSpeed ZeRO-3 all-gathers every
+    layer's parameters at every step: keep it on NVLink, never across the network), else PACK (as
+    few nodes as possible); CPU-only groups are PACK."""
+    if gpus_per_worker <= 0:
+        return "PACK"
+    return "STRICT_PACK" if num_workers * gpus_per_worker <= node_gpus else "PACK"
+
+
 class Resources(BaseModel):
     """How a training job is placed: Ray Train workers, each with its CPUs and GPUs."""
 
@@ -84,6 +93,21 @@ class Resources(BaseModel):
         if self.zero_offload == "all" and self.deepspeed_stage != 3:
             raise ValueError("zero_offload 'all' (the weights too) needs deepspeed_stage 3")
         return self
+
+    def scaling_config(self, node_gpus: float | None = None):
+        """Ray Train's ScalingConfig for these resources, with the placement strategy the dry run
+        prints (`placement_strategy`); `node_gpus` defaults to the largest live node's GPUs."""
+        from ray.train import ScalingConfig
+
+        if node_gpus is None:
+            import ray
+
+            node_gpus = max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+        use_gpu = self.gpus_per_worker > 0
+        return ScalingConfig(
+            num_workers=self.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": self.cpus_per_worker} | ({"GPU": self.gpus_per_worker} if use_gpu else {}),
+            placement_strategy=placement_strategy(self.num_workers, self.gpus_per_worker, node_gpus))
 
     @model_serializer(mode="wrap")
     def _omit_no_offload(self, handler: Any) -> dict[str, Any]:

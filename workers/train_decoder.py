@@ -413,7 +413,7 @@ def train_loop(config: dict[str, Any]) -> None:
 def run(job: FinetuneJob) -> dict[str, Any]:
     """Fine-tune `job.model` on `job.task` with Ray Train; returns the training metrics."""
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     if job.family != "decoder":
@@ -425,15 +425,13 @@ def run(job: FinetuneJob) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     job = job.model_copy(update={"output_dir": str(out)})
     res = job.resources
-    use_gpu = res.gpus_per_worker > 0
-    per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if use_gpu else {})
     from transformers import AutoTokenizer
 
     examples = build_examples(job, AutoTokenizer.from_pretrained(job.model), hp["max_length"])
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"job": job.model_dump(), "hp": hp, "examples": ray.put(examples)},
-        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        scaling_config=res.scaling_config(),
         # Same storage path and name on a rerun: Ray Train restores this run's newest checkpoint.
         run_config=RunConfig(name="checkpoints", storage_path=str(out),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),

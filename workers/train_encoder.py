@@ -222,7 +222,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def run(job: FinetuneJob) -> dict:
     """Train `job.model` with a head per sub-task of `job.task`; return the run's metrics."""
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from grid.data import label_sets, load_split
@@ -256,10 +256,7 @@ def run(job: FinetuneJob) -> dict:
             "features": ray.put(features), "model_dir": str(output_dir / "model"),
             "metrics_file": str(output_dir / "train_metrics.json"),
         },
-        scaling_config=ScalingConfig(
-            num_workers=res.num_workers, use_gpu=res.gpus_per_worker > 0,
-            resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker},
-        ),
+        scaling_config=res.scaling_config(),
         run_config=RunConfig(
             name="checkpoints", storage_path=str(output_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=hp["checkpoints_to_keep"]),
