@@ -19,7 +19,11 @@ REQUIRED = ("example_id", "prediction")
 
 
 def score_parquet(path: str | Path, task_name: str, data_dir: str | None = None, split: str = "test") -> dict[str, Any]:
-    """Metrics of the raw answers in `prediction`, gold taken from the task by `example_id`."""
+    """Metrics of the answers in a parquet, gold taken from the task by `example_id`.
+
+    A grid's own predictions file holds the model's text in `raw_output` and the parsed answer
+    as JSON in `prediction`: its `raw_output` is parsed again, so the metrics equal the cell's.
+    Any other file's `prediction` is the raw answer text."""
     task = get_task(task_name)
     path = Path(path)
     if not path.is_file():
@@ -34,7 +38,8 @@ def score_parquet(path: str | Path, task_name: str, data_dir: str | None = None,
     rows = {r["example_id"]: r for r in load_split(task, split, data_dir).to_list()}
     labels = label_sets(task, data_dir)
     golds, parsed = [], []
-    for i, (eid, raw) in enumerate(zip(table["example_id"].to_pylist(), table["prediction"].to_pylist())):
+    answers = table["raw_output" if "raw_output" in table.column_names else "prediction"].to_pylist()
+    for i, (eid, raw) in enumerate(zip(table["example_id"].to_pylist(), answers)):
         row = rows.get(str(eid))
         if row is None:
             raise GridError(f"{path}: row {i}: example_id {eid!r} is not in the {split} split of {task_name}")

@@ -52,6 +52,22 @@ def test_score_gold_answers_is_perfect(tmp_path):
     assert metrics["invalid_rate"] == 0.0 and metrics["n"] == 200
 
 
+def test_score_of_a_grid_predictions_file_equals_its_cell(tmp_path):
+    """The grid writes the model's text to raw_output and the parsed answer (JSON) to prediction:
+    re-scoring such a file reads raw_output, as the cell's own scoring did."""
+    task = get_task("fpb-sentiment")
+    rows = load_split(task, "test").select(range(40)).to_list()
+    golds = [gold_of(task, r) for r in rows]
+    raw = [format_answer(task, g) if i % 4 else "no idea" for i, g in enumerate(golds)]  # 10 invalid
+    path = tmp_path / "predictions.parquet"
+    pq.write_table(pa.table({"cell_id": ["c"] * 40, "example_id": [r["example_id"] for r in rows],
+                             "raw_output": raw, "prediction": [json.dumps(g) for g in golds]}), path)
+    proc = run_cli("-m", "grid", "score", str(path), "--task", "fpb-sentiment")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)
+    assert metrics["sentiment/accuracy"] == 0.75 and metrics["invalid_rate"] == 0.25
+
+
 def test_unknown_task():
     assert_one_line_error(run_cli("-m", "grid", "prompt", "massive-intnet", "--index", "0"),
                           "unknown task 'massive-intnet'")
