@@ -430,11 +430,13 @@ def connect_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    # Workers' logs reach the driver's stderr: a training cell's steps and loss are its progress.
+    # Workers' logs reach the driver's stderr: a training cell's steps and loss are its progress;
+    # Ray's own chatter goes to a file in the session's log folder (workers/ray_setup.py).
+    quiet = {"worker_process_setup_hook": "workers.ray_setup.quiet_ray_chatter"}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(runtime_env=quiet)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=quiet)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
