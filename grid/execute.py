@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 import traceback
 from collections import defaultdict
@@ -234,6 +235,14 @@ def run_inference_group(
                 _account(summary, progress, prepared[cid].cell, record)
 
 
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """An exception as one line: a Ray error's text ends with the original exception's line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    named = re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b", last)
+    return (last if named else f"{type(exc).__name__}: {last}")[:limit]
+
+
 def _account(summary: RunSummary, progress: Progress, cell: Cell, record: dict[str, Any]) -> None:
     summary.ran.append(cell.id)
     if record["status"] == "failed":
@@ -386,8 +395,12 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
                 fail(unit.group, f"{cell.kind} cell {cell.id} failed")
                 return False
         if unit.group:
-            run_inference_group(unit.group, model_spec(unit.group[0], store, config), config, store,
-                                data_dir, progress, summary)
+            try:
+                run_inference_group(unit.group, model_spec(unit.group[0], store, config), config, store,
+                                    data_dir, progress, summary)
+            except Exception as exc:  # noqa: BLE001 - a model that cannot load or answer fails its own cells
+                log.debug("inference of %s failed", unit.group[0].model, exc_info=True)
+                fail([c for c in unit.group if c.id not in summary.ran], one_line(exc))
         return True
 
     pending = plan_units(plan, todo)
@@ -417,7 +430,7 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 unit = running.pop(future)
-                ok = future.result()  # an exception in a unit stops the grid, as it would alone
+                ok = future.result()  # a bug of the engine itself still stops the grid
                 if unit.producer is not None:
                     (done if ok else failed).add(unit.producer.id)
     progress.close()

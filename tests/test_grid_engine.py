@@ -268,3 +268,21 @@ def test_parallel_units_overlap_and_equal_a_one_at_a_time_run(tmp_path):
                 .sort("cell_id", "example_id").collect())
 
     assert table("p2").equals(table("p1"))
+
+
+def test_a_model_that_cannot_load_fails_its_own_cells_and_the_grid_finishes(tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    config = write_grid(tmp_path / "grid.yaml", shots=[0], tasks=["massive-intent"],
+                        models=[TINY, {"name": "broken", "source": str(broken), "family": "decoder",
+                                       "prompt_format": "plain"}])
+    results = tmp_path / "results"
+    proc = run_cli("grid/run.py", str(config), "--results", str(results))
+    assert proc.returncode == 1, proc.stderr[-3000:]  # something failed, and the run said so
+    assert "ran 2 cells (0 already done), 1 failed" in proc.stdout
+    table = {r["model"]: r for r in cells(results).collect().to_dicts()}
+    assert table["tiny-llama"]["status"] == "done"
+    assert table["broken"]["status"] == "failed"
+    error = table["broken"]["error"]
+    assert "\n" not in error and "tokenizer" in error, error  # the folder has no tokenizer: why it failed
