@@ -53,13 +53,16 @@ class Cell(BaseModel):
     recipe: dict[str, Any] | None
     depends_on: str | None = None
     endpoint: str | None = None  # an API model's server (options.api_base): another server, other answers
+    # A model's dtype and the options that can change its answers (model_runtime); None for the
+    # defaults, and then left out of the id, so grids that set neither keep their cells.
+    runtime: dict[str, Any] | None = None
     # What the weights saw and where they came from (seen tasks, merge inputs, the grid's
     # reference model): derived from fields already hashed, so not part of the id.
     lineage: dict[str, Any] | None = None
 
     @cached_property  # hashed once per cell: a 10,000-cell plan asks for ids often
     def id(self) -> str:
-        identity = self.model_dump(exclude={"model", "lineage"})
+        identity = self.model_dump(exclude={"model", "lineage"} | ({"runtime"} if self.runtime is None else set()))
         blob = json.dumps(identity, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -144,6 +147,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
     tasks = {name: get_task(name) for name in config.tasks}
     fingerprints = {name: data_fingerprint(task, data_dir) for name, task in tasks.items()}
     limits = config.limits.model_dump()
+    infer_limits = limits | {"train": None}  # an inference cell reads test rows only
     # once per model: a GGUF source's identity is its file's sha256, found on disk
     weights = {m.name: source_revision(m.source, m.revision) for m in config.models}
     made = _made_models(config, finetunes, data_dir)  # fine-tune chains of `finetuned_from` models
@@ -166,15 +170,16 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
             task=task_name, data_fp=fingerprints[task_name],
             template_fp=None if is_encoder else template_source_hash(task),
             shots=shots, finetune=mode, seed=seed,
-            text_budget=config.text_budget or task.text_budget, sampler=config.sampler, limits=limits,
-            endpoint=model.options.get("api_base"),
+            text_budget=config.text_budget or task.text_budget, sampler=sampler_of(config, shots),
+            limits=infer_limits, endpoint=model.options.get("api_base"), runtime=model_runtime(model),
         )
         depends_on, seen = made.get(model.name, (None, list(model.seen_tasks)))
         if mode != "none":
             recipe_dict = config.recipe_for(model, mode)
             seen = _union(seen, [task_name])
-            ft = Cell(kind="finetune", decoding=None, recipe=recipe_dict, depends_on=depends_on,
-                      lineage={"seen_tasks": seen, "from": depends_on}, **common)
+            ft = Cell(kind="finetune", decoding=None, recipe=recipe_dict, depends_on=depends_on,  # trains in fp32
+                      lineage={"seen_tasks": seen, "from": depends_on},
+                      **(common | {"runtime": None, "limits": limits}))
             finetunes[ft.id] = ft
             depends_on = ft.id
         decoding_dict = None if is_encoder else decoding.model_dump()
@@ -202,6 +207,27 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
 
 
 # --- models made by the grid: fine-tune chains (`finetuned_from`) and merges --------------------
+
+
+# Options that change how a model is reached or paced, never what it answers: not in a cell's id.
+OPERATIONAL_OPTIONS = frozenset({
+    "api_base",  # in the id as `endpoint`
+    "api_key_env", "timeout_s", "max_retries", "backoff_s", "max_backoff_s", "breaker_after",
+    "requests_per_second", "max_concurrency", "cache", "cache_dir",  # LiteLLM
+    "gpu_memory_utilization", "max_num_seqs", "tensor_parallel_size",  # vLLM placement and memory
+})
+
+
+def sampler_of(config: GridConfig, shots: int) -> str:
+    """The few-shot sampler, as far as it matters: a zero-shot prompt draws no examples."""
+    return config.sampler if shots > 0 else "random"
+
+
+def model_runtime(model: ModelSpec) -> dict[str, Any] | None:
+    """What of a model's dtype and options can change its answers (None: float32, no such option)."""
+    options = {k: v for k, v in sorted(model.options.items()) if k not in OPERATIONAL_OPTIONS}
+    out = ({"dtype": model.dtype} if model.dtype != "float32" else {}) | ({"options": options} if options else {})
+    return out or None
 
 
 def _union(*lists: list[str]) -> list[str]:
@@ -334,8 +360,8 @@ def _merge_cells(config: GridConfig, finetunes: dict[str, Cell], made: dict[str,
                 backend="transformers", prompt_format=spec_model.prompt_format, task=task_name,
                 data_fp=fingerprints[task_name], template_fp=template_source_hash(task), shots=shots,
                 finetune="none", seed=seed, decoding=decoding.model_dump(),
-                text_budget=config.text_budget or task.text_budget, sampler=config.sampler,
-                limits=config.limits.model_dump(), recipe=None, depends_on=cell.id,
-                lineage=_infer_lineage(config, spec.name, seen),
+                text_budget=config.text_budget or task.text_budget, sampler=sampler_of(config, shots),
+                limits=config.limits.model_dump() | {"train": None}, recipe=None, depends_on=cell.id,
+                runtime=model_runtime(spec_model), lineage=_infer_lineage(config, spec.name, seen),
             ))
     return merges, infers, skipped
