@@ -210,6 +210,15 @@ def _check_labels(task: TaskDef, ds: datasets.Dataset, split: str, where: str) -
                     raise GridError(f"{where}: {split} row {i + 1} (id {ds[i]['example_id']}): "
                                     f"{sub.name} {v!r} is not in the label set of task {task.name}")
 
+def _check_unique_ids(ds: datasets.Dataset, split: str, where: str) -> None:
+    """Every row of a split has its own example_id: predictions, paired tests and resumes join on it."""
+    first: dict[str, int] = {}
+    for i, example_id in enumerate(ds["example_id"]):
+        j = first.setdefault(example_id, i)
+        if j != i:
+            raise GridError(f"{where}: {split} rows {j + 1} and {i + 1} share the id {example_id!r}: ids must be "
+                            f"unique (name a unique column as the task's data.id, or leave it out to number the rows)")
+
 # --- the task view -------------------------------------------------------------------------
 
 
@@ -219,6 +228,7 @@ def _load_cached(task: TaskDef, split: str, data_dir: Path | None) -> datasets.D
     if len(ds) == 0:
         raise GridError(f"task {task.name}: the {split} split is empty ({where})")
     _check_labels(task, ds, split, where)
+    _check_unique_ids(ds, split, where)
     return ds
 
 

@@ -136,7 +136,12 @@ class Outcomes:
     values: np.ndarray  # (n,) bool, or (n, 3) int64
 
     def align(self, other: "Outcomes") -> tuple[np.ndarray, np.ndarray]:
-        """Both cells' values on the examples they share, in a common order."""
+        """Both cells' values on the examples they share, in a common order (row by row when both
+        cells answered the same rows in the same order, as every cell of a grid does)."""
+        if self.example_ids == other.example_ids:
+            return self.values, other.values
+        if len(set(other.example_ids)) < len(other.example_ids):
+            raise ValueError("the cells' example ids repeat and their rows differ: they cannot be paired")
         pos = {e: i for i, e in enumerate(other.example_ids)}
         mine, theirs = [], []
         for i, e in enumerate(self.example_ids):

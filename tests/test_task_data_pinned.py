@@ -36,11 +36,11 @@ PINNED = {
                   'b4b3e01e29721b08338e88e43063cba0755d8ef16689d893f85fea0f5dcbc8e2'),
         'labels': {'root': '3bd74a1e3ea54442:7', 'label': 'c6b3cefbb6c34f95:20'},
     },
-    'fomc-stance': {
-        'train': (1903, '487', '561',
-                  'cbd036c8abe234ff83952e601b3a051b0fadcd8ff926c496ad43c0c21794e53e'),
-        'test': (476, '865', '807',
-                  '5becc6e6260c027f909c87353b5b385b12400b25b91dea8bf7c157a9c6007924'),
+    'fomc-stance': {  # the same rows, numbered since the files' `index` column repeats (re-pinned)
+        'train': (1903, 'train-00000', 'train-01902',
+                  'e584cf768f3debe8709532f38e5ef37e29da664bea704b454687e2b8abd954d8'),
+        'test': (476, 'test-00000', 'test-00475',
+                  'c7c559c2947d091d15808f94988a6a965b3ed01b626727b02330f3bca05bc6ae'),
         'labels': {'stance': 'f8467718b5a5e04b:3'},
     },
     'fpb-sentiment': {

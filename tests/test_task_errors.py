@@ -144,3 +144,15 @@ def test_an_index_outside_names_is_named(tmp_path):
     with pytest.raises(GridError) as exc:
         load_split(task, "train", tmp_path)
     assert "train.jsonl row 2: field polarity: -1 is not an index into names (0..1)" in one_line(exc)
+
+
+def test_repeated_example_ids(tmp_path):
+    """Predictions and paired tests join on example_id: a split whose id column repeats is refused
+    (FOMC's `index` column did: 476 test rows, 417 values)."""
+    rows = ['{"id": "a", "text": "x", "label": "alarm", "annot": "x"}\n',
+            '{"id": "b", "text": "y", "label": "alarm", "annot": "y"}\n',
+            '{"id": "a", "text": "z", "label": "alarm", "annot": "z"}\n']
+    with pytest.raises(GridError) as exc:
+        load(tmp_path, task=BASE.replace("  text: text\n", "  id: id\n  text: text\n"), train="".join(rows))
+    msg = one_line(exc)
+    assert "train.jsonl" in msg and "rows 1 and 3 share the id 'a'" in msg
