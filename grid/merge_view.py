@@ -83,7 +83,8 @@ def collect_variants(records: list[dict[str, Any]]) -> tuple[list[Variant], str 
             parents = [ft_variant[ref["cell"]] for ref in inputs.values() if ref.get("cell") in ft_variant]
             v.parent = parents[0] if len(parents) == 1 else None
     order = {"reference": 0, "model": 1, "fine-tune": 2, "made": 3, "merge": 4}
-    return sorted(variants.values(), key=lambda v: (order[v.kind], v.parent or "", v.method or "",
+    methods = {"task_arithmetic": 0, "ties": 1, "dare_ties": 2, "linear": 3}
+    return sorted(variants.values(), key=lambda v: (order[v.kind], v.parent or "", methods.get(v.method or "", 9),
                                                     v.weight or 0, v.name)), reference
 
 
@@ -152,6 +153,8 @@ def study_numbers(store: Store, records: list[dict[str, Any]]) -> dict[str, Any]
     outs = OutcomeCache(store)
     by_name = {v.name: v for v in variants}
     per_task, summary, merges = [], [], []
+    made = [v for v in variants if v.kind == "made"]
+    multi = made[0] if len(made) == 1 else None
     for v in variants:
         for t in tasks:
             rec = v.cells.get(t)
@@ -179,6 +182,13 @@ def study_numbers(store: Store, records: list[dict[str, Any]]) -> dict[str, Any]
             srow[g] = stratified_diff(_pairs(outs, v, None, ts))
             if ref is not None and all(t in ref.cells for t in ts):
                 srow[f"{g}_delta"] = stratified_diff(_pairs(outs, v, ref, ts))
+        # a merge's held-out score against the fine-tune it came from (what merging brought back)
+        # and against the multi-task model (the alternative to single-task merges)
+        others = {"parent": by_name.get(v.parent or ""), "multi": multi}
+        for key, other in others.items():
+            if v.kind == "merge" and other is not None and groups["held_out"] and \
+                    all(t in other.cells for t in groups["held_out"]):
+                srow[f"held_out_vs_{key}"] = stratified_diff(_pairs(outs, v, other, groups["held_out"]))
         summary.append(srow)
         if v.kind == "merge":
             parent = by_name.get(v.parent or "")
@@ -239,6 +249,15 @@ def markdown(numbers: dict[str, Any]) -> list[str]:
                   f"{_with_ci(s.get('seen_delta'), True)} | {_with_ci(s.get('unseen'))} | "
                   f"{_with_ci(s.get('unseen_delta'), True)} | {_with_ci(s.get('held_out'))} | "
                   f"{_with_ci(s.get('held_out_delta'), True)} |")
+    rec = [s for s in numbers["summary"] if "held_out_vs_parent" in s]
+    if rec:
+        md += ["", "### What merging brought back, on the held-out tasks\n",
+               "Mean held-out accuracy of each merge minus that of the fine-tune it came from, and minus "
+               "that of the multi-task model (points, task-stratified paired bootstrap 95% CI).\n",
+               "| Merged | Held-out | − its fine-tune | − multi-task |", "|---|---|---|---|"]
+        for s in rec:
+            md.append(f"| {s['variant']} | {_with_ci(s.get('held_out'))} | {_with_ci(s['held_out_vs_parent'], True)} | "
+                      f"{_with_ci(s.get('held_out_vs_multi'), True)} |")
     md += ["", "### Per task\n",
            "Accuracy [95% CI] (majority-class rate of the rows), and the difference from the reference "
            "[paired bootstrap CI], exact McNemar p (* p < 0.05). Seen tasks are in bold.\n",
