@@ -131,11 +131,16 @@ class RowKey:
     finetune: str
     decoding: str  # grid.config.decoding_name: free, constrained, constrained+pmi, ...; - for encoders
     seed: int
+    # a fine-tune evaluated on another task (finetuned_eval: all): the task it was tuned on, so
+    # each fine-tune's transfer has its own row; "" for a fine-tune on its own column (Table 3)
+    trained_on: str = ""
 
     def label(self, show_decoding: bool, show_seed: bool) -> str:
         ft = "w/ FT" if self.finetune != "none" else "w/o FT"
         if self.finetune not in ("none", "full"):
             ft = f"w/ FT ({self.finetune})"
+        if self.trained_on:
+            ft += f" on {self.trained_on}"
         shots = "five-shot" if self.shots == 5 else "zero-shot" if self.shots == 0 else f"{self.shots}-shot"
         parts = [self.model, shots if self.family != "encoder" else "", ft]
         if show_decoding:
@@ -149,12 +154,15 @@ FAMILY_ORDER = {"encoder": 0, "decoder": 1, "api": 2}
 
 
 def row_key(cell: dict[str, Any]) -> RowKey:
+    trained_on = (cell.get("lineage") or {}).get("trained_on") or ""
     return RowKey(cell["model"], cell.get("family", ""), int(cell["shots"]), str(cell["finetune"]),
-                  decoding_name(cell.get("decoding")), int(cell.get("seed", 0)))
+                  decoding_name(cell.get("decoding")), int(cell.get("seed", 0)),
+                  trained_on if cell["finetune"] != "none" and trained_on != cell["task"] else "")
 
 
 def _sort_key(k: RowKey) -> tuple:
-    return (FAMILY_ORDER.get(k.family, 9), k.model, k.finetune != "none", k.finetune, -k.shots, k.decoding, k.seed)
+    return (FAMILY_ORDER.get(k.family, 9), k.model, k.finetune != "none", k.finetune, k.trained_on, -k.shots,
+            k.decoding, k.seed)
 
 
 @dataclass

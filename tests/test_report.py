@@ -408,3 +408,24 @@ def test_per_example_outcomes_reproduce_cell_json(rich):
                 assert out.values.mean() == pytest.approx(rec["metrics"][f"{sub.name}/accuracy"])
             n += 1
     assert n > 50
+
+
+def test_each_fine_tune_evaluated_on_other_tasks_has_its_own_row(tmp_path):
+    """With finetuned_eval: all, the 20ng-7 fine-tune answers massive-intent too: that cell is the 20ng
+    fine-tune's transfer row, not the intent column's fine-tune (which 'fine-tuned vs not' tests)."""
+    store = Store.open(tmp_path / "res")
+    add_cell(store, "m", "decoder", "massive-intent", 0, "none", 0.2)
+    own = add_cell(store, "m", "decoder", "massive-intent", 0, "lora", 0.6, lineage={"trained_on": "massive-intent"},
+                   depends_on="ft-intent")
+    other = add_cell(store, "m", "decoder", "massive-intent", 0, "lora", 0.9, lineage={"trained_on": "20ng-7"},
+                     depends_on="ft-20ng")
+    table = build_table(store.records())
+    labels = {table.label(r): r for r in table.rows}
+    assert set(labels) == {"m zero-shot w/o FT", "m zero-shot w/ FT (lora)", "m zero-shot w/ FT (lora) on 20ng-7"}
+    col = next(c for c in table.used_columns() if c.task == "massive-intent")
+    assert table.entries[(labels["m zero-shot w/ FT (lora)"], col.key)].cell_id == own
+    assert table.entries[(labels["m zero-shot w/ FT (lora) on 20ng-7"], col.key)].cell_id == other
+    from grid.report import default_pairs
+
+    pairs = [(kind, table.entries[(a, ca.key)].cell_id) for kind, ca, cb, a, b in default_pairs(table)]
+    assert pairs == [("fine-tuned vs not", own)]
