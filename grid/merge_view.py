@@ -235,6 +235,16 @@ def _describe(s: dict[str, Any]) -> str:
             "model": "a model of the grid"}[s["kind"]]
 
 
+SUMMARY_HEADER = ("Model", "What it is", "Seen", "Seen − ref", "Unseen", "Unseen − ref", "Held-out", "Held-out − ref")
+
+
+def _summary_cells(s: dict[str, Any]) -> list[str]:
+    """One summary row's texts, for the Markdown and the HTML table alike."""
+    return [s["variant"], _describe(s), _with_ci(s.get("seen")), _with_ci(s.get("seen_delta"), True),
+            _with_ci(s.get("unseen")), _with_ci(s.get("unseen_delta"), True), _with_ci(s.get("held_out")),
+            _with_ci(s.get("held_out_delta"), True)]
+
+
 def markdown(numbers: dict[str, Any]) -> list[str]:
     """The section's Markdown: summary, per-task scores and differences, merge tests."""
     held = ", ".join(numbers["held_out"]) or "none"
@@ -242,13 +252,9 @@ def markdown(numbers: dict[str, Any]) -> list[str]:
           f"Reference: {numbers['reference']}. Held-out tasks (seen by no model): {held}. Means over "
           f"tasks of accuracy (%) with a 95% CI; differences from the reference in points, with a paired "
           f"bootstrap CI stratified by task ({N_BOOT} resamples).\n",
-          "| Model | What it is | Seen | Seen − ref | Unseen | Unseen − ref | Held-out | Held-out − ref |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| " + " | ".join(SUMMARY_HEADER) + " |", "|---" * len(SUMMARY_HEADER) + "|"]
     for s in numbers["summary"]:
-        md.append(f"| {s['variant']} | {_describe(s)} | {_with_ci(s.get('seen'))} | "
-                  f"{_with_ci(s.get('seen_delta'), True)} | {_with_ci(s.get('unseen'))} | "
-                  f"{_with_ci(s.get('unseen_delta'), True)} | {_with_ci(s.get('held_out'))} | "
-                  f"{_with_ci(s.get('held_out_delta'), True)} |")
+        md.append("| " + " | ".join(_summary_cells(s)) + " |")
     rec = [s for s in numbers["summary"] if "held_out_vs_parent" in s]
     if rec:
         md += ["", "### What merging brought back, on the held-out tasks\n",
@@ -294,13 +300,10 @@ def html_section(numbers: dict[str, Any], plot: str | None) -> str:
     parts = ['<h2 id="merge-study">Merge study: seen, unseen, held-out tasks</h2>',
              f'<p class="note">Reference: {html.escape(str(numbers["reference"]))}; held-out tasks: '
              f'{html.escape(", ".join(numbers["held_out"]) or "none")}.</p>',
-             '<table id="merge-summary"><thead><tr><th>Model</th><th>What it is</th><th>Seen</th><th>Seen − ref</th>'
-             '<th>Unseen</th><th>Unseen − ref</th><th>Held-out</th><th>Held-out − ref</th></tr></thead><tbody>']
+             '<table id="merge-summary"><thead><tr>' + "".join(f"<th>{h}</th>" for h in SUMMARY_HEADER)
+             + "</tr></thead><tbody>"]
     for s in numbers["summary"]:
-        cells = [s["variant"], _describe(s), _with_ci(s.get("seen")), _with_ci(s.get("seen_delta"), True),
-                 _with_ci(s.get("unseen")), _with_ci(s.get("unseen_delta"), True), _with_ci(s.get("held_out")),
-                 _with_ci(s.get("held_out_delta"), True)]
-        parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+        parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _summary_cells(s)) + "</tr>")
     parts.append("</tbody></table>")
     if plot:
         parts.append(f'<img alt="merge weight sweep" src="data:image/png;base64,{plot}">')

@@ -271,8 +271,8 @@ def _made_models(config: GridConfig, finetunes: dict[str, Cell], data_dir: str |
             recipe_dict["train_limit"] = ff.train_limit
         steps = [list(ff.tasks)] if ff.mix else [[t] for t in ff.tasks]
         for step_tasks in steps:
-            task_name, task = step_tasks[0], get_task(step_tasks[0])
             step_defs = [get_task(t) for t in step_tasks]
+            task_name, task = step_tasks[0], step_defs[0]
             seen = _union(seen, step_tasks)
             if ff.mix:
                 recipe_dict = {**recipe_dict, "mix_with": step_tasks[1:]}
