@@ -114,12 +114,13 @@ def train(model_path: str, mode: str, steps: int, warmup: int, device: str, data
     from transformers import AutoTokenizer
 
     from workers.jobs import FinetuneJob
-    from workers.train_decoder import build_examples, collate, hparams_of, load_model, lr_lambda, train_step
+    from workers.train_decoder import build_examples, collate, load_model, train_step
+    from workers.training import linear_schedule, resolve_hparams
 
     job = FinetuneJob(model=model_path, family="decoder", task=TASK, mode=mode, prompt_format="chat",
                       train_limit=max(8 * (steps + warmup), 8), data_dir=data_dir, output_dir="unused",
                       hparams={"batch_size": 8, "lr": 1e-4, "max_length": 1024})
-    hp = hparams_of(job)
+    hp = resolve_hparams(job)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples, _ = build_examples(job, tokenizer, hp["max_length"])
@@ -127,7 +128,7 @@ def train(model_path: str, mode: str, steps: int, warmup: int, device: str, data
     n_params = sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=hp["lr"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(0, steps + warmup))
+    scheduler = linear_schedule(optimizer, hp, steps + warmup)
     on_gpu = device == "cuda"
     if stage:
         import deepspeed
@@ -144,13 +145,11 @@ def train(model_path: str, mode: str, steps: int, warmup: int, device: str, data
 
     def step(batch: dict[str, Any]) -> float:
         if stage:
-            from workers.train_decoder import answer_loss
-
-            loss = answer_loss(engine, batch)
+            loss, _ = engine(batch)
             engine.backward(loss)
             engine.step()
             return loss.item()
-        return train_step(model, batch, optimizer, scheduler, trainable, hp["max_grad_norm"], on_gpu).item()
+        return train_step(model, batch, optimizer, scheduler, trainable, hp["max_grad_norm"], on_gpu)[0].item()
 
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()

@@ -20,7 +20,7 @@ from grid.parsing import parse_answer  # noqa: E402
 from grid.tasks import get_task  # noqa: E402
 from workers.jobs import FinetuneJob, Resources  # noqa: E402
 from workers.batching import length_grouped_batches  # noqa: E402
-from workers.train_encoder import worker_batches  # noqa: E402
+from workers.training import epoch_batches  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not DEFAULT_LOCAL_DATA.is_dir(), reason="needs ../shared/data")
 
@@ -73,8 +73,8 @@ def test_length_grouped_batches_cover_every_row_once_with_little_padding():
     random_batches = [shuffled[k : k + 32] for k in range(0, 1000, 32)]
     assert pad_share(batches) < 0.1 < pad_share(random_batches)
     # two workers: each takes a slice of every global batch, together all of it
-    hp = {"batch_size": 32, "mega_batch": 10}
-    w0, w1 = worker_batches(lengths, hp, 0, 3, 0, 2), worker_batches(lengths, hp, 0, 3, 1, 2)
+    hp = {"batch_size": 32, "group_batches": 10}
+    w0, w1 = epoch_batches(lengths, hp, 0, 3, 0, 2), epoch_batches(lengths, hp, 0, 3, 1, 2)
     assert len(w0) == len(w1) and sorted(i for b in w0 + w1 for i in b) == list(range(1000))
 
 

@@ -76,14 +76,6 @@ def offload_optimizer(params: Any, lr: float, weight_decay: float) -> torch.opti
     return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
 
 
-def zero2_config(**kwargs: Any) -> dict[str, Any]:
-    return zero_config(2, **kwargs)
-
-
-def zero3_config(**kwargs: Any) -> dict[str, Any]:
-    return zero_config(3, **kwargs)
-
-
 def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
     """The model's full weights on rank 0 (CPU tensors), None on the other ranks.
 

@@ -15,46 +15,56 @@ PromptFormat = Literal["chat", "inst", "plain"]
 
 # Every knob of a fine-tune recipe and its default, overridable through `hparams` (a recipe's, a
 # model's, a finetuned_from's). Here, not in the trainers, so a grid config is checked against
-# them when it is loaded, before any work, without importing torch.
-DECODER_HPARAMS: dict[str, Any] = {  # workers/train_decoder.py
-    "lr": 1e-4,                   # AdamW learning rate; the paper's 1e-6 is for 8B models
+# them when it is loaded, before any work, without importing torch. The loop's knobs are shared
+# (workers/training.py runs both trainers' loops); each family has its own defaults and extras.
+TRAINING_HPARAMS: dict[str, Any] = {  # workers/training.py
+    "lr": 1e-4,                   # AdamW learning rate
     "epochs": 1,                  # passes over the train rows (when max_steps is None)
     "max_steps": None,            # optimizer steps in all, counting resumed ones; overrides epochs
-    "batch_size": 8,              # examples per optimizer step per worker (the paper: 8)
-    "max_length": 2048,           # examples longer than this (prompt + answer) are dropped, counted
-    "weight_decay": 0.0,
-    "warmup_steps": 0,            # linear warm-up (the paper: 0), then linear decay to 0
+    "batch_size": 8,              # examples per optimizer step, split across workers
+    "max_length": 2048,           # tokens per example
+    "weight_decay": 0.0,          # 0: plain Adam, as in the paper
+    "warmup_steps": 0,            # linear warm-up over this many steps ...
+    "warmup_ratio": 0.0,          # ... or this share of the steps (when warmup_steps is 0); then linear decay to 0
     "max_grad_norm": 1.0,
+    "checkpoint_every_steps": 500,  # also checkpoint every N steps (epoch ends and the last step always are)
+    "checkpoints_to_keep": 2,
+    "group_batches": 50,          # length-grouping window, in batches
+    "log_every_steps": 50,        # 0: no progress lines
+}
+
+DECODER_HPARAMS: dict[str, Any] = TRAINING_HPARAMS | {  # workers/train_decoder.py
+    "lr": 1e-4,                   # the paper's 1e-6 is for 8B models
+    "batch_size": 8,              # the paper: 8
+    "max_length": 2048,           # examples longer than this (prompt + answer) are dropped, counted
     "lora_r": 8,
     "lora_alpha": 16,
     "lora_dropout": 0.05,
     "lora_target_modules": "all-linear",  # or a list of module names, e.g. ["q_proj", "v_proj"]
     "lora_layers": None,          # adapt only the last N transformer layers: the backward pass
                                   # stops at the lowest adapted one (about 2x faster on a CPU)
-    "checkpoint_every_steps": 500,  # 0: only at the last step
-    "group_batches": 50,          # length-grouping window, in batches
-    "log_every_steps": 50,
+    "heads": [],                  # tasks classified by a linear head on the prompt's last token
+                                  # instead of answered in text (seed 003's shared body)
+    "loss_weights": {},           # with heads: each task's weight in the loss (default 1)
 }
 
-ENCODER_HPARAMS: dict[str, Any] = {  # workers/train_encoder.py
-    "epochs": None,  # None: the task's encoder_epochs (the paper's, by dataset)
-    "batch_size": 32,  # global batch, split across workers
-    "lr": 1e-5,
-    "weight_decay": 0.0,  # 0: plain Adam, as in the paper
-    "warmup_ratio": 0.0,  # share of the steps with a linear warm-up; then linear decay to 0
-    "max_grad_norm": 1.0,
-    "max_length": 512,  # tokens per text, truncated
-    "max_steps": None,  # stop after this many optimizer steps (counted over resumed runs too)
-    "checkpoint_every_steps": None,  # also checkpoint every N steps (epoch ends always are)
-    "checkpoints_to_keep": 2,
-    "mega_batch": 50,  # batches per length-sorted mega-batch
-    "log_every_steps": 50,
+ENCODER_HPARAMS: dict[str, Any] = TRAINING_HPARAMS | {  # workers/train_encoder.py
+    "epochs": None,               # None: the task's encoder_epochs (the paper's, by dataset)
+    "batch_size": 32,             # the paper's
+    "lr": 1e-5,                   # the paper's
+    "max_length": 512,            # tokens per text, truncated
+    "checkpoint_every_steps": 0,
 }
+
+
+def hparams_schema(family: str) -> dict[str, Any]:
+    """The knobs a family's trainer takes, with their defaults."""
+    return DECODER_HPARAMS if family == "decoder" else ENCODER_HPARAMS
 
 
 def unknown_hparams(family: str, hparams: dict[str, Any]) -> str | None:
     """None, or a sentence naming the keys `family`'s trainer does not take, and the known ones."""
-    known = DECODER_HPARAMS if family == "decoder" else ENCODER_HPARAMS
+    known = hparams_schema(family)
     unknown = sorted(set(hparams) - set(known))
     if not unknown:
         return None

@@ -1,7 +1,8 @@
 """Local decoder inference with transformers: batched greedy (or sampled) generation.
 
 CPU here, GPU on a cluster (the device is picked from what the actor was given). Prompts are
-left-padded so every row of a batch ends where its answer begins.
+left-padded so every row of a batch ends where its answer begins. Decoding `constrained` is
+workers/constrained.py's; `head` (a fine-tune's classification head) workers/decoder_heads.py's.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from workers.decoder_heads import head_answers, load_heads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -22,13 +25,17 @@ class TransformersBackend:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(self.device).eval()
+        self.heads = load_heads(path)  # a fine-tune with classification heads (decoding "head")
 
     @torch.inference_mode()
     def generate(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if items and items[0].get("decoding", {}).get("mode") == "constrained":
+        mode = items[0].get("decoding", {}).get("mode") if items else None
+        if mode == "constrained":
             from workers.constrained import constrained_answers
 
             return constrained_answers(self.model, self.tokenizer, items)
+        if mode == "head":
+            return head_answers(self.model, self.tokenizer, self.heads, items)
         decoding = items[0]["decoding"]
         enc = self.tokenizer(
             [it["prompt"] for it in items], return_tensors="pt", padding=True,
