@@ -5,8 +5,9 @@ Axes: models x tasks x shots x fine-tune modes x seeds x decodings. `exclude` dr
 `decoding_name` names it, e.g. `constrained+pmi`). Built-in rules that no grid can turn off:
 encoders are only evaluated fine-tuned and zero-shot (they have heads, not prompts), API models
 are never fine-tuned, and a calibrated decoding runs only on single-label tasks with the
-transformers backend (it needs the log-prob of every label). An error names the file and the
-field path.
+transformers backend (it needs the log-prob of every label), and decoding `head` runs only where
+a decoder fine-tune trained a classification head for the task (hparams `heads`). An error names
+the file and the field path.
 """
 
 from __future__ import annotations
@@ -76,9 +77,10 @@ class ModelSpec(Strict):
 
 
 class Decoding(Strict):
-    """How answers are produced: free generation, or held to the task's valid labels."""
+    """How answers are produced: free generation, held to the task's valid labels, or (a decoder
+    fine-tuned with `heads`) the classification head's label."""
 
-    mode: Literal["free", "constrained"] = "free"
+    mode: Literal["free", "constrained", "head"] = "free"
     strategy: Literal["score", "greedy"] = Field(
         default="score", description="constrained only: score every label (log-likelihood), or "
         "follow the model's greedy path within the labels (equals free greedy where that is valid)")
@@ -193,7 +195,8 @@ class GridConfig(Strict):
         return {**raw, "models": models}
 
     @model_validator(mode="after")
-    def _made_models(self) -> "GridConfig":
+    def _made_models_refer_back(self) -> "GridConfig":
+        """A made model's parent, a merge's inputs and its tasks are models and tasks of the grid."""
         names = [m.name for m in self.models]
         for i, m in enumerate(self.models):
             ff = m.finetuned_from
@@ -203,6 +206,8 @@ class GridConfig(Strict):
                 raise ValueError(f"models.{i}.finetuned_from: only decoders are made by the grid")
             if ff and ff.mix and len(set(ff.tasks)) < 2:
                 raise ValueError(f"models.{i}.finetuned_from.mix: a mixture needs two or more different tasks")
+            if ff and (stray := set(self.recipe_for(m, ff.finetune, ff.hparams)["hparams"].get("heads", [])) - set(ff.tasks)):
+                raise ValueError(f"models.{i}.finetuned_from.hparams.heads: {sorted(stray)} are not among its tasks {list(ff.tasks)}")
         merge_names = [g.name for g in self.merges]
         for j, g in enumerate(self.merges):
             if g.name in names or merge_names.count(g.name) > 1:

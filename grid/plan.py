@@ -97,6 +97,23 @@ def _builtin_skip(model: ModelSpec, shots: int, finetune: str) -> bool:
     return False
 
 
+def _headless(config: GridConfig, decoding: Decoding, model: ModelSpec, mode: str, task: str) -> bool:
+    """Decoding `head` needs a fine-tune that trained a classification head for the task: the
+    model's own (`finetuned_from` with `heads`) or the recipe of the fine-tune mode."""
+    if decoding.mode != "head":
+        return False
+    if model.family != "decoder":
+        return True
+    ff = model.finetuned_from
+    if ff is not None and mode == "none":
+        hparams = config.recipe_for(model, ff.finetune, ff.hparams)["hparams"]
+    elif mode != "none":
+        hparams = config.recipe_for(model, mode)["hparams"]
+    else:
+        return True
+    return task not in hparams.get("heads", [])
+
+
 def _uncalibratable(decoding: Decoding, model: ModelSpec, task: TaskDef) -> bool:
     """A calibrated decoding corrects the log-probs of every label of one choice: only the
     transformers backend computes them, and only a single-label task is one choice (word tags and
@@ -150,7 +167,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
     infer_limits = limits | {"train": None}  # an inference cell reads test rows only
     # once per model: a GGUF source's identity is its file's sha256, found on disk
     weights = {m.name: source_revision(m.source, m.revision) for m in config.models}
-    made = _made_models(config, finetunes, data_dir)  # fine-tune chains of `finetuned_from` models
+    made = _finetune_chains(config, finetunes, data_dir)  # fine-tune chains of `finetuned_from` models
     for model, task_name, shots, mode, seed, decoding in itertools.product(
         config.models, config.tasks, config.shots, config.finetune, config.seeds, config.decoding
     ):
@@ -160,6 +177,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
         task = tasks[task_name]
         is_encoder = model.family == "encoder"
         if (_builtin_skip(model, shots, mode) or _uncalibratable(decoding, model, task)
+                or _headless(config, decoding, model, mode, task_name)
                 or any(_matches(r, combo) for r in config.exclude)):
             skipped += 1
             continue
@@ -173,7 +191,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
             text_budget=config.text_budget or task.text_budget, sampler=sampler_of(config, shots),
             limits=infer_limits, endpoint=model.options.get("api_base"), runtime=model_runtime(model),
         )
-        depends_on, seen = made.get(model.name, (None, list(model.seen_tasks)))
+        depends_on, seen = made.get((model.name, seed), (None, list(model.seen_tasks)))
         if mode != "none":
             recipe_dict = config.recipe_for(model, mode)
             seen = _union(seen, [task_name])
@@ -191,7 +209,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
                 if other == task_name:
                     continue
                 t = tasks[other]
-                if _uncalibratable(decoding, model, t):
+                if _uncalibratable(decoding, model, t) or _headless(config, decoding, model, mode, other):
                     skipped += 1
                     continue
                 cross = {**common, "task": other, "data_fp": fingerprints[other],
@@ -249,51 +267,60 @@ def _infer_lineage(config: GridConfig, model: str, seen: list[str], trained_on: 
     return {"seen_tasks": seen, "reference": config.reference_of(model), "trained_on": trained_on}
 
 
-def _made_models(config: GridConfig, finetunes: dict[str, Cell], data_dir: str | Path | None
-                 ) -> dict[str, tuple[str | None, list[str]]]:
-    """For each model: (the cell whose saved model it is, or None; the tasks its weights saw).
+Made = dict[tuple[str, int], tuple[str | None, list[str]]]
 
-    A `finetuned_from` model is a chain of fine-tune cells, one per task, each from the last, or
-    (`mix`) one cell on all its tasks; these cells join `finetunes` (so they run before anything
-    that needs them). A mixed cell is named by its first task; its data and template fingerprints
+
+def _finetune_chains(config: GridConfig, finetunes: dict[str, Cell], data_dir: str | Path | None) -> Made:
+    """For each model and seed: (the cell whose saved model it is, or None; the tasks its weights saw).
+
+    A `finetuned_from` model is, for each seed of the grid, a chain of fine-tune cells, one per
+    task, each from the last, or (`mix`) one cell on all its tasks; these cells join `finetunes`
+    (so they run before anything that needs them), and the model's inference cells of a seed use
+    that seed's chain. A mixed cell is named by its first task; its data and template fingerprints
     cover every task, and its recipe names the others (`mix_with`).
     """
-    made: dict[str, tuple[str | None, list[str]]] = {}
-    limits = config.limits.model_dump()
+    made: Made = {}
     for model in config.models:
-        ff = model.finetuned_from
-        if ff is None:
-            made[model.name] = (None, list(model.seen_tasks))
-            continue
-        parent_id, seen = made[ff.model]
-        recipe_dict = config.recipe_for(model, ff.finetune, ff.hparams)
-        if ff.train_limit is not None:
-            recipe_dict["train_limit"] = ff.train_limit
-        steps = [list(ff.tasks)] if ff.mix else [[t] for t in ff.tasks]
-        for step_tasks in steps:
-            step_defs = [get_task(t) for t in step_tasks]
-            task_name, task = step_tasks[0], step_defs[0]
-            seen = _union(seen, step_tasks)
-            if ff.mix:
-                recipe_dict = {**recipe_dict, "mix_with": step_tasks[1:]}
-            ft = Cell(
-                kind="finetune", model=model.name, source=model.source,
-                weights=source_revision(model.source, model.revision), family=model.family,
-                backend=model.backend, prompt_format=model.prompt_format, task=task_name,
-                data_fp=_joined([data_fingerprint(t, data_dir) for t in step_defs]),
-                template_fp=_joined([template_source_hash(t) for t in step_defs]),
-                shots=0, finetune=ff.finetune, seed=config.seeds[0], decoding=None,
-                text_budget=config.text_budget or task.text_budget, sampler=config.sampler, limits=limits,
-                recipe=recipe_dict, depends_on=parent_id,
-                lineage={"seen_tasks": seen, "from": parent_id, "prepares": model.name},
-            )
-            finetunes[ft.id] = ft
-            parent_id = ft.id
-        made[model.name] = (parent_id, _union(seen, list(model.seen_tasks)))
+        for seed in config.seeds:
+            made[(model.name, seed)] = _made_model(config, model, seed, made, finetunes, data_dir)
     return made
 
 
-def _merge_cells(config: GridConfig, finetunes: dict[str, Cell], made: dict[str, tuple[str | None, list[str]]],
+def _made_model(config: GridConfig, model: ModelSpec, seed: int, made: Made, finetunes: dict[str, Cell],
+                data_dir: str | Path | None) -> tuple[str | None, list[str]]:
+    """One model's fine-tune chain for one seed (its cells added to `finetunes`)."""
+    limits = config.limits.model_dump()
+    ff = model.finetuned_from
+    if ff is None:
+        return None, list(model.seen_tasks)
+    parent_id, seen = made[(ff.model, seed)]
+    recipe_dict = config.recipe_for(model, ff.finetune, ff.hparams)
+    if ff.train_limit is not None:
+        recipe_dict["train_limit"] = ff.train_limit
+    steps = [list(ff.tasks)] if ff.mix else [[t] for t in ff.tasks]
+    for step_tasks in steps:
+        step_defs = [get_task(t) for t in step_tasks]
+        task_name, task = step_tasks[0], step_defs[0]
+        seen = _union(seen, step_tasks)
+        if ff.mix:
+            recipe_dict = {**recipe_dict, "mix_with": step_tasks[1:]}
+        ft = Cell(
+            kind="finetune", model=model.name, source=model.source,
+            weights=source_revision(model.source, model.revision), family=model.family,
+            backend=model.backend, prompt_format=model.prompt_format, task=task_name,
+            data_fp=_joined([data_fingerprint(t, data_dir) for t in step_defs]),
+            template_fp=_joined([template_source_hash(t) for t in step_defs]),
+            shots=0, finetune=ff.finetune, seed=seed, decoding=None,
+            text_budget=config.text_budget or task.text_budget, sampler=config.sampler, limits=limits,
+            recipe=recipe_dict, depends_on=parent_id,
+            lineage={"seen_tasks": seen, "from": parent_id, "prepares": model.name},
+        )
+        finetunes[ft.id] = ft
+        parent_id = ft.id
+    return parent_id, _union(seen, list(model.seen_tasks))
+
+
+def _merge_cells(config: GridConfig, finetunes: dict[str, Cell], made: Made,
                  fingerprints: dict[str, str], tasks: dict[str, Any]) -> tuple[list[Cell], list[Cell], int]:
     """One merge cell per `merges:` entry, and the merged model's inference cells (finetune none).
 
@@ -314,9 +341,9 @@ def _merge_cells(config: GridConfig, finetunes: dict[str, Cell], made: dict[str,
             if ref.source is not None:
                 inputs[key] = {"source": ref.source, "weights": source_revision(ref.source, ref.revision)}
                 continue
-            cell_id, ref_seen = made[ref.model]
+            seed = config.seeds[0] if ref.seed is None else ref.seed
+            cell_id, ref_seen = made[(ref.model, seed)]
             if ref.task is not None:
-                seed = config.seeds[0] if ref.seed is None else ref.seed
                 match = [c for c in finetunes.values()
                          if c.model == ref.model and c.task == ref.task and c.finetune == ref.finetune
                          and c.shots == ref.shots and c.seed == seed and c.depends_on == cell_id]
@@ -343,14 +370,15 @@ def _merge_cells(config: GridConfig, finetunes: dict[str, Cell], made: dict[str,
                      "recipe": spec.recipe},
         )
         merges.append(cell)
-        made[spec.name] = (cell.id, seen)
+        for seed in config.seeds:  # one merged model, whatever the seed of its inference cells
+            made[(spec.name, seed)] = (cell.id, seen)
         for task_name, shots, seed, decoding in itertools.product(
             config.tasks, config.shots, config.seeds, config.decoding
         ):
             combo = {"model": spec.name, "family": "decoder", "backend": "transformers", "task": task_name,
                      "shots": shots, "finetune": "none", "seed": seed,
                      "decoding": decoding_name(decoding.model_dump())}
-            if (_uncalibratable(decoding, spec_model, tasks[task_name])
+            if (_uncalibratable(decoding, spec_model, tasks[task_name]) or decoding.mode == "head"
                     or any(_matches(r, combo) for r in config.exclude)):
                 skipped += 1
                 continue

@@ -1,0 +1,137 @@
+"""Seed 003's shared body on the tiny Llama: one decoder trained with a classification head (SST-2)
+and its language-model head (DialogSum), as a Ray Train job and through the grid.
+
+Three Ray Train fits in all: a job, its resume, and the grid's own fine-tune cell."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from grid.config import load_config
+from grid.plan import build_plan
+
+GRID = """
+name: shared
+models:
+  - {name: inst, source: "tiny:llama", family: decoder, prompt_format: chat}
+  - name: shared
+    finetuned_from: {model: inst, tasks: [sst2, dialogsum], mix: true, finetune: lora,
+                     hparams: {heads: [sst2]}}
+tasks: [sst2, dialogsum]
+shots: [0]
+finetune: [none]
+seeds: [0]
+decoding:
+  - {mode: head}
+  - {mode: free, max_new_tokens: 8}
+exclude:
+  - {task: sst2, decoding: free}
+limits: {test: 8, train: 16}
+text_budget: 48
+recipes:
+  decoder/lora:
+    hparams: {max_steps: 4, batch_size: 8, lr: 0.01, log_every_steps: 0, max_length: 512}
+"""
+
+
+def grid(tmp_path, text: str = GRID):
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    return load_config(path)
+
+
+# --- the plan: no Ray -------------------------------------------------------------------------
+
+
+def test_head_decoding_runs_only_where_a_head_was_trained(tmp_path):
+    cells = build_plan(grid(tmp_path)).cells
+    infers = {(c.model, c.task, c.decoding["mode"]) for c in cells if c.kind == "infer"}
+    # the untuned model has no head; dialogsum has none either: it is generated
+    assert infers == {("inst", "dialogsum", "free"), ("shared", "sst2", "head"), ("shared", "dialogsum", "free")}
+    (ft,) = [c for c in cells if c.kind == "finetune"]
+    assert ft.recipe["mix_with"] == ["dialogsum"] and ft.recipe["hparams"]["heads"] == ["sst2"]
+
+
+def test_a_made_model_is_tuned_once_per_seed(tmp_path):
+    cells = build_plan(grid(tmp_path, GRID.replace("seeds: [0]", "seeds: [0, 1, 2]"))).cells
+    tunes = {c.seed: c for c in cells if c.kind == "finetune"}
+    assert sorted(tunes) == [0, 1, 2] and len({c.id for c in tunes.values()}) == 3
+    for c in cells:
+        if c.kind == "infer" and c.model == "shared":
+            assert c.depends_on == tunes[c.seed].id  # each seed's cells read that seed's model
+    # the first seed's fine-tune is the one a one-seed grid plans (its id did not move)
+    (single,) = [c for c in build_plan(grid(tmp_path)).cells if c.kind == "finetune"]
+    assert tunes[0].id == single.id
+
+
+def test_a_head_for_a_task_the_model_is_not_tuned_on_fails_at_load(tmp_path):
+    from grid.errors import GridError
+
+    with pytest.raises((GridError, ValueError), match="heads: \\['fpb-sentiment'\\] are not among its tasks"):
+        grid(tmp_path, GRID.replace("hparams: {heads: [sst2]}", "hparams: {heads: [fpb-sentiment]}"))
+
+
+# --- Ray Train and the grid ------------------------------------------------------------------
+
+
+def shared_job(tiny: str, out, max_steps: int):
+    from workers.jobs import FinetuneJob
+
+    return FinetuneJob(model=tiny, family="decoder", task="sst2", mix_with=("dialogsum",), mode="lora",
+                       prompt_format="chat", text_budget=48, train_limit=24, output_dir=str(out),
+                       hparams={"heads": ["sst2"], "max_steps": max_steps, "batch_size": 8, "lr": 0.01,
+                                "checkpoint_every_steps": 4, "log_every_steps": 0, "max_length": 512})
+
+
+def test_both_heads_train_save_and_resume(ray_local, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.decoder_heads import head_answers, load_heads
+    from workers.models import resolve
+    from workers.train_decoder import run
+
+    tiny = resolve("tiny:llama")
+    first = run(shared_job(tiny, tmp_path, 8))
+    for task in ("sst2", "dialogsum"):  # each task's loss falls, the head's and the summary's
+        assert first["head_losses"][task]["last"] < first["head_losses"][task]["first"], first["head_losses"]
+    heads = load_heads(tmp_path / "model")
+    assert list(heads) == ["sst2"] and heads["sst2"][1] == ["negative", "positive"]
+
+    # the saved body and head classify a prompt; the same body generates
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    items = [{"task": "sst2", "prompt": p, "add_special_tokens": False} for p in ("a fine film", "dull , dull")]
+    answers = head_answers(model, tokenizer, heads, items)
+    assert all(json.loads(a["raw_output"]) in ("negative", "positive") or a["raw_output"] in ("negative", "positive")
+               for a in answers)
+
+    again = run(shared_job(tiny, tmp_path, 12))  # the checkpoint (adapters, head, optimizer) reloads
+    assert again["resumed_from_step"] == 8 and again["steps"] == 12 and again["steps_run"] == 4
+    assert set(again["head_losses"]) == {"sst2", "dialogsum"}
+
+
+def test_the_shared_body_classifies_and_summarizes_through_the_grid(ray_local, tmp_path):
+    from grid.execute import execute
+    from grid.query import predictions
+    from grid.store import Store
+
+    config = grid(tmp_path)
+    plan = build_plan(config)
+    store = Store.open(tmp_path / "results")
+    summary = execute(plan, config, store, None)
+    assert not summary.failed, [r.get("error") for r in store.records() if r["status"] == "failed"]
+    records = {(r["cell"]["model"], r["cell"]["task"], r["cell"]["kind"]): r for r in store.records()}
+    tuned = records[("shared", "sst2", "finetune")]["metrics"]
+    assert set(tuned["head_losses"]) == {"sst2", "dialogsum"}
+
+    rows = predictions(tmp_path / "results").collect().to_dicts()
+    by_cell: dict[str, list[dict]] = {}
+    for r in rows:
+        by_cell.setdefault(r["cell_id"], []).append(r)
+    head_cell = records[("shared", "sst2", "infer")]["cell_id"]
+    assert len(by_cell[head_cell]) == 8 and all(r["valid"] for r in by_cell[head_cell])  # a head is always a label
+    summaries = records[("shared", "dialogsum", "infer")]
+    assert len(by_cell[summaries["cell_id"]]) == 8
+    assert any(k.startswith("summary/rouge") for k in summaries["metrics"]), summaries["metrics"]
