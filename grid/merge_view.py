@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from grid.config import decoding_name
+from grid.forgetting import forgetting_frame
 from grid.significance import Outcomes, mcnemar_exact
 from grid.store import Store
 
@@ -33,7 +34,7 @@ class Variant:
     """One evaluated model: its label-task outcomes and where its weights came from."""
 
     name: str
-    kind: str  # "reference", "fine-tune", "made" or "merge"
+    kind: str  # grid.forgetting's kind of weights: reference, model, fine-tune, made or merge
     seen: list[str]
     cells: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> inference record
     method: str | None = None  # merges: mergekit's method
@@ -60,22 +61,21 @@ def collect_variants(records: list[dict[str, Any]]) -> tuple[list[Variant], str 
     seed = min(r["cell"]["seed"] for r in infers)
     decodings = sorted({decoding_name(r["cell"]["decoding"]) for r in infers})
     infers = [r for r in infers if r["cell"]["seed"] == seed and decoding_name(r["cell"]["decoding"]) == decodings[0]]
-    reference = next(((r["cell"].get("lineage") or {}).get("reference") for r in infers
-                      if (r["cell"].get("lineage") or {}).get("reference")), None)
+    # kind of weights, seen tasks and reference: grid.forgetting's rule, as status and the report use it
+    lineage = {r["cell_id"]: r for r in forgetting_frame(records).select("cell_id", "kind", "seen_tasks", "reference")
+               .unique("cell_id", maintain_order=True).to_dicts()}
+    reference = next((lineage[r["cell_id"]]["reference"] for r in infers if lineage[r["cell_id"]]["reference"]), None)
     variants: dict[str, Variant] = {}
     ft_variant: dict[str, str] = {}  # fine-tune cell id -> the variant its model is
     for r in infers:
-        cell = r["cell"]
+        cell, facts = r["cell"], lineage[r["cell_id"]]
         name = _variant_name(cell)
-        dep = by_id.get(cell.get("depends_on") or "")
-        dep_kind = dep["cell"]["kind"] if dep else None
-        kind = ("merge" if dep_kind == "merge" else "fine-tune" if cell["finetune"] != "none"
-                else "made" if dep_kind == "finetune" else "reference" if cell["model"] == reference else "model")
-        v = variants.setdefault(name, Variant(name, kind, list((cell.get("lineage") or {}).get("seen_tasks") or [])))
+        v = variants.setdefault(name, Variant(name, facts["kind"], facts["seen_tasks"]))
         v.cells[cell["task"]] = r
-        if dep_kind == "finetune":
+        dep = by_id.get(cell.get("depends_on") or "")
+        if dep is not None and dep["cell"]["kind"] == "finetune":
             ft_variant[dep["cell_id"]] = name
-        if dep_kind == "merge":
+        if dep is not None and dep["cell"]["kind"] == "merge":
             _merge_details(v, dep["cell"])
     for v in variants.values():
         if v.kind == "merge":

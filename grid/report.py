@@ -42,8 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from grid.config import decoding_name
 from grid.errors import GridError
+from grid.forgetting import forgetting_frame
 from grid.merge_view import html_section as merge_html
 from grid.merge_view import markdown as merge_markdown
 from grid.merge_view import plot_sweep, study_numbers
@@ -102,25 +105,10 @@ def columns_for(tasks: set[str]) -> list[Column]:
 # --- reading ----------------------------------------------------------------------------------
 
 
-def _seen_tasks(cell: dict[str, Any]) -> list[str]:
-    """Tasks the cell's weights were tuned on: `cell.seen_tasks`, or `cell.lineage.seen_tasks`."""
-    return list(cell.get("seen_tasks") or (cell.get("lineage") or {}).get("seen_tasks") or [])
-
-
-def _is_made(cell: dict[str, Any], records: dict[str, dict[str, Any]]) -> bool:
-    """A model the grid made from others (a merge, or a fine-tune chain) evaluated as is: the cell
-    carries `seen_tasks`, or depends on a merge cell, or saw tasks without being fine-tuned here."""
-    if cell.get("seen_tasks"):
-        return True
-    dep = records.get(cell.get("depends_on") or "")
-    if dep is not None and dep.get("cell", {}).get("kind") == "merge":
-        return True
-    return bool(_seen_tasks(cell)) and cell.get("finetune") == "none"
-
-
-def _made_models(records: dict[str, dict[str, Any]]) -> set[str]:
-    return {r["cell"]["model"] for r in records.values()
-            if r.get("cell", {}).get("kind") == "infer" and _is_made(r["cell"], records)}
+def tuned_or_merged_models(forgetting: pl.DataFrame) -> set[str]:
+    """Models whose weights were tuned or merged before their inference cells (grid.forgetting's
+    kinds made and merge): their not-fine-tuned rows are labelled "(merged)"."""
+    return set(forgetting.filter(pl.col("kind").is_in(["made", "merge"]))["model"])
 
 
 @dataclass(frozen=True)
@@ -245,7 +233,7 @@ def build_table(records: list[dict[str, Any]]) -> Table:
     seeds = {k.seed for k in rows}
     return Table(columns=cols, rows=sorted(rows, key=_sort_key), entries=entries,
                  show_decoding=len(decodings) > 1, show_seed=len(seeds) > 1, records=by_id,
-                 made=_made_models(by_id))
+                 made=tuned_or_merged_models(forgetting_frame(records)))
 
 
 # --- significance -------------------------------------------------------------------------------
@@ -554,52 +542,23 @@ def plot_confusion(plt, golds: list[str], preds: list[str], counts: list[list[in
 
 
 def forgetting_rows(table: Table) -> list[dict[str, Any]]:
-    """Per made-model cell (see `_is_made`) and column: whether its weights saw the task, its score,
-    a reference score on the same column, shots, seed and decoding, and the difference.
-
-    Reference: the grid's declared reference model (`cell.lineage.reference`, the untuned instruct
-    model; its not-fine-tuned cell), as `grid status` computes forgetting; else the best fine-tuned
-    cell of another (not made) model of the same family. On an unseen task the difference is the
-    forgetting; on a seen one, the gain."""
-    out = []
-    by_col = defaultdict(list)
-    for c in table.used_columns():
-        by_col[c.task].append(c)
-    recs = table.records
-    for rec in recs.values():
-        cell = rec.get("cell", {})
-        if rec["status"] != "done" or cell.get("kind") != "infer" or not _is_made(cell, recs):
-            continue
-        seen = set(_seen_tasks(cell))
-        declared = (cell.get("lineage") or {}).get("reference")
-        same = ("task", "shots", "seed")
-        for col in by_col.get(cell["task"], []):
-            e = entry_of(rec, col)
-            if e.value is None:
-                continue
-            ref, how = None, None
-            for other in recs.values():
-                oc = other.get("cell", {})
-                if (other["status"] != "done" or oc.get("kind") != "infer" or other is rec
-                        or any(oc.get(k) != cell.get(k) for k in same)
-                        or decoding_name(oc.get("decoding")) != decoding_name(cell.get("decoding"))):
-                    continue
-                oe = entry_of(other, col)
-                if oe.value is None:
-                    continue
-                if declared:
-                    if oc.get("model") == declared and oc.get("finetune") == "none":
-                        ref, how = (other["cell_id"], oe.value, declared), "declared reference"
-                elif (oc.get("finetune") != "none" and oc.get("family") == cell.get("family")
-                      and not _is_made(oc, recs) and (ref is None or oe.value > ref[1])):
-                    ref, how = (other["cell_id"], oe.value, oc.get("model")), "best fine-tuned"
-            out.append({"cell_id": rec["cell_id"], "model": cell.get("model"), "column": col.title,
-                        "task": col.task, "shots": cell.get("shots"), "seen": col.task in seen,
-                        "score": e.value, "reference_cell": ref[0] if ref else None,
-                        "reference_model": ref[2] if ref else None, "reference_kind": how,
-                        "reference": ref[1] if ref else None,
-                        "delta": (e.value - ref[1]) if ref else None})
-    return sorted(out, key=lambda r: (r["model"] or "", r["shots"] or 0, not r["seen"], r["column"]))
+    """Per cell of a tuned or merged model (see `tuned_or_merged_models`) and column: whether its
+    weights saw the task, its score, the reference's on the same column, shots, seed and decoding,
+    and the difference (on an unseen task the forgetting; on a seen one, the gain). The rule is
+    grid.forgetting's, the one `grid status` uses."""
+    titles = pl.DataFrame([{"task": c.task, "subtask": c.subtask, "metric": c.metric, "column": c.title}
+                           for c in table.used_columns()],
+                          schema={"task": pl.String, "subtask": pl.String, "metric": pl.String, "column": pl.String})
+    found = pl.col("reference_cell").is_not_null()
+    rows = (forgetting_frame(list(table.records.values()))
+            .filter(pl.col("kind").is_in(["made", "merge"]))
+            .join(titles, on=["task", "subtask", "metric"], maintain_order="left")
+            .select("cell_id", "model", "column", "task", "shots", "seen", "score", "reference_cell",
+                    pl.when(found).then(pl.col("reference")).alias("reference_model"),
+                    pl.when(found).then(pl.lit("declared reference")).alias("reference_kind"),  # report.json's field
+                    pl.col("reference_score").alias("reference"), "delta")
+            .sort("model", "shots", ~pl.col("seen"), "column", maintain_order=True))
+    return rows.to_dicts()
 
 
 def plot_forgetting(plt, rows: list[dict[str, Any]]) -> str | None:

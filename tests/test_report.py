@@ -291,13 +291,15 @@ def test_merges_seen_and_unseen(rich):
     assert data["plots"]["forgetting"] is True
 
 
-def test_plain_seen_tasks_without_reference(tmp_path):
+def test_merged_model_without_a_declared_reference_has_no_difference(tmp_path):
+    """No `reference:` in the grid: the row is listed, with no reference and no difference (as in
+    `grid status`); no other model stands in for the reference."""
     store = make_results(tmp_path / "res", merges=False)
-    add_cell(store, "merged", "decoder", "20ng-7", 0, "none", 0.5, seen_tasks=["20ng-20"])
+    add_cell(store, "merged", "decoder", "20ng-7", 0, "none", 0.5, lineage={"seen_tasks": ["20ng-20"]})
     data = json.loads(Path(write_report(tmp_path / "res", tmp_path / "out", n_boot=50)[2]).read_text())
     (row,) = data["forgetting"]
-    assert row["seen"] is False and row["reference_kind"] == "best fine-tuned"
-    assert row["reference_model"] == "llama3-8b"  # the fine-tuned decoder, not the encoder
+    assert row["seen"] is False and row["model"] == "merged"
+    assert row["reference"] is None and row["reference_kind"] is None and row["delta"] is None
 
 
 def test_smoke_like_results_without_merges_or_matplotlib(tmp_path, monkeypatch):
