@@ -122,7 +122,8 @@ def test_a_multi_task_cell_has_one_row_per_sub_task_and_one_headline():
                "slots/invalid_rate": 0.0, "slots/slot_f1": 0.4, "n": 10}
     assert headline_scores(metrics) == [("intent", "accuracy", 0.8, True), ("slots", "slot_f1", 0.4, False)]
     df = forgetting_frame([infer("r", "inst", "massive-multi", metrics),
-                           infer("m", "half", "massive-multi", metrics | {"slots/slot_f1": 0.5}, seen=["massive-intent"])])
+                           infer("m", "half", "massive-multi", metrics | {"slots/slot_f1": 0.5},
+                                 seen=["massive-intent"])])
     slots = by(df, cell_id="m", subtask="slots")
     assert slots["metric"] == "slot_f1" and slots["delta"] == pytest.approx(0.1) and not slots["seen"]
     assert by(df, cell_id="m", subtask="intent")["headline"] and not slots["headline"]

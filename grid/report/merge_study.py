@@ -1,4 +1,4 @@
-"""The merge study's view of a results dir (seed 004): forgetting, and what merging brings back.
+"""The merge study's numbers (seed 004): forgetting, and what merging brings back.
 
 Every evaluated model of a grid with merges is a *variant*: the reference (the untuned instruct
 model the grid names as `reference`), a fine-tune of it on one task, a model the grid made (a
@@ -8,14 +8,12 @@ CI and the exact McNemar p. Per variant, the mean over its seen tasks, over its 
 over the *held-out* tasks (seen by no variant: the only tasks on which single-task merges and the
 multi-task model can be compared fairly), each difference from the reference with a CI from a
 paired bootstrap stratified by task (each task's rows are resampled apart, the same draws for
-both models). Each merge is also tested against the fine-tune it was made from. The sweep plot
-puts each fine-tune's task-arithmetic weights on one line: score on the seen task against mean
-held-out score, from w = 0 (the reference) to w = 1 (the fine-tune).
+both models). Each merge is also tested against the fine-tune it was made from. The views
+(grid.report.markdown, the page template, grid.report.plots' weight sweep) show these numbers.
 """
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +21,7 @@ import numpy as np
 
 from grid.config import decoding_name
 from grid.forgetting import forgetting_frame
+from grid.report.comparisons import OutcomeCache
 from grid.significance import Outcomes, mcnemar_exact
 from grid.store import Store
 
@@ -105,8 +104,8 @@ def _merge_details(v: Variant, merge_cell: dict[str, Any]) -> None:
 # --- numbers ------------------------------------------------------------------------------------
 
 
-def _outcomes(cache: Any, record: dict[str, Any]) -> Outcomes:
-    """A label cell's right/wrong array, read once from its predictions parquet (report.OutcomeCache)."""
+def _outcomes(cache: OutcomeCache, record: dict[str, Any]) -> Outcomes:
+    """A label cell's right/wrong array, read once from its predictions parquet."""
     from grid.tasks import get_task
 
     return cache.get(record, get_task(record["cell"]["task"]).subtasks[0].name)
@@ -128,7 +127,7 @@ def stratified_diff(pairs: list[tuple[np.ndarray, np.ndarray]], n_boot: int = N_
     return observed, float(low), float(high)
 
 
-def _pairs(outs: Any, a: Variant, b: Variant | None, tasks: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+def _pairs(outs: OutcomeCache, a: Variant, b: Variant | None, tasks: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
     out = []
     for t in tasks:
         oa = _outcomes(outs, a.cells[t])
@@ -148,8 +147,6 @@ def study_numbers(store: Store, records: list[dict[str, Any]]) -> dict[str, Any]
     tasks = sorted({t for v in variants for t in v.cells})
     seen_any = {t for v in variants for t in v.seen}
     held_out = [t for t in tasks if t not in seen_any]
-    from grid.report import OutcomeCache
-
     outs = OutcomeCache(store)
     by_name = {v.name: v for v in variants}
     per_task, summary, merges = [], [], []
@@ -204,145 +201,3 @@ def study_numbers(store: Store, records: list[dict[str, Any]]) -> dict[str, Any]
                                    "diff": res.diff, "n10": res.n10, "n01": res.n01, "p_value": res.p_value})
     return {"reference": reference, "tasks": tasks, "held_out": held_out, "per_task": per_task,
             "summary": summary, "merges": merges}
-
-
-# --- rendering ------------------------------------------------------------------------------------
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
-def _with_ci(t: tuple[float, float, float] | None, signed: bool = False) -> str:
-    if t is None:
-        return "–"
-    v, lo, hi = (100 * x for x in t)
-    return (f"{v:+.1f} [{lo:+.1f}, {hi:+.1f}]" if signed else f"{v:.1f} [{lo:.1f}, {hi:.1f}]")
-
-
-def _p(p: float) -> str:
-    return f"{p:.2g}" + ("*" if p < 0.05 else "")
-
-
-def _describe(s: dict[str, Any]) -> str:
-    if s["kind"] == "merge":
-        how = s["method"] + (f" w={s['weight']:g}" if s["weight"] is not None else "")
-        how += f" d={s['density']:g}" if s["density"] is not None else ""
-        return f"merge: {how} of {s['parent']}"
-    if s["kind"] == "made":
-        return "fine-tune on the mixture of " + ", ".join(s["seen_tasks"])
-    return {"reference": "the reference (untuned)", "fine-tune": "fine-tune on " + ", ".join(s["seen_tasks"]),
-            "model": "a model of the grid"}[s["kind"]]
-
-
-SUMMARY_HEADER = ("Model", "What it is", "Seen", "Seen − ref", "Unseen", "Unseen − ref", "Held-out", "Held-out − ref")
-
-
-def _summary_cells(s: dict[str, Any]) -> list[str]:
-    """One summary row's texts, for the Markdown and the HTML table alike."""
-    return [s["variant"], _describe(s), _with_ci(s.get("seen")), _with_ci(s.get("seen_delta"), True),
-            _with_ci(s.get("unseen")), _with_ci(s.get("unseen_delta"), True), _with_ci(s.get("held_out")),
-            _with_ci(s.get("held_out_delta"), True)]
-
-
-def markdown(numbers: dict[str, Any]) -> list[str]:
-    """The section's Markdown: summary, per-task scores and differences, merge tests."""
-    held = ", ".join(numbers["held_out"]) or "none"
-    md = ["## Merge study: seen, unseen, held-out tasks\n",
-          f"Reference: {numbers['reference']}. Held-out tasks (seen by no model): {held}. Means over "
-          f"tasks of accuracy (%) with a 95% CI; differences from the reference in points, with a paired "
-          f"bootstrap CI stratified by task ({N_BOOT} resamples).\n",
-          "| " + " | ".join(SUMMARY_HEADER) + " |", "|---" * len(SUMMARY_HEADER) + "|"]
-    for s in numbers["summary"]:
-        md.append("| " + " | ".join(_summary_cells(s)) + " |")
-    rec = [s for s in numbers["summary"] if "held_out_vs_parent" in s]
-    if rec:
-        md += ["", "### What merging brought back, on the held-out tasks\n",
-               "Mean held-out accuracy of each merge minus that of the fine-tune it came from, and minus "
-               "that of the multi-task model (points, task-stratified paired bootstrap 95% CI).\n",
-               "| Merged | Held-out | − its fine-tune | − multi-task |", "|---|---|---|---|"]
-        for s in rec:
-            md.append(f"| {s['variant']} | {_with_ci(s.get('held_out'))} | {_with_ci(s['held_out_vs_parent'], True)} | "
-                      f"{_with_ci(s.get('held_out_vs_multi'), True)} |")
-    md += ["", "### Per task\n",
-           "Accuracy [95% CI] (majority-class rate of the rows), and the difference from the reference "
-           "[paired bootstrap CI], exact McNemar p (* p < 0.05). Seen tasks are in bold.\n",
-           "| Model | " + " | ".join(numbers["tasks"]) + " |", "|---|" + "---|" * len(numbers["tasks"])]
-    rows: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in numbers["per_task"]:
-        rows.setdefault(r["variant"], {})[r["task"]] = r
-    for name, cells in rows.items():
-        texts = []
-        for t in numbers["tasks"]:
-            r = cells.get(t)
-            if r is None:
-                texts.append("–")
-                continue
-            text = f"{_pct(r['accuracy'])} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]"
-            if "delta" in r:
-                text += f"<br>{100 * r['delta']:+.1f} [{100 * r['delta_low']:+.1f}, {100 * r['delta_high']:+.1f}] p={_p(r['p_vs_reference'])}"
-            texts.append(f"**{text}**" if r["seen"] else text)
-        md.append(f"| {name} | " + " | ".join(texts) + " |")
-    majority = {r["task"]: r["majority_rate"] for r in numbers["per_task"] if r["majority_rate"] is not None}
-    md.append("| majority rate | " + " | ".join(_pct(majority.get(t)) for t in numbers["tasks"]) + " |")
-    md += ["", "### Merged vs the fine-tune it came from, and vs the reference\n",
-           "Exact McNemar on the same rows; n10 = merged right where the other is wrong, n01 the reverse.\n",
-           "| Merged | vs | Task | Seen | Merged | Other | Diff | n10 / n01 | p |", "|---|---|---|---|---|---|---|---|---|"]
-    for m in numbers["merges"]:
-        md.append(f"| {m['merge']} | {m['other']} | {m['task']} | {'seen' if m['seen'] else 'unseen'} | "
-                  f"{_pct(m['merged'])} | {_pct(m['other_accuracy'])} | {100 * m['diff']:+.1f} | "
-                  f"{m['n10']} / {m['n01']} | {_p(m['p_value'])} |")
-    return md
-
-
-def html_section(numbers: dict[str, Any], plot: str | None) -> str:
-    """The same section for report.html (tables from the Markdown's numbers, and the sweep plot)."""
-    parts = ['<h2 id="merge-study">Merge study: seen, unseen, held-out tasks</h2>',
-             f'<p class="note">Reference: {html.escape(str(numbers["reference"]))}; held-out tasks: '
-             f'{html.escape(", ".join(numbers["held_out"]) or "none")}.</p>',
-             '<table id="merge-summary"><thead><tr>' + "".join(f"<th>{h}</th>" for h in SUMMARY_HEADER)
-             + "</tr></thead><tbody>"]
-    for s in numbers["summary"]:
-        parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _summary_cells(s)) + "</tr>")
-    parts.append("</tbody></table>")
-    if plot:
-        parts.append(f'<img alt="merge weight sweep" src="data:image/png;base64,{plot}">')
-    return "\n".join(parts)
-
-
-def plot_sweep(plt, numbers: dict[str, Any]) -> str | None:
-    """One panel per fine-tuned task: score on that task (x) against mean held-out score (y) for
-    the reference (w = 0), the task-arithmetic merges (by weight), the fine-tune (w = 1), and the
-    TIES / DARE merges and the multi-task model as single points."""
-    from grid.report import _grid_axes, _png
-
-    summary = {s["variant"]: s for s in numbers["summary"]}
-    acc = {(r["variant"], r["task"]): r["accuracy"] for r in numbers["per_task"]}
-    fts = [s for s in numbers["summary"] if s["kind"] == "fine-tune" and len(s["seen_tasks"]) == 1]
-    if not fts or not numbers["held_out"] or numbers["reference"] not in summary:
-        return None
-    fig, axes = _grid_axes(plt, len(fts), width=4.2, height=3.4)
-    ref = summary[numbers["reference"]]
-    for ax, ft in zip(axes, fts):
-        task = ft["seen_tasks"][0]
-        line = [(0.0, ref)] + sorted(((s["weight"], s) for s in summary.values() if s["parent"] == ft["variant"]
-                                      and s["method"] == "task_arithmetic" and s["weight"] is not None),
-                                     key=lambda p: p[0]) + [(1.0, ft)]
-        xs = [100 * acc[(s["variant"], task)] for _, s in line]
-        ys = [100 * s["held_out"][0] for _, s in line]
-        ax.plot(xs, ys, "-o", color="#2a6fb0", label="task arithmetic, w = 0 ... 1")
-        for (w, _), x, y in zip(line, xs, ys):
-            ax.annotate(f"w={w:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        for s in summary.values():
-            if s["parent"] == ft["variant"] and s["method"] in ("ties", "dare_ties"):
-                ax.plot(100 * acc[(s["variant"], task)], 100 * s["held_out"][0],
-                        "^" if s["method"] == "ties" else "s", label=s["method"].replace("_", "-").upper())
-            if s["kind"] == "made" and task in s["seen_tasks"] and (s["variant"], task) in acc:
-                ax.plot(100 * acc[(s["variant"], task)], 100 * s["held_out"][0], "*", markersize=11,
-                        color="#d9822b", label="multi-task fine-tune")
-        ax.set_xlabel(f"{task} accuracy (%)")
-        ax.set_ylabel("mean held-out accuracy (%)")
-        ax.set_title(f"fine-tuned on {task}", fontsize=9)
-        ax.legend(fontsize=6)
-    fig.suptitle("Merge weight sweep: seen task against held-out tasks")
-    return _png(fig)
