@@ -51,6 +51,8 @@ class FinetunePanel:
 
 @dataclass
 class ReportModel:
+    """The report's numbers, in the order the views show them."""
+
     results: str
     summary: str
     table: Table
