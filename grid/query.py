@@ -1,8 +1,9 @@
 """Polars views of a results dir: cells, their metrics, and every prediction.
 
     import polars as pl
-    from grid.query import cells, metrics, predictions
+    from grid.query import cells, forgetting, metrics, predictions
     metrics("results/").filter(pl.col("metric") == "intent/accuracy").collect()
+    forgetting("results/").filter(~pl.col("seen")).collect()
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import polars as pl
 
 from grid.config import decoding_name
+from grid.forgetting import forgetting_frame
 from grid.store import Store
 
 CELL_COLUMNS = ["cell_id", "status", "kind", "model", "family", "backend", "task", "shots", "finetune",
@@ -64,6 +66,12 @@ def metrics(results: str | Path | Store) -> pl.LazyFrame:
                                                     "seconds": pl.Float64, "n_examples": pl.Int64,
                                                     "metric": pl.Utf8, "value": pl.Float64}
     return pl.DataFrame(rows, schema=schema).lazy()
+
+
+def forgetting(results: str | Path | Store) -> pl.LazyFrame:
+    """Per finished inference cell and sub-task: its score, whether its weights saw the task, the
+    reference model's score and the difference (grid.forgetting has the rule)."""
+    return forgetting_frame(_records(results)).lazy()
 
 
 def predictions(results: str | Path | Store) -> pl.LazyFrame:

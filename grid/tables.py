@@ -8,6 +8,7 @@ from typing import Any
 import polars as pl
 
 from grid.config import decoding_name
+from grid.forgetting import forgetting_frame
 from grid.plan import Plan
 
 HEADLINE_SUFFIXES = ("/accuracy", "/slot_f1", "/rougeL", "exact_match", "invalid_rate")
@@ -77,60 +78,12 @@ def print_table(df: pl.DataFrame, line: str) -> None:
 # --- seen and unseen tasks, forgetting (merge study, 004) -----------------------------------
 
 
-def _score(metrics: dict[str, Any] | None) -> tuple[str | None, float | None]:
-    """A cell's headline score: the first sub-task's accuracy (else slot F1, ROUGE-L, exact match)."""
-    for suffix in ("/accuracy", "/slot_f1", "/rougeL", "exact_match"):
-        for key, value in (metrics or {}).items():
-            if key.endswith(suffix) and key.count("/") <= 1 and isinstance(value, (int, float)):
-                return key, float(value)
-    return None, None
-
-
-def forgetting_frame(records: list[dict[str, Any]], reference: str | None = None) -> pl.DataFrame:
-    """One row per done inference cell: its score, whether its weights saw the task, the reference
-    model's score on the same task / shots / seed / decoding, and forgetting (unseen tasks only):
-    score minus the reference's. `reference` defaults to the one the grid declared.
-
-    Seen means tuned on within the study: the tasks the reference itself was tuned on (an instruct
-    stand-in's instruction-tuning tasks) are its general ability, unseen for every model, so that
-    forgetting is measured on them too."""
-    ref_seen: dict[str, set[str]] = {}
-    for r in records:
-        c = r["cell"]
-        if c["kind"] == "infer" and c["finetune"] == "none":
-            ref_seen.setdefault(c["model"], set()).update((c.get("lineage") or {}).get("seen_tasks") or [])
-    rows = []
-    for r in records:
-        c = r["cell"]
-        if c["kind"] != "infer" or r["status"] != "done":
-            continue
-        lineage = c.get("lineage") or {}
-        metric, value = _score(r.get("metrics"))
-        trained_on = lineage.get("trained_on")
-        ref_name = reference or lineage.get("reference")
-        seen = c["task"] in (lineage.get("seen_tasks") or []) and c["task"] not in ref_seen.get(ref_name, set())
-        rows.append({"weights": f"{c['model']} {c['finetune']}:{trained_on}" if trained_on else c["model"],
-                     "model": c["model"], "task": c["task"], "shots": c["shots"], "seed": c["seed"],
-                     "decoding": decoding_name(c.get("decoding")), "finetune": c["finetune"],
-                     "seen": seen, "metric": metric, "score": value, "reference": ref_name})
-    schema = {"weights": pl.String, "model": pl.String, "task": pl.String, "shots": pl.Int64, "seed": pl.Int64, "decoding": pl.String,
-              "finetune": pl.String, "seen": pl.Boolean, "metric": pl.String, "score": pl.Float64,
-              "reference": pl.String}
-    df = pl.DataFrame(rows, schema=schema)
-    keys = ["task", "shots", "seed", "decoding"]
-    ref = (df.filter(pl.col("finetune") == "none")
-             .select(pl.col("model").alias("reference"), *keys, pl.col("score").alias("reference_score"))
-             .unique(["reference", *keys]))
-    return (df.join(ref, on=["reference", *keys], how="left")
-              .with_columns(pl.when(~pl.col("seen")).then(pl.col("score") - pl.col("reference_score"))
-                            .alias("forgetting"))
-              .sort("weights", "task", "shots", "seed"))
-
-
 def forgetting_table(records: list[dict[str, Any]], reference: str | None = None) -> tuple[pl.DataFrame, str]:
     """Per set of weights (a model, a fine-tune of it on a task, a merge): mean score on the seen
-    tasks, on the unseen tasks, and mean forgetting."""
-    df = forgetting_frame(records, reference)
+    tasks, on the unseen tasks, and mean forgetting, over each cell's headline score (the rule is
+    grid.forgetting's)."""
+    df = (forgetting_frame(records, reference).filter(pl.col("headline"))
+          .sort("weights", "task", "shots", "seed", maintain_order=True))
     if df.is_empty() or df["reference"].is_null().all() and reference is None:
         return pl.DataFrame(), ""
     table = (df.group_by("weights", "shots", "decoding", maintain_order=True)

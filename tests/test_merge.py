@@ -300,28 +300,6 @@ def test_study_grids_plan(tmp_path):
                                                 "microsoft/Phi-3-mini-4k-instruct"}
 
 
-def test_forgetting_frame():
-    from grid.tables import forgetting_frame, forgetting_table
-
-    def rec(model, task, acc, seen, ft="none"):
-        key = {"fpb-sentiment": "sentiment", "massive-intent": "intent"}[task]
-        return {"cell_id": model + task, "status": "done", "metrics": {f"{key}/accuracy": acc},
-                "cell": {"kind": "infer", "model": model, "task": task, "shots": 0, "seed": 0, "finetune": ft,
-                         "decoding": {"mode": "free"}, "lineage": {"seen_tasks": seen, "reference": "inst",
-                                                      "trained_on": "fpb-sentiment" if ft != "none" else None}}}
-
-    records = [rec("inst", "fpb-sentiment", 0.5, ["massive-intent"]), rec("inst", "massive-intent", 0.4, ["massive-intent"]),
-               rec("ft", "fpb-sentiment", 0.9, ["massive-intent", "fpb-sentiment"], "lora"),
-               rec("ft", "massive-intent", 0.1, ["massive-intent", "fpb-sentiment"], "lora"),
-               rec("base-ft", "massive-intent", 0.05, ["fpb-sentiment"], "lora")]
-    df = forgetting_frame(records)
-    row = df.filter(df["weights"] == "base-ft lora:fpb-sentiment").row(0, named=True)
-    assert not row["seen"] and row["forgetting"] == pytest.approx(0.05 - 0.4)
-    assert df.filter(df["seen"])["forgetting"].is_null().all()
-    table, line = forgetting_table(records)
-    assert "forgetting" in line and set(table["weights"]) == {"inst", "ft lora:fpb-sentiment", "base-ft lora:fpb-sentiment"}
-
-
 def test_finetuned_eval_all_adds_unseen_task_cells_and_keeps_own_ids(tmp_path):
     own = _plan(tmp_path, GRID.replace("WEIGHT", "1.0"))
     every = _plan(tmp_path, GRID.replace("WEIGHT", "1.0").replace("reference:", "finetuned_eval: all\nreference:"))
@@ -363,32 +341,3 @@ merges:
     AutoModelForCausalLM.from_pretrained(store.local_cell_dir(cell.id) / "model")
     infer = [c for c in plan.cells if c.kind == "infer" and c.model == "merged"]
     assert infer and all(c.depends_on == cell.id for c in infer)
-
-
-def test_reference_per_family_in_the_forgetting_frame():
-    from grid.tables import forgetting_frame
-
-    def rec(model, task, acc, ref, seen=()):
-        return {"cell_id": model + task, "status": "done", "metrics": {"intent/accuracy": acc},
-                "cell": {"kind": "infer", "model": model, "task": task, "shots": 0, "seed": 0, "finetune": "none",
-                         "decoding": None, "lineage": {"seen_tasks": list(seen), "reference": ref}}}
-
-    df = forgetting_frame([rec("a-inst", "massive-intent", 0.6, "a-inst"), rec("b-inst", "massive-intent", 0.2, None),
-                           rec("a-base", "massive-intent", 0.1, "a-inst"), rec("b-base", "massive-intent", 0.3, "b-inst")])
-    got = {r["model"]: r["forgetting"] for r in df.iter_rows(named=True)}
-    assert got["a-base"] == pytest.approx(-0.5) and got["b-base"] == pytest.approx(0.1) and got["a-inst"] == 0
-
-
-def test_the_reference_s_own_tuning_tasks_count_as_unseen():
-    from grid.tables import forgetting_frame
-
-    def rec(model, task, acc, seen, ft="none"):
-        return {"cell_id": model + task + ft, "status": "done", "metrics": {"intent/accuracy": acc},
-                "cell": {"kind": "infer", "model": model, "task": task, "shots": 0, "seed": 0, "finetune": ft,
-                         "decoding": None, "lineage": {"seen_tasks": seen, "reference": "inst",
-                                                       "trained_on": "fpb-sentiment" if ft != "none" else None}}}
-
-    df = forgetting_frame([rec("inst", "massive-intent", 0.6, ["massive-intent"]),
-                           rec("inst", "massive-intent", 0.2, ["massive-intent", "fpb-sentiment"], "lora")])
-    row = df.filter(df["finetune"] == "lora").row(0, named=True)
-    assert not row["seen"] and row["forgetting"] == pytest.approx(-0.4)

@@ -26,7 +26,8 @@ import pytest
 from grid.metrics.score import score
 from grid.parsing import Parsed
 from grid.plan import Cell
-from grid.report import PAPER_COLUMNS, build_table, write_report
+from grid.report import write_report
+from grid.report.table import PAPER_COLUMNS, build_table
 from grid.store import Store
 from grid.tables import headline
 from grid.tasks import get_task
@@ -231,7 +232,7 @@ def test_default_significance_pairs(rich):
 
 def test_calibrated_vs_raw_and_llm_vs_encoder_pairs(tmp_path):
     """A calibrated row is compared with its raw row, every LLM row with the fine-tuned encoder."""
-    from grid.report import default_pairs
+    from grid.report.comparisons import default_pairs
 
     store = Store.open(tmp_path / "res")
     enc = add_cell(store, "roberta-base", "encoder", "massive-intent", 0, "full", 0.85, invalid=0.0)
@@ -291,19 +292,21 @@ def test_merges_seen_and_unseen(rich):
     assert data["plots"]["forgetting"] is True
 
 
-def test_plain_seen_tasks_without_reference(tmp_path):
+def test_merged_model_without_a_declared_reference_has_no_difference(tmp_path):
+    """No `reference:` in the grid: the row is listed, with no reference and no difference (as in
+    `grid status`); no other model stands in for the reference."""
     store = make_results(tmp_path / "res", merges=False)
-    add_cell(store, "merged", "decoder", "20ng-7", 0, "none", 0.5, seen_tasks=["20ng-20"])
+    add_cell(store, "merged", "decoder", "20ng-7", 0, "none", 0.5, lineage={"seen_tasks": ["20ng-20"]})
     data = json.loads(Path(write_report(tmp_path / "res", tmp_path / "out", n_boot=50)[2]).read_text())
     (row,) = data["forgetting"]
-    assert row["seen"] is False and row["reference_kind"] == "best fine-tuned"
-    assert row["reference_model"] == "llama3-8b"  # the fine-tuned decoder, not the encoder
+    assert row["seen"] is False and row["model"] == "merged"
+    assert row["reference"] is None and row["reference_kind"] is None and row["delta"] is None
 
 
 def test_smoke_like_results_without_merges_or_matplotlib(tmp_path, monkeypatch):
     store = Store.open(tmp_path / "res")
     add_cell(store, "tiny", "decoder", "massive-intent", 0, "none", 0.0, invalid=1.0)
-    monkeypatch.setattr("grid.report._matplotlib", lambda: None)
+    monkeypatch.setattr("grid.report.plots.pyplot", lambda: None)
     paths = write_report(tmp_path / "res", tmp_path / "out")
     page = Path(paths[1]).read_text()
     assert "No merge cells" in page and "matplotlib is not installed" in page
@@ -390,7 +393,7 @@ def test_html_renders_in_headless_chromium(rich, tmp_path):
 def test_per_example_outcomes_reproduce_cell_json(rich):
     """The significance tests' per-example outcomes give back each cell's own metric."""
     from grid.metrics.slots import slot_f1_statistic
-    from grid.report import OutcomeCache
+    from grid.report.comparisons import OutcomeCache
 
     root, _ = rich
     store = Store.open(root / "results")
@@ -425,7 +428,7 @@ def test_each_fine_tune_evaluated_on_other_tasks_has_its_own_row(tmp_path):
     col = next(c for c in table.used_columns() if c.task == "massive-intent")
     assert table.entries[(labels["m zero-shot w/ FT (lora)"], col.key)].cell_id == own
     assert table.entries[(labels["m zero-shot w/ FT (lora) on 20ng-7"], col.key)].cell_id == other
-    from grid.report import default_pairs
+    from grid.report.comparisons import default_pairs
 
     pairs = [(kind, table.entries[(a, ca.key)].cell_id) for kind, ca, cb, a, b in default_pairs(table)]
     assert pairs == [("fine-tuned vs not", own)]

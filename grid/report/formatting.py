@@ -1,0 +1,78 @@
+"""The texts of the report's numbers, the same in the Markdown and the HTML page (the page's
+template escapes them; the Markdown escapes its own table cells)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def diff_text(result: dict[str, Any]) -> str:
+    """A - B in points, with its CI when the test gives one."""
+    diff = f"{100 * result['diff']:+.1f}"
+    if result.get("ci_low") is not None:
+        diff += f" [{100 * result['ci_low']:+.1f}, {100 * result['ci_high']:+.1f}]"
+    return diff
+
+
+def p_text(p: float) -> str:
+    """A significance test's p value."""
+    return f"{p:.3g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def test_text(result: dict[str, Any], long_names: bool) -> str:
+    """The test and its counts: `mcnemar-exact (n10=.., n01=..)`, or the page's longer names."""
+    if result["test"] == "mcnemar-exact":
+        return f"{'exact McNemar' if long_names else result['test']} (n10={result['n10']}, n01={result['n01']})"
+    return f"{'paired bootstrap' if long_names else result['test']} (B={result['n_boot']}, seed {result['seed']})"
+
+
+def reference_text(row: dict[str, Any]) -> str:
+    """A forgetting row's reference score and model, or – without one."""
+    return "–" if row["reference"] is None else f"{100 * row['reference']:.1f} ({row['reference_model']})"
+
+
+def delta_text(row: dict[str, Any]) -> str:
+    return "–" if row["delta"] is None else f"{100 * row['delta']:+.1f}"
+
+
+# --- the merge study -----------------------------------------------------------------------------
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def with_ci(t: tuple[float, float, float] | None, signed: bool = False) -> str:
+    """(value, low, high) in percent, or points when `signed`."""
+    if t is None:
+        return "–"
+    v, lo, hi = (100 * x for x in t)
+    return (f"{v:+.1f} [{lo:+.1f}, {hi:+.1f}]" if signed else f"{v:.1f} [{lo:.1f}, {hi:.1f}]")
+
+
+def p_star(p: float) -> str:
+    """The merge study's p: two digits, and * under 0.05."""
+    return f"{p:.2g}" + ("*" if p < 0.05 else "")
+
+
+def describe_variant(s: dict[str, Any]) -> str:
+    """What a merge-study variant is, in words."""
+    if s["kind"] == "merge":
+        how = s["method"] + (f" w={s['weight']:g}" if s["weight"] is not None else "")
+        how += f" d={s['density']:g}" if s["density"] is not None else ""
+        return f"merge: {how} of {s['parent']}"
+    if s["kind"] == "made":
+        return "fine-tune on the mixture of " + ", ".join(s["seen_tasks"])
+    return {"reference": "the reference (untuned)", "fine-tune": "fine-tune on " + ", ".join(s["seen_tasks"]),
+            "model": "a model of the grid"}[s["kind"]]
+
+
+SUMMARY_HEADER = ("Model", "What it is", "Seen", "Seen − ref", "Unseen", "Unseen − ref", "Held-out",
+                  "Held-out − ref")
+
+
+def summary_cells(s: dict[str, Any]) -> list[str]:
+    """One merge-study summary row's texts, under SUMMARY_HEADER."""
+    return [s["variant"], describe_variant(s), with_ci(s.get("seen")), with_ci(s.get("seen_delta"), True),
+            with_ci(s.get("unseen")), with_ci(s.get("unseen_delta"), True), with_ci(s.get("held_out")),
+            with_ci(s.get("held_out_delta"), True)]

@@ -1,0 +1,121 @@
+"""The report as Markdown (table3.md): Table 3, the paired tests, the forgetting rows and the
+merge study, each a function of the model's numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grid.report.comparisons import Comparison, significance_note
+from grid.report.formatting import (SUMMARY_HEADER, delta_text, diff_text, p_star, p_text, pct, reference_text,
+                                    summary_cells, test_text, with_ci)
+from grid.report.merge_study import N_BOOT
+from grid.report.model import ReportModel
+from grid.report.table import LEGEND, Table
+
+
+def render(model: ReportModel) -> str:
+    md = ["# Table 3 reproduced\n", model.summary + "\n", table_markdown(model.table), "", LEGEND, "",
+          "## Paired significance tests\n", significance_note(model.n_boot, model.seed) + "\n",
+          comparisons_markdown(model.comparisons)]
+    if model.forgetting:
+        md += ["", "## Merged models: seen / unseen tasks\n"] + forgetting_markdown(model.forgetting)
+    if model.merge_study:
+        md += [""] + merge_study_markdown(model.merge_study)
+    return "\n".join(md) + "\n"
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def table_markdown(table: Table) -> str:
+    cols = table.used_columns()
+    head = ["Model"] + [f"{c.group} {c.setup}<br>{c.head}" for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table.rows:
+        cells = [_escape(table.label(r))]
+        for c in cols:
+            e = table.entries.get((r, c.key))
+            cells.append(_escape(e.text()) if e else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparisons_markdown(comps: list[Comparison]) -> str:
+    if not comps:
+        return "No pair of cells to compare."
+    lines = ["| Comparison | Column | A | B | A - B | Test | p | |", "|---|---|---|---|---|---|---|---|"]
+    for c in comps:
+        names = f"| {c.kind} | {_escape(c.column)} | {_escape(c.a_label)} | {_escape(c.b_label)} |"
+        if c.result is None:
+            lines.append(f"{names} – | – | – | {_escape(c.error or '')} |")
+            continue
+        r = c.result
+        lines.append(f"{names} {diff_text(r)} | {test_text(r, long_names=False)}, n={r['n']} | "
+                     f"{p_text(r['p_value'])} | {'*' if r['significant'] else ''} |")
+    return "\n".join(lines)
+
+
+def forgetting_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| Merged model | Column | Seen | Score | Shots | Reference | Difference |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['column']} | {'seen' if r['seen'] else 'unseen'} | "
+                     f"{100 * r['score']:.1f} | {r['shots']} | {reference_text(r)} | {delta_text(r)} |")
+    return lines
+
+
+def merge_study_markdown(numbers: dict[str, Any]) -> list[str]:
+    """The merge-study section: summary, what merging brought back, per-task scores, merge tests."""
+    held = ", ".join(numbers["held_out"]) or "none"
+    md = ["## Merge study: seen, unseen, held-out tasks\n",
+          f"Reference: {numbers['reference']}. Held-out tasks (seen by no model): {held}. Means over "
+          f"tasks of accuracy (%) with a 95% CI; differences from the reference in points, with a paired "
+          f"bootstrap CI stratified by task ({N_BOOT} resamples).\n",
+          "| " + " | ".join(SUMMARY_HEADER) + " |", "|---" * len(SUMMARY_HEADER) + "|"]
+    md += ["| " + " | ".join(summary_cells(s)) + " |" for s in numbers["summary"]]
+    recovered = [s for s in numbers["summary"] if "held_out_vs_parent" in s]
+    if recovered:
+        md += ["", "### What merging brought back, on the held-out tasks\n",
+               "Mean held-out accuracy of each merge minus that of the fine-tune it came from, and minus "
+               "that of the multi-task model (points, task-stratified paired bootstrap 95% CI).\n",
+               "| Merged | Held-out | − its fine-tune | − multi-task |", "|---|---|---|---|"]
+        md += [f"| {s['variant']} | {with_ci(s.get('held_out'))} | {with_ci(s['held_out_vs_parent'], True)} | "
+               f"{with_ci(s.get('held_out_vs_multi'), True)} |" for s in recovered]
+    md += ["", "### Per task\n",
+           "Accuracy [95% CI] (majority-class rate of the rows), and the difference from the reference "
+           "[paired bootstrap CI], exact McNemar p (* p < 0.05). Seen tasks are in bold.\n"]
+    md += _per_task_table(numbers)
+    md += ["", "### Merged vs the fine-tune it came from, and vs the reference\n",
+           "Exact McNemar on the same rows; n10 = merged right where the other is wrong, n01 the reverse.\n",
+           "| Merged | vs | Task | Seen | Merged | Other | Diff | n10 / n01 | p |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {m['merge']} | {m['other']} | {m['task']} | {'seen' if m['seen'] else 'unseen'} | "
+           f"{pct(m['merged'])} | {pct(m['other_accuracy'])} | {100 * m['diff']:+.1f} | "
+           f"{m['n10']} / {m['n01']} | {p_star(m['p_value'])} |" for m in numbers["merges"]]
+    return md
+
+
+def _per_task_table(numbers: dict[str, Any]) -> list[str]:
+    """A row per variant, a column per task: accuracy [CI], and the difference from the reference."""
+    tasks = numbers["tasks"]
+    lines = ["| Model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in numbers["per_task"]:
+        rows.setdefault(r["variant"], {})[r["task"]] = r
+    for name, cells in rows.items():
+        texts = []
+        for t in tasks:
+            r = cells.get(t)
+            if r is None:
+                texts.append("–")
+                continue
+            text = f"{pct(r['accuracy'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}]"
+            if "delta" in r:
+                text += (f"<br>{100 * r['delta']:+.1f} [{100 * r['delta_low']:+.1f}, {100 * r['delta_high']:+.1f}] "
+                         f"p={p_star(r['p_vs_reference'])}")
+            texts.append(f"**{text}**" if r["seen"] else text)
+        lines.append(f"| {name} | " + " | ".join(texts) + " |")
+    majority = {r["task"]: r["majority_rate"] for r in numbers["per_task"] if r["majority_rate"] is not None}
+    lines.append("| majority rate | " + " | ".join(pct(majority.get(t)) for t in tasks) + " |")
+    return lines
