@@ -5,7 +5,6 @@ Three Ray Train fits in all: a job, its resume, and the grid's own fine-tune cel
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -104,8 +103,7 @@ def test_both_heads_train_save_and_resume(ray_local, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
     items = [{"task": "sst2", "prompt": p, "add_special_tokens": False} for p in ("a fine film", "dull , dull")]
     answers = head_answers(model, tokenizer, heads, items)
-    assert all(json.loads(a["raw_output"]) in ("negative", "positive") or a["raw_output"] in ("negative", "positive")
-               for a in answers)
+    assert [a["raw_output"] in ("negative", "positive") for a in answers] == [True, True]
 
     again = run(shared_job(tiny, tmp_path, 12))  # the checkpoint (adapters, head, optimizer) reloads
     assert again["resumed_from_step"] == 8 and again["steps"] == 12 and again["steps_run"] == 4

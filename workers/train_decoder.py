@@ -174,8 +174,9 @@ class DecoderWithHeads(nn.Module):
     """A causal LM, and optionally a linear classification head per head task on the hidden state
     of the prompt's last token. One module, so DDP and DeepSpeed wrap body and heads together.
 
-    `forward(batch)` returns the training loss and, for a job with heads, each task's mean loss
-    (the loss is then their weighted sum); without heads, the mean over all answer tokens."""
+    `forward(batch)` returns the training loss and, for a job with heads, the mean loss of each
+    task the batch has rows of (the loss is the weighted sum of the tasks' mean losses); without
+    heads, the mean over all answer tokens."""
 
     def __init__(self, lm: nn.Module, tasks: tuple[str, ...], heads: dict[str, list[str]],
                  weights: dict[str, float]):
@@ -203,16 +204,18 @@ class DecoderWithHeads(nn.Module):
             return token_losses.mean(), {}
         token_task = batch["task"].unsqueeze(1).expand_as(keep)[keep]
         last = hidden[torch.arange(len(hidden)), batch["last"]]
-        losses: dict[str, torch.Tensor] = {}
-        for index, name in enumerate(self.tasks):
+        total = hidden.new_zeros((), dtype=torch.float32)
+        losses: dict[str, torch.Tensor] = {}  # the tasks this batch has rows of
+        for index, (name, weight) in enumerate(zip(self.tasks, self.weights)):
             if name in self.heads:
-                rows = batch["task"] == index
+                mine = batch["task"] == index
                 ce = nn.functional.cross_entropy(self.heads[name](last).float(), batch["class_id"], reduction="none")
-                losses[name] = (ce * rows).sum() / rows.sum().clamp(min=1)
             else:
-                mine = token_task == index
-                losses[name] = (token_losses * mine).sum() / mine.sum().clamp(min=1)
-        total = sum(w * loss for w, loss in zip(self.weights, losses.values()))
+                mine, ce = token_task == index, token_losses
+            loss = (ce * mine).sum() / mine.sum().clamp(min=1)
+            total = total + weight * loss  # a task without rows adds 0, and DDP still sees its head used
+            if mine.any():
+                losses[name] = loss
         return total, losses
 
 

@@ -225,29 +225,38 @@ class LossLog:
 
     def recent(self) -> str:
         last = self.losses[-10:]
-        heads = self.epochs[max(self.epochs)]
-        per_head = " ".join(f"{name} {sum(r.head_losses[name] for r in heads[-10:]) / len(heads[-10:]):.4f}"
-                            for name in heads[-1].head_losses)
+        steps = self.epochs[max(self.epochs)][-10:]
+        per_head = " ".join(f"{name} {_head_mean(steps, name):.4f}" for name in self.heads())
         return f"loss {sum(last) / len(last):.4f}" + (f" ({per_head})" if per_head else "")
+
+    def heads(self) -> list[str]:
+        return list(dict.fromkeys(name for rs in self.epochs.values() for r in rs for name in r.head_losses))
 
     def metrics(self) -> dict[str, Any]:
         window = max(1, min(10, len(self.losses) // 2))
         epochs = [results for _, results in sorted(self.epochs.items())]
-        heads = list(epochs[0][0].head_losses) if epochs else []
-        steps = [r for rs in epochs for r in rs]
+        heads = self.heads()
+        first, last = {}, {}
+        for name in heads:  # over the first and the last steps that had rows of the head's task
+            having = [r for rs in epochs for r in rs if name in r.head_losses]
+            w = max(1, min(10, len(having) // 2))
+            first[name], last[name] = _head_mean(having[:w], name), _head_mean(having[-w:], name)
         return {
             "train_loss": _mean(self.losses[-window:]),
             "first_loss": _mean(self.losses[:window]),
             "epoch_losses": [_mean([r.loss for r in rs]) for rs in epochs],
-            "head_epoch_losses": {name: [_mean([r.head_losses[name] for r in rs]) for rs in epochs] for name in heads},
-            # each head's (task's) mean loss over the first and the last steps of this run
-            "head_losses": {name: {"first": _mean([r.head_losses[name] for r in steps[:window]]),
-                                   "last": _mean([r.head_losses[name] for r in steps[-window:]])} for name in heads},
+            "head_epoch_losses": {name: [_head_mean(rs, name) for rs in epochs] for name in heads},
+            "head_losses": {name: {"first": first[name], "last": last[name]} for name in heads},
         }
 
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _head_mean(steps: list[StepResult], name: str) -> float:
+    """A head's mean loss over the steps whose batch had rows of its task."""
+    return _mean([r.head_losses[name] for r in steps if name in r.head_losses])
 
 
 # --- the Ray Train job ----------------------------------------------------------------------

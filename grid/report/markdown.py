@@ -1,5 +1,5 @@
-"""The report as Markdown (table3.md): Table 3, the paired tests, the forgetting rows and the
-merge study, each a function of the model's numbers."""
+"""The report as Markdown (table3.md): Table 3, the paired tests, the forgetting rows, the
+merge study and the results across seeds, each a function of the model's numbers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 from grid.report.comparisons import Comparison, significance_note
 from grid.report.formatting import (SUMMARY_HEADER, delta_text, diff_text, p_star, p_text, pct, reference_text,
                                     summary_cells, test_text, with_ci)
+from grid.report import seeds
 from grid.report.merge_study import N_BOOT
 from grid.report.model import ReportModel
 from grid.report.table import LEGEND, Table
@@ -21,7 +22,23 @@ def render(model: ReportModel) -> str:
         md += ["", "## Merged models: seen / unseen tasks\n"] + forgetting_markdown(model.forgetting)
     if model.merge_study:
         md += [""] + merge_study_markdown(model.merge_study)
+    if model.seeds:
+        md += [""] + seeds_markdown(model.seeds)
     return "\n".join(md) + "\n"
+
+
+def _md_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(_escape(c) for c in row) + " |" for row in rows])
+
+
+def seeds_markdown(numbers: dict[str, Any]) -> list[str]:
+    """The across-seeds section: each variant's metric per seed, mean and SD; the paired tests."""
+    md = ["## Across seeds\n", seeds.SEEDS_NOTE + "\n"]
+    md += _md_table(seeds.SEED_HEADER, [seeds.row_cells(r) for r in numbers["rows"]])
+    if numbers["tests"]:
+        md += [""] + _md_table(seeds.TEST_HEADER, [seeds.test_cells(t) for t in numbers["tests"]])
+    return md
 
 
 def _escape(text: str) -> str:

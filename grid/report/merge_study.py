@@ -63,6 +63,7 @@ def collect_variants(records: list[dict[str, Any]]) -> tuple[list[Variant], str 
     # kind of weights, seen tasks and reference: grid.forgetting's rule, as status and the report use it
     lineage = {r["cell_id"]: r for r in forgetting_frame(records).select("cell_id", "kind", "seen_tasks", "reference")
                .unique("cell_id", maintain_order=True).to_dicts()}
+    infers = [r for r in infers if r["cell_id"] in lineage]  # a cell without a score has no facts
     reference = next((lineage[r["cell_id"]]["reference"] for r in infers if lineage[r["cell_id"]]["reference"]), None)
     variants: dict[str, Variant] = {}
     ft_variant: dict[str, str] = {}  # fine-tune cell id -> the variant its model is

@@ -14,6 +14,7 @@ import polars as pl
 from grid.errors import GridError
 from grid.report.comparisons import Comparison, run_comparisons
 from grid.report.merge_study import study_numbers
+from grid.report.seeds import seed_numbers
 from grid.report.table import Column, Table, build_table, cell_label
 from grid.store import Store
 
@@ -60,6 +61,7 @@ class ReportModel:
     forgetting: list[dict[str, Any]]
     confusion: Confusion | None
     merge_study: dict[str, Any] | None
+    seeds: dict[str, Any] | None  # grid.report.seeds: every variant with two or more seeds
     shots_panels: list[ShotsPanel]
     finetune_panels: list[FinetunePanel]
     n_boot: int
@@ -76,7 +78,8 @@ def build_model(store: Store, results: str, pairs: list[tuple[str, str]] | None 
     return ReportModel(results=results, summary=summary_line(records, results), table=table,
                        comparisons=comparisons, forgetting=forgetting_rows(table),
                        confusion=confusion_of(store, *choice) if choice else None,
-                       merge_study=study_numbers(store, records), shots_panels=shots_panels(table),
+                       merge_study=study_numbers(store, records), seeds=seed_numbers(store, records),
+                       shots_panels=shots_panels(table),
                        finetune_panels=finetune_panels(table), n_boot=n_boot, seed=seed)
 
 
@@ -100,7 +103,7 @@ def to_json(model: ReportModel, plots: dict[str, str | None] | None) -> dict[str
                  for r in table.rows],
         "comparisons": [c.__dict__ for c in model.comparisons],
         "confusion": model.confusion.__dict__ if model.confusion else None, "forgetting": model.forgetting,
-        "merge_study": model.merge_study, "plots": {k: v is not None for k, v in (plots or {}).items()},
+        "merge_study": model.merge_study, **({"seeds": model.seeds} if model.seeds else {}), "plots": {k: v is not None for k, v in (plots or {}).items()},
         "n_boot": model.n_boot, "seed": model.seed,
     }
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jinja2
 
-from grid.report import formatting
+from grid.report import formatting, seeds
 from grid.report.comparisons import significance_note
 from grid.report.model import ReportModel
 from grid.report.table import LEGEND, Column
@@ -20,7 +20,7 @@ def render(model: ReportModel, plots: dict[str, str | None] | None) -> str:
     """`plots`: draw_plots' PNGs, or None without matplotlib (the page then says how to get them)."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.globals.update(fmt=formatting)
+    env.globals.update(fmt=formatting, seeds=seeds)
     columns = model.table.used_columns()
     return env.get_template("report.html.j2").render(
         m=model, table=model.table, columns=columns, groups=column_groups(columns), legend=LEGEND,
