@@ -5,7 +5,6 @@ Three Ray Train fits in all: a job, its resume, and the grid's own fine-tune cel
 
 from __future__ import annotations
 
-
 import pytest
 
 from grid.config import load_config
