@@ -84,7 +84,7 @@ def main() -> None:
     import ray
     from transformers import AutoTokenizer
 
-    from workers.jobs import DECODER_HPARAMS, FinetuneJob, Resources
+    from grid.jobs import DECODER_HPARAMS, FinetuneJob, Resources
     from workers.models import resolve
     from workers.train_decoder import build_examples, run
 

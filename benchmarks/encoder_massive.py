@@ -30,9 +30,9 @@ from grid.metrics.score import score  # noqa: E402
 from grid.parsing import parse_answer  # noqa: E402
 from grid.tasks import get_task  # noqa: E402
 from workers.encoder import EncoderPredictor  # noqa: E402
-from workers.jobs import FinetuneJob, Resources  # noqa: E402
+from grid.jobs import FinetuneJob, Resources  # noqa: E402
 from workers.models import resolve  # noqa: E402
-from workers.jobs import ENCODER_HPARAMS  # noqa: E402
+from grid.jobs import ENCODER_HPARAMS  # noqa: E402
 from workers.train_encoder import run  # noqa: E402
 
 TASKS = ("massive-intent", "massive-slots", "massive-multi")

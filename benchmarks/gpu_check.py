@@ -113,7 +113,7 @@ def train(model_path: str, mode: str, steps: int, warmup: int, device: str, data
     """`steps` timed optimizer steps of the trainer's own step function (or a ZeRO engine's)."""
     from transformers import AutoTokenizer
 
-    from workers.jobs import FinetuneJob
+    from grid.jobs import FinetuneJob
     from workers.train_decoder import build_examples, collate, load_model, train_step
     from workers.training import linear_schedule, resolve_hparams
 

@@ -22,7 +22,7 @@ from grid.data import data_fingerprint
 from grid.errors import GridError
 from grid.prompting import template_source_hash
 from grid.tasks import TaskDef, get_task
-from workers.models import check_source, is_local_path, source_revision
+from grid.sources import check_source, is_local_path, source_revision
 
 CellKind = Literal["finetune", "infer", "merge"]
 

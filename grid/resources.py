@@ -46,11 +46,10 @@ import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 from grid.config import GridConfig
 from grid.plan import Cell, Plan
-from workers.jobs import placement_strategy
+from grid.jobs import placement_strategy
 
 GPU_TYPES = {
     "A100": {"bf16_flops": 312e12, "memory_gb": 80},

@@ -53,6 +53,10 @@ def _run(args: argparse.Namespace) -> int:
 
     use_tasks_dir(args.tasks)  # before the config: its task names are checked against the catalog
     config = load_config(args.config)
+    if config.merges:  # mergekit's own parse of each merge, before any work
+        from merge.config import check_merges
+
+        check_merges(config)
     validate_references(config, args.config, hub_cache=not args.dry_run)
     data_dir = data_dir_arg(args.data)
     plan = build_plan(config, data_dir)

@@ -1,272 +1,22 @@
-"""Merge configs, typed: what a grid's `merges:` entry says, and the checks that run before any work.
+"""The checks of a merge that need mergekit or the weights, run before any work.
 
-A merge is a mergekit configuration (mergekit's own YAML schema) whose model paths are
-placeholders, `${name}`, bound to models of the grid or to hub ids / local paths. It is written
-either inline in the grid (method, base, models with weight / density, parameters) or as a recipe
-file in merge/ (a mergekit YAML a person reads top to bottom) with a `bind:` map. Both become the
-same template: a mergekit dict with placeholders, plus what each placeholder names.
-
-Every problem is one MergeError line naming the field: a method mergekit does not have, a
-parameter the method rejects (density outside (0, 1], density for task_arithmetic, lambda for
-linear), an unknown placeholder, and, once paths are known, a missing model or models whose
-architectures or vocabularies differ.
+What a merge says, and the checks that need neither, are the grid's (grid/merges.py). Here:
+mergekit's own parse of a template (a grid's merges are parsed when the grid is loaded, by
+`check_merges`), and, once paths are known (`validate`, at merge time), a missing model or models
+whose architectures or vocabularies differ. Every problem is one MergeError line naming the field.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from grid.errors import GridError, read_yaml_mapping
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RECIPE_DIR = PROJECT_ROOT / "merge"
-
-MergeMethod = Literal["task_arithmetic", "ties", "dare_ties", "linear"]
-METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_ties", "linear")
-# Parameters each method takes, per input (`weight`, `density`) and for the whole merge (shared).
-NEEDS_BASE = {"task_arithmetic", "ties", "dare_ties"}
-PER_INPUT = {"task_arithmetic": {"weight"}, "ties": {"weight", "density"},
-             "dare_ties": {"weight", "density"}, "linear": {"weight"}}
-SHARED = {"task_arithmetic": {"lambda", "normalize", "rescale", "int8_mask"},
-          "ties": {"lambda", "normalize", "rescale", "int8_mask"},
-          "dare_ties": {"lambda", "normalize", "rescale", "int8_mask"},
-          "linear": {"normalize"}}
-PLACEHOLDER = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+from grid.merges import PLACEHOLDER, MergeError, check_template, fail, model_fields
 
 
-class MergeError(GridError):
-    """A merge config that cannot run, in one line naming the field."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelRef(Strict):
-    """A model a merge reads: a model of the grid, one of its fine-tune cells, or a hub id / path.
-
-    `{model: tiny-base}` is the grid's model as declared; `{model: tiny-base, task: fpb-sentiment,
-    finetune: lora}` is the fine-tune cell of that model on that task (its saved, merged model);
-    `{source: org/name}` or `{source: /abs/path}` is a model outside the grid (a LoRA adapter folder
-    is merged into its base with peft first).
-    """
-
-    model: str | None = Field(default=None, description="a model name of the grid")
-    task: str | None = Field(default=None, description="with finetune: that model's fine-tune cell")
-    finetune: Literal["full", "lora"] | None = None
-    shots: int = Field(default=0, description="training prompt shots of the fine-tune cell")
-    seed: int | None = Field(default=None, description="of the fine-tune cell; default the grid's first")
-    source: str | None = Field(default=None, description="hub id or local path, outside the grid")
-    revision: str | None = None
-    weight: float | None = Field(default=None, description="task-vector / linear weight")
-    density: float | None = Field(default=None, gt=0, le=1, description="share of each delta kept (ties, dare_ties)")
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> "ModelRef":
-        if (self.model is None) == (self.source is None):
-            raise ValueError("name exactly one of model (a grid model) or source (hub id or path)")
-        if (self.task is None) != (self.finetune is None):
-            raise ValueError("task and finetune go together: they name a fine-tune cell")
-        if self.source is not None and self.task is not None:
-            raise ValueError("task/finetune name a fine-tune cell of a grid model, not of a source")
-        if self.weight is not None and not math.isfinite(self.weight):
-            raise ValueError("weight must be a finite number")
-        return self
-
-    def describe(self) -> str:
-        if self.source:
-            return self.source
-        return f"{self.model}" + (f" ft={self.finetune} on {self.task}" if self.task else "")
-
-
-class MergeSpec(Strict):
-    """One merge of a grid; the merged model becomes a model of the grid named `name`.
-
-    Inline: `method`, `base` (the model task vectors are taken against), `models` (with weight,
-    density), `parameters` (lambda, normalize, ...). Or a recipe: `recipe: merge/x.yaml` (mergekit
-    schema with `${name}` placeholders) and `bind: {name: ModelRef}`.
-    """
-
-    name: str = Field(description="the merged model's name in the grid's tables")
-    method: MergeMethod | None = None
-    base: ModelRef | None = None
-    models: tuple[ModelRef, ...] = ()
-    parameters: dict[str, float | bool] = Field(default_factory=dict, description="shared: lambda, normalize, ...")
-    recipe: str | None = Field(default=None, description="a mergekit YAML in merge/ with ${name} placeholders")
-    bind: dict[str, ModelRef] = Field(default_factory=dict, description="placeholder -> model")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    prompt_format: Literal["chat", "inst", "plain"] | None = Field(
-        default=None, description="default: that of the first grid model it merges")
-
-    @model_validator(mode="after")
-    def _shape(self) -> "MergeSpec":
-        if self.recipe is not None:
-            if self.method or self.base or self.models or self.parameters:
-                raise ValueError("a recipe merge takes recipe and bind only (method, weights, ... are in the recipe)")
-            if not self.bind:
-                raise ValueError("a recipe merge needs bind: {placeholder: model}")
-            template = load_recipe(self.recipe)
-            check_template(template, where=f"recipe {self.recipe}")
-            names = placeholders(template)
-            if set(names) != set(self.bind):
-                missing, extra = sorted(set(names) - set(self.bind)), sorted(set(self.bind) - set(names))
-                what = f"no binding for {missing}" if missing else f"{extra} not used by the recipe"
-                raise ValueError(f"bind: {what} (the recipe's placeholders: {names})")
-            for key, ref in self.bind.items():
-                if ref.weight is not None or ref.density is not None:
-                    raise ValueError(f"bind.{key}: weights and densities belong in the recipe")
-            return self
-        if self.method is None:
-            raise ValueError("give method (task_arithmetic, ties, dare_ties, linear) or recipe")
-        if not self.models:
-            raise ValueError("models: a merge needs at least one model")
-        if self.method in NEEDS_BASE and self.base is None:
-            raise ValueError(f"base: {self.method} takes task vectors against a base model; name one")
-        if self.method == "linear" and self.base is not None:
-            raise ValueError("base: linear averages the models and takes no base")
-        if self.base is not None and (self.base.weight is not None or self.base.density is not None):
-            raise ValueError("base: the base model takes no weight or density")
-        for i, ref in enumerate(self.models):
-            if ref.weight is None:
-                raise ValueError(f"models.{i}.weight: {self.method} needs a weight for every model")
-            if ref.density is not None and "density" not in PER_INPUT[self.method]:
-                raise ValueError(f"models.{i}.density: {self.method} does not sparsify; density is for ties and dare_ties")
-        for key, value in self.parameters.items():
-            if key not in SHARED[self.method]:
-                raise ValueError(f"parameters.{key}: {self.method} takes {', '.join(sorted(SHARED[self.method]))}")
-        return self
-
-    def template(self) -> tuple[dict[str, Any], dict[str, ModelRef]]:
-        """The mergekit config with `${name}` placeholders, and what each placeholder names."""
-        if self.recipe is not None:
-            return load_recipe(self.recipe), dict(self.bind)
-        bind: dict[str, ModelRef] = {}
-        cfg: dict[str, Any] = {"merge_method": self.method, "dtype": self.dtype}
-        if self.base is not None:
-            bind["base"] = self.base
-            cfg["base_model"] = "${base}"
-        models = []
-        for i, ref in enumerate(self.models):
-            bind[f"model_{i}"] = ref
-            params = {k: v for k, v in (("weight", ref.weight), ("density", ref.density)) if v is not None}
-            models.append({"model": f"${{model_{i}}}", "parameters": params})
-        cfg["models"] = models
-        if self.parameters:
-            cfg["parameters"] = dict(self.parameters)
-        return cfg, bind
-
-
-# --- recipes and placeholders ----------------------------------------------------------------
-
-
-def recipe_path(name: str) -> Path:
-    """`merge/x.yaml`, `x.yaml` or `x` (in merge/), or any path to a YAML file."""
-    for candidate in (Path(name), PROJECT_ROOT / name, RECIPE_DIR / name, RECIPE_DIR / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise MergeError(f"merge recipe {name} not found (looked in {RECIPE_DIR})")
-
-
-def load_recipe(name: str) -> dict[str, Any]:
-    return read_yaml_mapping(recipe_path(name), "a merge recipe (mergekit's schema)")
-
-
-def _model_fields(cfg: dict[str, Any]) -> list[tuple[str, Any]]:
-    """(field path, value) of every model reference of a mergekit config (models-style configs)."""
-    out = []
-    if "base_model" in cfg and cfg["base_model"] is not None:
-        out.append(("base_model", cfg["base_model"]))
-    for i, entry in enumerate(cfg.get("models") or []):
-        if isinstance(entry, dict):
-            out.append((f"models.{i}.model", entry.get("model")))
-    ts = cfg.get("tokenizer_source")
-    if isinstance(ts, str) and ts not in ("base", "union"):
-        out.append(("tokenizer_source", ts))
-    return out
-
-
-def placeholders(cfg: dict[str, Any]) -> list[str]:
-    names = []
-    for _, value in _model_fields(cfg):
-        m = PLACEHOLDER.match(str(value))
-        if m and m.group(1) not in names:
-            names.append(m.group(1))
-    return names
-
-
-def substitute(cfg: dict[str, Any], values: dict[str, str]) -> dict[str, Any]:
-    """A copy of `cfg` with each `${name}` model field replaced by values[name]."""
-    out = json.loads(json.dumps(cfg))
-
-    def sub(value: Any, field: str) -> Any:
-        m = PLACEHOLDER.match(str(value))
-        if not m:
-            return value
-        if m.group(1) not in values:
-            raise MergeError(f"field {field}: placeholder ${{{m.group(1)}}} has no binding")
-        return values[m.group(1)]
-
-    if out.get("base_model") is not None:
-        out["base_model"] = sub(out["base_model"], "base_model")
-    for i, entry in enumerate(out.get("models") or []):
-        entry["model"] = sub(entry.get("model"), f"models.{i}.model")
-    if isinstance(out.get("tokenizer_source"), str):
-        out["tokenizer_source"] = sub(out["tokenizer_source"], "tokenizer_source")
-    return out
-
-
-# --- checks -----------------------------------------------------------------------------------
-
-
-def _fail(where: str, field: str, message: str) -> MergeError:
-    prefix = f"{where}: " if where else ""
-    return MergeError(f"{prefix}field {field}: {message}")
-
-
-def check_template(cfg: dict[str, Any], where: str = "merge config") -> None:
-    """Method and parameters of a mergekit config (placeholders or paths): no file is read."""
-    method = cfg.get("merge_method")
-    if method not in METHODS:
-        raise _fail(where, "merge_method", f"{method!r} is not one of {', '.join(METHODS)}")
-    for key in ("slices", "modules"):
-        if cfg.get(key):
-            raise _fail(where, key, "only `models:` merges are supported here (no slices or modules)")
-    models = cfg.get("models")
-    if not isinstance(models, list) or not models:
-        raise _fail(where, "models", "a merge needs a non-empty list of models")
-    if method in NEEDS_BASE and not cfg.get("base_model"):
-        raise _fail(where, "base_model", f"{method} takes task vectors against a base model; name one")
-
-    def check_value(field: str, key: str, value: Any) -> None:
-        if key in ("weight", "density", "lambda"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise _fail(where, field, f"{value!r} is not a number")
-        if key == "density" and not 0 < value <= 1:
-            raise _fail(where, field, f"{value} is outside (0, 1]")
-
-    for key, value in (cfg.get("parameters") or {}).items():
-        allowed = SHARED[method] | PER_INPUT[method]
-        if key not in allowed:
-            raise _fail(where, f"parameters.{key}", f"{method} takes {', '.join(sorted(allowed))}")
-        check_value(f"parameters.{key}", key, value)
-    for i, entry in enumerate(models):
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise _fail(where, f"models.{i}", "each entry is {model: ..., parameters: {...}}")
-        params = entry.get("parameters") or {}
-        for key, value in params.items():
-            if key not in PER_INPUT[method]:
-                extra = "; density is for ties and dare_ties" if key == "density" else ""
-                raise _fail(where, f"models.{i}.parameters.{key}",
-                            f"{method} takes {', '.join(sorted(PER_INPUT[method]))} per model{extra}")
-            check_value(f"models.{i}.parameters.{key}", key, value)
-        if "weight" not in params and "weight" not in (cfg.get("parameters") or {}):
-            raise _fail(where, f"models.{i}.parameters.weight", f"{method} needs a weight for every model")
+def mergekit_check(cfg: dict[str, Any], where: str = "merge config") -> None:
+    """mergekit's own parse of a config (placeholders or paths): no file is read."""
     from mergekit.config import MergeConfiguration
     from pydantic import ValidationError
 
@@ -275,6 +25,7 @@ def check_template(cfg: dict[str, Any], where: str = "merge config") -> None:
     except (ValidationError, RuntimeError, ValueError) as exc:
         text = str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else _pyd(exc)
         raise MergeError(f"{where}: mergekit rejects it: {text}") from None
+
 
 
 def _pyd(exc: Any) -> str:
@@ -291,14 +42,14 @@ def _read_config(path: str, field: str, where: str) -> dict[str, Any]:
 
             return json.loads(Path(hf_hub_download(path, "config.json")).read_text())
         except Exception:
-            raise _fail(where, field, f"model {path} is neither a folder nor a hub id in the local cache") from None
+            raise fail(where, field, f"model {path} is neither a folder nor a hub id in the local cache") from None
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
-            raise _fail(where, field, f"LoRA adapter {path} names no base_model_name_or_path")
+            raise fail(where, field, f"LoRA adapter {path} names no base_model_name_or_path")
         return _read_config(base, field, where)
     if not (folder / "config.json").is_file():
-        raise _fail(where, field, f"model {path} does not exist (no config.json)")
+        raise fail(where, field, f"model {path} does not exist (no config.json)")
     return json.loads((folder / "config.json").read_text())
 
 
@@ -308,11 +59,11 @@ SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "n
 
 def check_models(cfg: dict[str, Any], where: str = "merge config") -> None:
     """Every model exists and all share architecture, shapes and vocabulary (reads config.json only)."""
-    fields = _model_fields(cfg)
+    fields = model_fields(cfg)
     first_field, first = None, None
     for field, path in fields:
         if path is None or PLACEHOLDER.match(str(path)):
-            raise _fail(where, field, f"no model path ({path!r})")
+            raise fail(where, field, f"no model path ({path!r})")
         conf = _read_config(str(path), field, where)
         conf = {**conf.get("text_config", {}), **conf}
         shape = {k: conf.get(k) for k in SHAPE_KEYS}
@@ -323,14 +74,21 @@ def check_models(cfg: dict[str, Any], where: str = "merge config") -> None:
         for key, value in shape.items():
             if value != first[key]:
                 what = "vocabulary size" if key == "vocab_size" else key
-                raise _fail(where, field, f"{what} {value} differs from {first_field}'s {first[key]} "
+                raise fail(where, field, f"{what} {value} differs from {first_field}'s {first[key]} "
                                           f"(models merged must share architecture and vocabulary)")
 
 
 def validate(cfg: dict[str, Any], where: str = "merge config"):
-    """Both checks, then mergekit's own parse: the MergeConfiguration to run."""
+    """Every check, then mergekit's own parse: the MergeConfiguration to run."""
     from mergekit.config import MergeConfiguration
 
     check_template(cfg, where)
+    mergekit_check(cfg, where)
     check_models(cfg, where)
     return MergeConfiguration.model_validate(cfg)
+
+
+def check_merges(config: Any) -> None:
+    """mergekit's parse of every merge of a grid config, when it is loaded (grid/run.py)."""
+    for j, spec in enumerate(config.merges):
+        mergekit_check(spec.template()[0], where=f"merges.{j} ({spec.name})")

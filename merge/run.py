@@ -24,7 +24,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from grid.errors import GridError  # noqa: E402
-from merge.config import MergeError, load_recipe, substitute, validate  # noqa: E402
+from grid.merges import MergeError, load_recipe, substitute  # noqa: E402
+from merge.config import validate  # noqa: E402
 
 
 def materialize_adapter(path: str, workdir: Path) -> str:

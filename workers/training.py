@@ -4,7 +4,7 @@ torchtune's shape: each recipe (workers/train_encoder.py, workers/train_decoder.
 bottom and keeps only what is its own (the model and its heads, the collation, the loss); what
 they share lives here, once:
 
-- `resolve_hparams`: one schema per family (workers/jobs.py), checked the same way at plan time
+- `resolve_hparams`: one schema per family (grid/jobs.py), checked the same way at plan time
   and in the worker, with the same error;
 - `train_indices`: which train rows a `train_limit` keeps (a seeded sample, in file order);
 - `epoch_batches`: length-grouped global batches, a pure function of (seed, epoch), each worker
@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from grid.errors import GridError
 from workers.batching import length_grouped_batches
-from workers.jobs import FinetuneJob, hparams_schema, unknown_hparams
+from grid.jobs import FinetuneJob, hparams_schema, unknown_hparams
 
 METRICS_FILE = "train_metrics.json"
 
