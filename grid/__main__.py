@@ -121,6 +121,11 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("results")
     st.set_defaults(fn=cmd_status)
 
+    c = sub.add_parser("compare", help="two results dirs: the same cells, answers and metrics? (exit 1 if not)")
+    c.add_argument("a")
+    c.add_argument("b")
+    c.set_defaults(fn=cmd_compare)
+
     r = sub.add_parser("run", help="run a grid (same as python grid/run.py)")
     r.add_argument("config")
     r.add_argument("--results", required=True)
@@ -136,6 +141,14 @@ def parser() -> argparse.ArgumentParser:
     report_arguments(rep)
     rep.set_defaults(fn=cmd_report)
     return p
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from grid.compare import compare, describe
+
+    diff = compare(args.a, args.b)
+    print(describe(diff, args.a, args.b))
+    return 0 if diff.equal else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,8 +19,8 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       model_serializer, model_validator)
 
 from grid.errors import GridError, first_error, read_yaml_mapping, validate_file
-from merge.config import MergeSpec
-from workers.jobs import Family, PromptFormat, Resources, unknown_hparams
+from grid.merges import MergeSpec
+from grid.jobs import Family, PromptFormat, Resources, unknown_hparams
 
 Backend = Literal["transformers", "vllm", "litellm"]
 FinetuneMode = Literal["none", "full", "lora"]
@@ -160,12 +160,14 @@ class GridConfig(Strict):
     recipes: dict[str, Recipe] = Field(
         default_factory=dict, description="keys `family/mode`, e.g. decoder/lora, encoder/full"
     )
+    finetune_retries: int = Field(default=2, ge=0, description="tries of a failed fine-tune cell after the "
+                                  "first (each resumes from the newest checkpoint)")
     inference: Inference = Inference()
     parallel: int = Field(
         default=1, gt=0, description="fine-tunes and model groups run at once (each in a driver "
         "thread; Ray queues what the cluster cannot place yet); 1: one after another")
     exclude: tuple[dict[str, Any], ...] = ()
-    merges: tuple[MergeSpec, ...] = Field(default=(), description="merged models (merge/config.py)")
+    merges: tuple[MergeSpec, ...] = Field(default=(), description="merged models (grid/merges.py)")
     reference: str | dict[str, str] | None = Field(
         default=None, description="the untuned instruct model, for forgetting; or a map model -> its "
         "reference (one per family), `*` for the rest")

@@ -59,6 +59,8 @@ def subsample_indices(n: int, limit: int | None, seed: int) -> list[int]:
 
 
 def cell_record(cell: Cell, status: str, **extra: Any) -> dict[str, Any]:
+    """A cell.json: the cell, its status, and what its run gives (metrics, error, `seconds` of
+    work, `started_at` / `finished_at` wall clock)."""
     return {"cell_id": cell.id, "status": status, "cell": cell.model_dump(), **extra}
 
 
@@ -121,12 +123,17 @@ def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCe
     return PreparedCell(cell, rows, items, labels)
 
 
-def finish_cell(store: Store, prepared: PreparedCell, results: list[dict[str, Any]], seconds: float) -> dict:
-    """Parse, score and write one cell. Returns its record (done, or failed with the error)."""
+def finish_cell(store: Store, prepared: PreparedCell, results: list[dict[str, Any]], started_at: float) -> dict:
+    """Parse, score and write one cell. Returns its record (done, or failed with the error).
+
+    The cells of a model stream through its actors together, so a cell has no wall time of its
+    own: `seconds` is the model's time on its chunks (their latencies summed), `started_at` the
+    start of its model's stream."""
     cell = prepared.cell
+    seconds = sum(r.get("latency_s") or 0.0 for r in results)
     errors = [r["error"] for r in results if r.get("error")]
     if errors:
-        record = cell_record(cell, "failed", error=errors[0], seconds=seconds)
+        record = cell_record(cell, "failed", error=errors[0], seconds=seconds, started_at=started_at)
         store.write_cell(cell.id, record)
         return record
     task = get_task(cell.task)
@@ -154,7 +161,7 @@ def finish_cell(store: Store, prepared: PreparedCell, results: list[dict[str, An
     store.write_predictions(cell.id, table)
     usage = cell_usage(results)
     record = cell_record(cell, "done", metrics=metrics, seconds=seconds, n_examples=len(results),
-                         usage=usage, finished_at=time.time())
+                         usage=usage, started_at=started_at, finished_at=time.time())
     store.write_cell(cell.id, record)
     return record
 
@@ -222,7 +229,7 @@ def run_inference_group(
     )
     expected = {cid: -(-len(p.items) // inf.batch_size) for cid, p in prepared.items()}
     got: dict[str, dict[int, list]] = defaultdict(dict)
-    started = time.perf_counter()
+    started_at = time.time()
     for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
         for cid, k, res in zip(batch["cell_id"].to_pylist(), batch["chunk"].to_pylist(),
                                batch["results"].to_pylist()):
@@ -231,7 +238,7 @@ def run_inference_group(
             progress.examples_done(len(answers))
             if len(got[cid]) == expected[cid]:
                 results = [a for i in sorted(got[cid]) for a in got[cid][i]]
-                record = finish_cell(store, prepared[cid], results, time.perf_counter() - started)
+                record = finish_cell(store, prepared[cid], results, started_at)
                 _account(summary, progress, prepared[cid].cell, record)
 
 
@@ -256,7 +263,7 @@ def _account(summary: RunSummary, progress: Progress, cell: Cell, record: dict[s
 
 def run_finetune(cell: Cell, store: Store, data_dir: str | None, retries: int) -> dict[str, Any]:
     """One fine-tune cell as a Ray Train job; resumes from its own checkpoints when rerun."""
-    from workers.jobs import FinetuneJob, Resources
+    from grid.jobs import FinetuneJob, Resources
 
     out_dir = store.local_cell_dir(cell.id)
     recipe = cell.recipe or {}
@@ -276,7 +283,7 @@ def run_finetune(cell: Cell, store: Store, data_dir: str | None, retries: int) -
     else:
         from workers.train_decoder import run
     error = None
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     for attempt in range(retries + 1):
         try:
             metrics = run(job)
@@ -286,10 +293,10 @@ def run_finetune(cell: Cell, store: Store, data_dir: str | None, retries: int) -
                         traceback.format_exc(limit=3))
             continue
         record = cell_record(cell, "done", metrics=metrics, seconds=time.perf_counter() - start,
-                             artifact="model", finished_at=time.time())
+                             artifact="model", started_at=started_at, finished_at=time.time())
         store.write_cell(cell.id, record)
         return record
-    record = cell_record(cell, "failed", error=error, seconds=time.perf_counter() - start)
+    record = cell_record(cell, "failed", error=error, seconds=time.perf_counter() - start, started_at=started_at)
     store.write_cell(cell.id, record)
     return record
 
@@ -303,13 +310,13 @@ def run_merge_cell(cell: Cell, store: Store) -> dict[str, Any]:
     The record keeps the lineage (method, each input and its cell or source, seen tasks) and the
     resolved mergekit config; the merged model is the cell's `model/` folder.
     """
-    from merge.config import substitute
+    from grid.merges import substitute
     from merge.run import merge
 
     recipe = cell.recipe or {}
     paths = {key: str(store.local_cell_dir(ref["cell"]) / "model") if "cell" in ref else resolve(ref["source"])
              for key, ref in recipe["inputs"].items()}
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     lineage = {**(cell.lineage or {}), "input_cells": recipe["inputs"]}
     try:
         result = merge(substitute(recipe["mergekit"], paths), store.local_cell_dir(cell.id) / "model",
@@ -317,12 +324,13 @@ def run_merge_cell(cell: Cell, store: Store) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - recorded, and the grid goes on
         error = f"{type(exc).__name__}: {exc}".splitlines()[0]
         log.error("merge %s failed: %s\n%s", cell.model, error, traceback.format_exc(limit=3))
-        record = cell_record(cell, "failed", error=error, lineage=lineage, seconds=time.perf_counter() - start)
+        record = cell_record(cell, "failed", error=error, lineage=lineage, seconds=time.perf_counter() - start,
+                             started_at=started_at)
         store.write_cell(cell.id, record)
         return record
     record = cell_record(cell, "done", metrics={"merge_seconds": result["seconds"]}, lineage=lineage,
                          mergekit_config=result["config"], artifact="model",
-                         seconds=time.perf_counter() - start, finished_at=time.time())
+                         seconds=time.perf_counter() - start, started_at=started_at, finished_at=time.time())
     store.write_cell(cell.id, record)
     return record
 
@@ -389,7 +397,7 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
         if unit.producer is not None:
             cell = unit.producer
             record = run_merge_cell(cell, store) if cell.kind == "merge" else \
-                run_finetune(cell, store, data_dir, config.inference.retries)
+                run_finetune(cell, store, data_dir, config.finetune_retries)
             _account(summary, progress, cell, record)
             if record["status"] != "done":
                 fail(unit.group, f"{cell.kind} cell {cell.id} failed")
