@@ -29,6 +29,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
+from grid.claims import Claims
 from grid.config import GridConfig
 from grid.data import label_sets, load_split
 from grid.metrics.score import score
@@ -49,6 +50,7 @@ class RunSummary:
     already_done: int
     ran: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    elsewhere: dict[str, dict[str, Any]] = field(default_factory=dict)  # cells another driver ran: its claim
 
 
 def subsample_indices(n: int, limit: int | None, seed: int) -> list[int]:
@@ -370,12 +372,16 @@ def plan_units(plan: Plan, todo: list[Cell]) -> list[Unit]:
 
 
 def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
-            num_cpus: int | None = None) -> RunSummary:
+            num_cpus: int | None = None, poll_s: float = 3.0) -> RunSummary:
     """Run every cell not yet done; Ray is started (or joined) only when there is work.
 
     Up to `config.parallel` units run at once, each in a driver thread: a unit starts when the
     cells it reads are done, and Ray queues its workers and actors until the cluster can place
     them. With `parallel: 1` units run one after another, in `plan_units` order.
+
+    Another driver on the same results dir (grid/claims.py): a cell it has claimed is left to it;
+    a unit whose model it is making waits for that model (every `poll_s` seconds), or takes the
+    work over when the other driver's claim goes stale.
     """
     statuses = store.statuses()
     done = {cid for cid, s in statuses.items() if s == "done"}
@@ -385,6 +391,7 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
         return summary
     connect_ray(num_cpus)
     progress = Progress(total_cells=len(todo))
+    claims = Claims(store)
 
     def fail(cells: list[Cell], error: str) -> None:
         for c in cells:
@@ -394,55 +401,115 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
 
     def run_unit(unit: Unit) -> bool:
         """Run a unit; False when its producer failed (then its group is marked failed)."""
-        if unit.producer is not None:
-            cell = unit.producer
-            record = run_merge_cell(cell, store) if cell.kind == "merge" else \
-                run_finetune(cell, store, data_dir, config.finetune_retries)
-            _account(summary, progress, cell, record)
-            if record["status"] != "done":
-                fail(unit.group, f"{cell.kind} cell {cell.id} failed")
-                return False
-        if unit.group:
-            try:
-                run_inference_group(unit.group, model_spec(unit.group[0], store, config), config, store,
-                                    data_dir, progress, summary)
-            except Exception as exc:  # noqa: BLE001 - a model that cannot load or answer fails its own cells
-                log.debug("inference of %s failed", unit.group[0].model, exc_info=True)
-                fail([c for c in unit.group if c.id not in summary.ran], one_line(exc))
-        return True
+        try:
+            if unit.producer is not None:
+                cell = unit.producer
+                record = run_merge_cell(cell, store) if cell.kind == "merge" else \
+                    run_finetune(cell, store, data_dir, config.finetune_retries)
+                _account(summary, progress, cell, record)
+                if record["status"] != "done":
+                    fail(unit.group, f"{cell.kind} cell {cell.id} failed")
+                    return False
+            if unit.group:
+                try:
+                    run_inference_group(unit.group, model_spec(unit.group[0], store, config), config, store,
+                                        data_dir, progress, summary)
+                except Exception as exc:  # noqa: BLE001 - a model that cannot load or answer fails its own cells
+                    log.debug("inference of %s failed", unit.group[0].model, exc_info=True)
+                    fail([c for c in unit.group if c.id not in summary.ran], one_line(exc))
+            return True
+        finally:
+            for c in ([unit.producer] if unit.producer else []) + unit.group:
+                claims.release(c.id)
+
+    def claim(unit: Unit) -> Unit | None:
+        """The part of a unit this driver runs, its cells claimed; None when another driver has
+        its producer (the unit waits) or every cell of it."""
+        producer, inputs = unit.producer, unit.inputs
+        if producer is not None:
+            if not claims.claim(producer.id):
+                return None
+            if _status(store, producer.id) == "done":  # another driver made it after this run started
+                claims.release(producer.id)
+                done.add(producer.id)
+                producer, inputs = None, [producer.id]
+        mine = []
+        for c in unit.group:
+            if not claims.claim(c.id):
+                summary.elsewhere[c.id] = claims.holder(c.id) or {}
+            elif _status(store, c.id) == "done":
+                claims.release(c.id)
+            else:
+                mine.append(c)
+        if producer is None and not mine:
+            return None
+        return Unit(producer, inputs, mine)
 
     pending = plan_units(plan, todo)
     failed: set[str] = set()
     running: dict[Future, Unit] = {}
-    with ThreadPoolExecutor(max_workers=config.parallel, thread_name_prefix="unit") as pool:
-        while pending or running:
-            for unit in list(pending):
-                if len(running) >= config.parallel:
-                    break
-                broken = [i for i in unit.inputs if i in failed]
-                if not broken and not all(i in done for i in unit.inputs):
-                    continue  # an input is still being made
-                pending.remove(unit)
-                if broken:
-                    fail([unit.producer, *unit.group] if unit.producer else unit.group,
-                         f"input cell {broken[0]} is not done")
-                    if unit.producer:
-                        failed.add(unit.producer.id)
+    try:
+        with ThreadPoolExecutor(max_workers=config.parallel, thread_name_prefix="unit") as pool:
+            while pending or running:
+                waiting = False
+                for unit in list(pending):
+                    if len(running) >= config.parallel:
+                        break
+                    broken = [i for i in unit.inputs if i in failed]
+                    missing = [i for i in unit.inputs if i not in done]
+                    if not broken and missing:
+                        waiting = waiting or any(claims.holder(i) for i in missing)  # another driver makes it
+                        continue  # an input is still being made
+                    if broken:
+                        pending.remove(unit)
+                        fail([unit.producer, *unit.group] if unit.producer else unit.group,
+                             f"input cell {broken[0]} is not done")
+                        if unit.producer:
+                            failed.add(unit.producer.id)
+                        continue
+                    mine = claim(unit)
+                    if mine is None and unit.producer is not None and unit.producer.id not in done:
+                        waiting = True  # another driver is making its model
+                        continue
+                    pending.remove(unit)
+                    if mine is not None:
+                        running[pool.submit(run_unit, mine)] = mine
+                if waiting and (not running or len(running) < config.parallel):
+                    _refresh(store, plan, done, failed, made_here={u.producer.id for u in [*pending, *running.values()]
+                                                                   if u.producer is not None})
+                if not running:
+                    if pending and not waiting:  # inputs that no unit makes: fail instead of waiting forever
+                        missing = next(i for i in pending[0].inputs if i not in done)
+                        failed.add(missing)
+                    elif pending:
+                        time.sleep(poll_s)
                     continue
-                running[pool.submit(run_unit, unit)] = unit
-            if not running:
-                if pending:  # inputs that no unit makes: fail instead of waiting forever
-                    missing = next(i for i in pending[0].inputs if i not in done)
-                    failed.add(missing)
-                continue
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                unit = running.pop(future)
-                ok = future.result()  # a bug of the engine itself still stops the grid
-                if unit.producer is not None:
-                    (done if ok else failed).add(unit.producer.id)
-    progress.close()
+                finished, _ = wait(running, timeout=poll_s if waiting else None, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    unit = running.pop(future)
+                    ok = future.result()  # a bug of the engine itself still stops the grid
+                    if unit.producer is not None:
+                        (done if ok else failed).add(unit.producer.id)
+    finally:
+        claims.close()
+        progress.close()
     return summary
+
+
+def _status(store: Store, cell_id: str) -> str | None:
+    record = store.read_cell(cell_id)
+    return record["status"] if record else None
+
+
+def _refresh(store: Store, plan: Plan, done: set[str], failed: set[str], made_here: set[str]) -> None:
+    """What other drivers finished: done cells join `done`; an input that no one makes any more
+    (failed elsewhere, or neither claimed nor to be made here) joins `failed`."""
+    statuses = store.statuses()
+    done.update(cid for cid, s in statuses.items() if s == "done")
+    producers = {c.id for c in plan.cells if c.kind in ("finetune", "merge")}
+    for cid in producers - done - made_here:
+        if statuses.get(cid) == "failed":
+            failed.add(cid)
 
 
 def connect_ray(num_cpus: int | None = None) -> None:
