@@ -188,6 +188,9 @@ class GridConfig(Strict):
         for m in raw["models"]:
             if isinstance(m, dict) and isinstance(m.get("finetuned_from"), dict):
                 parent = by_name.get(m["finetuned_from"].get("model"))
+                if parent is None and "source" not in m:  # say so, not "source: Field required"
+                    raise ValueError(f"models.{len(models)}.finetuned_from.model: "
+                                     f"{m['finetuned_from'].get('model')!r} is not an earlier model of the grid")
                 if parent is not None:
                     keys = ("source", "revision", "family", "backend", "prompt_format", "dtype")
                     m = {**{k: parent[k] for k in keys if k in parent}, **m}

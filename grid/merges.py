@@ -112,8 +112,11 @@ class MergeSpec(Strict):
                 raise ValueError("a recipe merge takes recipe and bind only (method, weights, ... are in the recipe)")
             if not self.bind:
                 raise ValueError("a recipe merge needs bind: {placeholder: model}")
-            template = load_recipe(self.recipe)
-            check_template(template, where=f"recipe {self.recipe}")
+            try:  # a ValueError, so that the error names the grid file and the merge's field
+                template = load_recipe(self.recipe)
+                check_template(template, where=f"recipe {self.recipe}")
+            except GridError as exc:
+                raise ValueError(str(exc)) from None
             names = placeholders(template)
             if set(names) != set(self.bind):
                 missing, extra = sorted(set(names) - set(self.bind)), sorted(set(self.bind) - set(names))

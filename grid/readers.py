@@ -114,6 +114,8 @@ def _first_bad_json_line(path: Path, required: tuple[str, ...]) -> str | None:
 
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> datasets.Dataset:
     """JSON lines through HF datasets; a bad line, or one without a required field, is named."""
+    if not path.read_text().strip():
+        raise GridError(f"{path}: the file has no rows")
     try:
         ds = datasets.load_dataset("json", data_files=[str(path)], split="train")
     except Exception as exc:

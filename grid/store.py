@@ -50,7 +50,10 @@ class Store:
             raise GridError(f"results dir {text}: {exc}") from None
         cells = posixpath.join(root, "cells")
         if create:
-            fs.create_dir(cells, recursive=True)
+            try:
+                fs.create_dir(cells, recursive=True)
+            except OSError as exc:  # a file where the folder should be, no permission, ...
+                raise GridError(f"results dir {text}: cannot create {cells}: {exc.strerror or exc}") from None
         elif fs.get_file_info(cells).type != pafs.FileType.Directory:
             raise GridError(f"results dir {text} has no cells/ folder: no grid has run there")
         return cls(fs=fs, root=root, uri=text)

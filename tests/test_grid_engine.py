@@ -46,41 +46,6 @@ def ran(proc) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-# --- errors before any work ----------------------------------------------------------------
-
-@pytest.mark.parametrize("text, fragments", [
-    ("name: [unclosed", ["not valid YAML"]),
-    ("name: t\nmodels: []\ntasks: [massive-intent]\n", ["field models"]),
-    ("name: t\nmodels:\n  - {name: m, sourc: tiny:llama, family: decoder}\ntasks: [massive-intent]\n",
-     ["field models.0"]),
-    ("name: t\nmodels:\n  - {name: m, source: tiny:llama, family: decoder}\ntasks: [massive-intent, 20ng-twenty]\n",
-     ["field tasks.1", "unknown task '20ng-twenty'"]),
-    ("name: t\nmodels:\n  - {name: m, source: ./no/such/model, family: decoder}\ntasks: [massive-intent]\n",
-     ["field models.0.source", "no/such/model"]),
-    ("name: t\nmodels:\n  - {name: m, source: tiny:llama, family: decoder}\ntasks: [massive-intent]\nshots: [3]\n",
-     ["field shots.0"]),
-    ("name: t\nmodels:\n  - {name: m, source: tiny:llama, family: decoder}\ntasks: [massive-intent]\n"
-     "exclude:\n  - {familly: encoder}\n", ["field exclude.0", "familly"]),
-    ("name: t\nmodels:\n  - {name: m, source: tiny:llama, family: decoder}\ntasks: [massive-intent]\n"
-     "finetune: [lora]\nrecipes:\n  decoder/lora: {hparams: {learning_rate: 0.001}}\n",
-     ["recipes.decoder/lora.hparams: ", "unknown decoder hparams learning_rate; known: lr,"]),
-    ("name: t\nmodels:\n  - {name: m, source: tiny:llama, family: decoder, hparams: {lora_rank: 4}}\n"
-     "tasks: [massive-intent]\n", ["models.0.hparams: unknown decoder hparams lora_rank"]),
-])
-def test_bad_config_fails_before_any_work(tmp_path, text, fragments):
-    config = tmp_path / "grid.yaml"
-    config.write_text(text)
-    results = tmp_path / "results"
-    proc = run_cli("grid/run.py", str(config), "--results", str(results))
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    line = proc.stderr.strip().splitlines()
-    assert len(line) == 1 and line[0].startswith(f"error: {config}"), proc.stderr
-    for fragment in fragments:
-        assert fragment in line[0]
-    assert not results.exists()
-
-
 # --- run, rerun, add a seed ----------------------------------------------------------------
 
 def test_run_rerun_and_add_a_seed(tmp_path):

@@ -1,0 +1,184 @@
+"""The bad-input corpus: grid YAML, task YAML, data files, model sources, merge recipes, CLI
+arguments and model outputs that cannot be used. Each, run the way a user runs it, gives exit
+code 2 and one line on stderr that names the file and the field or row, no traceback, and leaves
+the results dir byte for byte as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import run_cli
+
+TASK = """\
+name: t
+description: a test task
+data:
+  files: {train: d/train.jsonl, test: d/test.jsonl}
+  read: {format: jsonl}
+  text: text
+  fields:
+    label: {column: label}
+subtasks:
+  - {name: label, field: label, type: label}
+"""
+ROW = '{"text": "wake me at nine", "label": "alarm"}\n{"text": "play jazz", "label": "music"}\n'
+GRID = """\
+name: g
+models:
+  - {name: m, source: "tiny:llama", family: decoder}
+tasks: [t]
+"""
+
+
+@dataclass
+class Case:
+    """What to write (relative path -> text), the command, and what the one line must say."""
+
+    files: dict[str, str]
+    argv: list[str]
+    says: list[str]  # fragments; "{tmp}" is the case's folder
+
+
+def grid_case(grid: str, *says: str, task: str = TASK, train: str = ROW * 3, test: str = ROW,
+              extra: dict[str, str] | None = None) -> Case:
+    files = {"grid.yaml": grid, "tasks/t.yaml": task, "data/d/train.jsonl": train, "data/d/test.jsonl": test,
+             **(extra or {})}
+    return Case(files, ["grid/run.py", "{tmp}/grid.yaml", "--results", "{tmp}/results", "--tasks", "{tmp}/tasks",
+                        "--data", "{tmp}/data"], list(says))
+
+
+def task_case(task: str, *says: str, train: str = ROW * 3, test: str = ROW) -> Case:
+    return grid_case(GRID, *says, task=task, train=train, test=test)
+
+
+def score_case(table: pa.Table | bytes, *says: str) -> Case:
+    return Case({"preds.parquet": table}, ["-m", "grid", "score", "{tmp}/preds.parquet", "--task", "t",
+                                           "--tasks", "{tmp}/tasks", "--data", "{tmp}/data"], list(says))
+
+
+MERGE = GRID.replace("tasks: [t]", "tasks: [t]\nmerges:\n") + "  - {name: mm, method: ties, base: {model: m}, "
+CASES = {
+    # --- grid YAML ---
+    "yaml-syntax": grid_case("name: [unclosed", "grid.yaml", "not valid YAML"),
+    "no-models": grid_case("name: g\nmodels: []\ntasks: [t]\n", "grid.yaml", "field models"),
+    "model-field-typo": grid_case(GRID.replace("source:", "sourc:"), "grid.yaml", "field models.0"),
+    "unknown-task": grid_case(GRID.replace("[t]", "[t, nope]"), "grid.yaml", "field tasks.1", "nope"),
+    "shots-3": grid_case(GRID + "shots: [3]\n", "grid.yaml", "field shots.0"),
+    "exclude-key-typo": grid_case(GRID + "exclude:\n  - {familly: encoder}\n", "grid.yaml", "exclude.0", "familly"),
+    "hparam-typo": grid_case(GRID + "finetune: [lora]\nrecipes:\n  decoder/lora: {hparams: {learning_rate: 0.1}}\n",
+                             "grid.yaml", "recipes.decoder/lora.hparams", "learning_rate"),
+    "model-hparam-typo": grid_case(GRID.replace("family: decoder}", "family: decoder, hparams: {lora_rank: 4}}"),
+                                   "grid.yaml", "models.0.hparams", "lora_rank"),
+    "calibration-free": grid_case(GRID + "decoding: {mode: free, calibration: pmi}\n", "grid.yaml", "decoding",
+                                  "calibration"),
+    "parent-unknown": grid_case(GRID.replace("tasks: [t]", "  - {name: k, finetuned_from: {model: zz, tasks: [t]}}\n"
+                                             "tasks: [t]"), "grid.yaml", "models.1.finetuned_from.model", "zz"),
+    "head-not-tuned": grid_case(GRID.replace("tasks: [t]", "  - {name: k, finetuned_from: {model: m, tasks: [t], "
+                                             "hparams: {heads: [sst2]}}}\ntasks: [t]"),
+                                "grid.yaml", "heads", "sst2"),
+    "limit-zero": grid_case(GRID + "limits: {test: 0}\n", "grid.yaml", "limits.test"),
+    "grid-not-mapping": grid_case("- just\n- a list\n", "grid.yaml", "mapping"),
+    # --- task YAML ---
+    "task-format": task_case(TASK.replace("format: jsonl", "format: xml"), "t.yaml", "data.read.format"),
+    "task-missing-file": task_case(TASK.replace("d/test.jsonl", "d/nope.jsonl"), "nope.jsonl"),
+    "task-missing-column": task_case(TASK.replace("column: label}", "column: intent}"), "train.jsonl", "intent"),
+    "task-label-not-in-set": task_case(TASK.replace("type: label}", "type: label, labels: [weather]}"),
+                                       "train.jsonl", "row 1", "alarm"),
+    "task-subtask-type": task_case(TASK.replace("type: label}", "type: labels}"), "t.yaml", "subtasks.0.type"),
+    "task-not-mapping": task_case("[1, 2]\n", "t.yaml", "mapping"),
+    # --- data files ---
+    "data-row-not-json": task_case(TASK, "train.jsonl:3", "not valid JSON", train=ROW + "{not json\n"),
+    "data-empty-test": task_case(TASK, "test.jsonl", "no rows", test=""),
+    "data-null-label": task_case(TASK, "train.jsonl", "row 2", "label",
+                                 train='{"text": "a", "label": "x"}\n{"text": "b", "label": null}\n'),
+    "data-missing-text": task_case(TASK, "train.jsonl:1", "text", train='{"txt": "a", "label": "x"}\n'),
+    # --- model sources ---
+    "source-unknown-pypi": grid_case(GRID.replace('"tiny:llama"', "pypi:no-such-model"), "grid.yaml",
+                                     "models.0.source", "pypi:no-such-model"),
+    "source-unknown-tiny": grid_case(GRID.replace('"tiny:llama"', '"tiny:gpt9"'), "grid.yaml", "models.0.source",
+                                     "gpt9"),
+    "source-missing-path": grid_case(GRID.replace('"tiny:llama"', "./no/such/model"), "grid.yaml",
+                                     "models.0.source", "no/such/model"),
+    "source-missing-gguf": grid_case(GRID.replace('"tiny:llama"', "./weights.gguf"), "grid.yaml",
+                                     "models.0.source", "weights.gguf"),
+    # --- merge recipes ---
+    "merge-method": grid_case(MERGE.replace("method: ties", "method: slerp") + "models: [{model: m, weight: 1}]}\n",
+                              "grid.yaml", "merges.0.method"),
+    "merge-density": grid_case(MERGE + "models: [{model: m, weight: 1, density: 2}]}\n", "grid.yaml",
+                               "merges.0.models.0.density"),
+    "merge-recipe-missing": grid_case(GRID.replace("tasks: [t]", "tasks: [t]\nmerges:\n  - {name: mm, recipe: "
+                                                   "nope.yaml, bind: {base: {model: m}}}"), "grid.yaml", "merges.0",
+                                      "nope.yaml"),
+    "merge-recipe-unbound": grid_case(GRID.replace("tasks: [t]", "tasks: [t]\nmerges:\n  - {name: mm, recipe: "
+                                                   "{tmp}/r.yaml, bind: {base: {model: m}}}"),
+                                      "grid.yaml", "bind", "other",
+                                      extra={"r.yaml": "merge_method: task_arithmetic\nbase_model: ${base}\n"
+                                                       "models:\n  - model: ${other}\n    parameters: {weight: 1}\n"}),
+    # --- CLI arguments ---
+    "cli-config-missing": Case({}, ["grid/run.py", "{tmp}/nope.yaml", "--results", "{tmp}/results"], ["nope.yaml"]),
+    "cli-results-is-a-file": grid_case(GRID, "results", extra={"results": "not a folder\n"}),
+    "cli-data-missing": Case({"grid.yaml": GRID, "tasks/t.yaml": TASK},
+                             ["grid/run.py", "{tmp}/grid.yaml", "--results", "{tmp}/results", "--tasks", "{tmp}/tasks",
+                              "--data", "{tmp}/nodata"], ["nodata"]),
+    "cli-status-missing": Case({}, ["-m", "grid", "status", "{tmp}/nowhere"], ["nowhere"]),
+    "cli-report-missing": Case({}, ["-m", "grid", "report", "{tmp}/nowhere", "--out", "{tmp}/out"], ["nowhere"]),
+    # --- model outputs (a predictions parquet to score) ---
+    "outputs-no-column": score_case(pa.table({"example_id": ["t-test-0"]}), "preds.parquet", "prediction"),
+    "outputs-not-parquet": score_case(b"PAR1 but not really", "preds.parquet"),
+    "outputs-unknown-example": score_case(pa.table({"example_id": ["nope-7"], "prediction": ["alarm"]}),
+                                          "preds.parquet", "nope-7"),
+}
+
+
+def write_case(case: Case, tmp: Path) -> list[str]:
+    for rel, content in case.files.items():
+        path = tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, pa.Table):
+            pq.write_table(content, path)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content.replace("{tmp}", str(tmp)))
+    if "tasks/t.yaml" not in case.files:  # the score and CLI cases read the good task
+        (tmp / "tasks").mkdir(exist_ok=True)
+        (tmp / "tasks" / "t.yaml").write_text(TASK)
+        (tmp / "data" / "d").mkdir(parents=True, exist_ok=True)
+        (tmp / "data" / "d" / "train.jsonl").write_text(ROW * 3)
+        (tmp / "data" / "d" / "test.jsonl").write_text(ROW)
+    return [a.replace("{tmp}", str(tmp)) for a in case.argv]
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_gives_one_line_and_changes_nothing(tmp_path, name):
+    case = CASES[name]
+    argv = write_case(case, tmp_path)
+    results = tmp_path / "results"
+    if not results.exists():  # a results dir with a finished cell in it: it must stay as it is
+        (results / "cells" / "abc").mkdir(parents=True)
+        (results / "cells" / "abc" / "cell.json").write_text(json.dumps({"cell_id": "abc", "status": "done"}))
+    before = tree_hashes(results) if results.is_dir() else None
+    proc = run_cli(*argv, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    for fragment in case.says:
+        assert fragment.replace("{tmp}", str(tmp_path)) in lines[0], lines[0]
+    if before is not None:
+        assert tree_hashes(results) == before
