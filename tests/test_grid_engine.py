@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import polars as pl
-import pytest
 import yaml
 
 from grid.query import cells, metrics, predictions

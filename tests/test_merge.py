@@ -20,7 +20,7 @@ pytest.importorskip("mergekit")
 
 from grid.errors import GridError  # noqa: E402
 from grid.merges import MergeError, MergeSpec, check_template, load_recipe, substitute  # noqa: E402
-from merge.config import mergekit_check, validate  # noqa: E402
+from merge.config import mergekit_check  # noqa: E402
 from merge.run import main as merge_main, merge  # noqa: E402
 
 

@@ -5,7 +5,6 @@ report, and checked against accuracies this test computes from the predictions p
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 
