@@ -233,3 +233,18 @@ def test_estimate_skips_cells_of_other_kinds(paper):
     est = estimate(Plan(cells=[FakeCell()]), paper)  # type: ignore[list-item]
     assert est.other_cells == {"merge": 1} and not est.placement_groups and not est.inference
     assert "not counted: 1 merge cells (CPU)" in resources_tables(est)[2]
+
+
+def test_the_cluster_admits_no_one_else(cluster):
+    """Token authentication on every node, the dashboard on the head's loopback, the token and the
+    API keys from outside the file."""
+    starts = {"head": "\n".join(cluster["head_start_ray_commands"]),
+              "worker": "\n".join(cluster["worker_start_ray_commands"])}
+    for role, text in starts.items():
+        assert "RAY_AUTH_MODE=token" in text, role
+    assert "--dashboard-host=127.0.0.1" in starts["head"] and "0.0.0.0" not in CLUSTER.read_text()
+    assert cluster["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "secretsmanager get-secret-value" in starts["head"]
+    import re
+
+    assert not re.search(r"(sk-[A-Za-z0-9]{8,}|(API_KEY|TOKEN)\s*[:=]\s*['\"]?[A-Za-z0-9]{12,})", CLUSTER.read_text())
