@@ -1,0 +1,203 @@
+"""Claim: a grid killed at any moment, and rerun, ends with the predictions of a run never killed,
+no finished cell run twice, and no corrupt parquet.
+
+A small grid with inference, fine-tune and merge cells (the tiny Llama, two tasks, a LoRA
+fine-tune checkpointed every 2 steps, a task-arithmetic merge of it) runs once uninterrupted
+into one results dir. Into a second, the driver is started and, after a seeded random delay,
+SIGKILLed with everything it started (its process group: the local Ray too), or one of its Ray
+worker processes is SIGKILLed (a fine-tune worker, an inference actor), `--kills` times; then
+the grid is run to the end. Each run's own log says which cells it finished; a cell finished
+before a run started must not be finished again in it.
+
+    python benchmarks/kill_at_random.py [--kills 20] [--seed 0] [--max-delay 40] [--out kills.json]
+
+Prints one line per kill, then the figures: kills, of the driver and of a worker, runs, cells,
+cells run twice (goal 0), corrupt parquet files (goal 0), predictions equal (goal true).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GRID = """\
+name: kills
+models:
+  - {name: base, source: "tiny:llama", family: decoder, prompt_format: chat}
+tasks: [fpb-sentiment, fomc-stance]
+shots: [0]
+finetune: [none, lora]
+decoding: {mode: constrained}
+limits: {test: 24, train: 64}
+text_budget: 48
+inference: {batch_size: 4}
+recipes:
+  decoder/lora:
+    hparams: {max_steps: 10, batch_size: 4, lr: 0.01, checkpoint_every_steps: 2, log_every_steps: 0}
+merges:
+  - {name: half, method: task_arithmetic, base: {model: base},
+     models: [{model: base, task: fpb-sentiment, finetune: lora, weight: 0.5}]}
+"""
+
+
+def start(config: Path, results: Path, log: Path) -> subprocess.Popen:
+    """A driver in its own process group (so that a kill takes its local Ray with it)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "grid/run.py", str(config), "--results", str(results), "--num-cpus", "2"],
+                            cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def done_before(results: Path) -> set[str]:
+    out = set()
+    for path in results.glob("cells/*/cell.json"):
+        record = json.loads(path.read_text())
+        if record.get("status") == "done":
+            out.add(record["cell_id"])
+    return out
+
+
+def labels_by_id(results: Path) -> dict[str, str]:
+    """Each finished cell's label as the progress lines print it."""
+    from grid.plan import Cell
+
+    out = {}
+    for path in results.glob("cells/*/cell.json"):
+        record = json.loads(path.read_text())
+        cell = Cell.model_validate({k: v for k, v in record["cell"].items() if k in Cell.model_fields})
+        out[record["cell_id"]] = cell.label()
+    return out
+
+
+def ray_workers(root_pid: int) -> list[int]:
+    """Ray worker processes (a trainer, an actor) started by the driver."""
+    import psutil
+
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    picked = []
+    for p in children:
+        try:
+            if p.cmdline() and p.cmdline()[0].startswith(("ray::RayTrainWorker", "ray::MapWorker", "ray::_MapWorker")):
+                picked.append(p.pid)
+        except psutil.Error:
+            continue
+    return picked
+
+
+def finished_in(label: str, log_text: str) -> bool:
+    """Did this run's progress log a cell with this label as finished?"""
+    return re.search(r"\] (?:done|failed) " + re.escape(label) + r"(?: |$)", log_text, re.M) is not None
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run(kills: int, seed: int, max_delay: float, work: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    from grid.compare import compare
+
+    config = work / "grid.yaml"
+    config.write_text(GRID)
+    clean, killed = work / "clean", work / "killed"
+    t0 = time.perf_counter()
+    proc = start(config, clean, work / "clean.log")
+    if proc.wait() != 0:
+        raise SystemExit(f"the uninterrupted run failed: see {work / 'clean.log'}")
+    clean_s = time.perf_counter() - t0
+    rng = random.Random(seed)
+    runs, twice, events = 0, [], []
+    logs: list[tuple[set[str], Path]] = []
+    for k in range(kills + 1):
+        before = done_before(killed) if killed.exists() else set()
+        log = work / f"run{k}.log"
+        proc = start(config, killed, log)
+        runs += 1
+        logs.append((before, log))
+        if k == kills:  # the last run goes to the end
+            proc.wait()
+            break
+        delay = rng.uniform(2.0, max_delay)
+        target = "driver" if rng.random() < 0.6 else "worker"
+        deadline = time.time() + delay
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            events.append({"kill": k + 1, "after_s": round(delay, 1), "target": "none (the run had finished)"})
+            print(f"kill {k + 1}: the run finished before {delay:.1f} s", flush=True)
+            continue
+        if target == "worker" and (workers := ray_workers(proc.pid)):
+            victim = rng.choice(workers)
+            os.kill(victim, signal.SIGKILL)
+            print(f"kill {k + 1}: a Ray worker (pid {victim}) at {delay:.1f} s; the driver goes on", flush=True)
+            events.append({"kill": k + 1, "after_s": round(delay, 1), "target": "worker"})
+            proc.wait()  # the driver records what failed and ends; the next run redoes it
+        else:
+            kill_group(proc)
+            print(f"kill {k + 1}: the driver and its Ray at {delay:.1f} s", flush=True)
+            events.append({"kill": k + 1, "after_s": round(delay, 1), "target": "driver"})
+    labels = labels_by_id(killed)
+    for before, log in logs:
+        text = log.read_text()
+        twice += [labels[c] for c in before if c in labels and finished_in(labels[c], text)]
+    corrupt = []
+    for path in killed.glob("cells/*/predictions.parquet"):
+        try:
+            pq.read_table(path)
+        except Exception:  # noqa: BLE001 - any unreadable file counts
+            corrupt.append(str(path))
+    diff = compare(clean, killed)
+    statuses = {json.loads(p.read_text())["status"] for p in killed.glob("cells/*/cell.json")}
+    return {"kills": kills, "driver_kills": sum(e["target"] == "driver" for e in events),
+            "worker_kills": sum(e["target"] == "worker" for e in events), "runs": runs,
+            "cells": len(labels), "all_done": statuses == {"done"}, "cells_run_twice": len(twice),
+            "run_twice": twice, "corrupt_parquet": corrupt, "predictions_equal": diff.equal,
+            "difference": {"answers": diff.answers, "metrics": {k: {m: list(v) for m, v in ms.items()}
+                                                                 for k, ms in diff.metrics.items()},
+                           "only_clean": diff.only_a, "only_killed": diff.only_b},
+            "uninterrupted_s": round(clean_s, 1), "events": events}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kills", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-delay", type=float, default=40.0, help="seconds; kills fall in [2, max-delay]")
+    p.add_argument("--work", default=None, help="folder for the two results dirs (default: a temp dir)")
+    p.add_argument("--out", default=None, help="write the figures as JSON")
+    args = p.parse_args(argv)
+    work = Path(args.work or tempfile.mkdtemp(prefix="kills-"))
+    work.mkdir(parents=True, exist_ok=True)
+    figures = run(args.kills, args.seed, args.max_delay, work)
+    print(f"kills {figures['kills']} ({figures['driver_kills']} of the driver, {figures['worker_kills']} of a "
+          f"worker), runs {figures['runs']}, cells {figures['cells']}, all done {figures['all_done']}, "
+          f"cells run twice {figures['cells_run_twice']}, corrupt parquet {len(figures['corrupt_parquet'])}, "
+          f"predictions equal to the uninterrupted run: {figures['predictions_equal']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=1))
+    ok = figures["all_done"] and not figures["cells_run_twice"] and not figures["corrupt_parquet"] \
+        and figures["predictions_equal"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
