@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from grid.config import Decoding, GridConfig, ModelSpec, decoding_name
 from grid.data import data_fingerprint
 from grid.errors import GridError
-from grid.prompting import template_source_hash
+from grid.prompting import SAMPLER_IDS, template_source_hash
 from grid.tasks import TaskDef, get_task
 from grid.sources import check_source, is_local_path, source_revision
 
@@ -237,8 +237,9 @@ OPERATIONAL_OPTIONS = frozenset({
 
 
 def sampler_of(config: GridConfig, shots: int) -> str:
-    """The few-shot sampler, as far as it matters: a zero-shot prompt draws no examples."""
-    return config.sampler if shots > 0 else "random"
+    """The few-shot sampler's id (its strategy and algorithm version), as far as it matters: a
+    zero-shot prompt draws no examples."""
+    return SAMPLER_IDS[config.sampler] if shots > 0 else "random"
 
 
 def model_runtime(model: ModelSpec) -> dict[str, Any] | None:
@@ -311,7 +312,7 @@ def _made_model(config: GridConfig, model: ModelSpec, seed: int, made: Made, fin
             data_fp=_joined([data_fingerprint(t, data_dir) for t in step_defs]),
             template_fp=_joined([template_source_hash(t) for t in step_defs]),
             shots=0, finetune=ff.finetune, seed=seed, decoding=None,
-            text_budget=config.text_budget or task.text_budget, sampler=config.sampler, limits=limits,
+            text_budget=config.text_budget or task.text_budget, sampler=sampler_of(config, 0), limits=limits,
             recipe=recipe_dict, depends_on=parent_id,
             lineage={"seen_tasks": seen, "from": parent_id, "prepares": model.name},
         )

@@ -31,6 +31,11 @@ from grid.tasks import TaskDef
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 PromptFormat = Literal["chat", "inst", "plain"]
 Sampler = Literal["random", "stratified"]
+# What a cell records of its sampler: the strategy and the version of its algorithm. A new
+# version gets a new id, so cells whose shots were drawn the old way are not taken for new ones.
+# stratified/2: labels in shuffled rounds until the shots are drawn (version 1 drew one example
+# per label, so 3 shots on a 3-label task whose cell said 5).
+SAMPLER_IDS = {"random": "random", "stratified": "stratified/2"}
 
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(PROMPTS_DIR),
@@ -135,10 +140,10 @@ def render(
 class FewShotSampler:
     """Draws the five-shot examples of each test example from the train split, reproducibly."""
 
-    def __init__(self, task: TaskDef, train_rows: Sequence[dict[str, Any]], sampler: Sampler = "random"):
+    def __init__(self, task: TaskDef, train_rows: Sequence[dict[str, Any]], sampler: str = "random"):
         self.task = task
         self.train = train_rows
-        self.sampler = sampler
+        self.sampler = sampler.split("/")[0]  # a strategy, or a cell's sampler id (SAMPLER_IDS)
         key_field = task.subtasks[0].field
         self.by_label: dict[str, list[int]] = defaultdict(list)
         if task.subtasks[0].type == "label":
@@ -156,12 +161,17 @@ class FewShotSampler:
             return row["example_id"] != example_id and row["text"] != text
 
         if self.sampler == "stratified" and self.by_label:
+            # every label once (in a shuffled order) before any twice, until `shots` are drawn
             labels = sorted(self.by_label)
             picked: list[int] = []
-            for label in rng.sample(labels, min(shots, len(labels))):
-                pool = [i for i in self.by_label[label] if allowed(i)]
-                if pool:
-                    picked.append(rng.choice(pool))
+            while len(picked) < shots:
+                before = len(picked)
+                for label in rng.sample(labels, len(labels)):
+                    pool = [i for i in self.by_label[label] if allowed(i) and i not in picked]
+                    if pool and len(picked) < shots:
+                        picked.append(rng.choice(pool))
+                if len(picked) == before:  # every label's rows used up
+                    break
             return picked
         picked = []
         while len(picked) < shots:
@@ -188,7 +198,7 @@ class PromptBuilder:
         labels: dict[str, tuple[str, ...]],
         train_rows: Sequence[dict[str, Any]],
         text_budget: int | None = None,
-        sampler: Sampler = "random",
+        sampler: str = "random",
     ):
         self.task = task
         self.labels = labels

@@ -87,6 +87,10 @@ def test_the_train_limit_and_the_sampler_reach_the_cells_that_use_them():
     assert changed == {k for k in base if k[2] == "lora"}  # the fine-tunes and what they made
     stratified = ids(sampler="stratified")
     assert {k for k in base if base[k] != stratified[k]} == {k for k in base if k[1] == 5}
+    # the cells record the algorithm's version: shots drawn by another version are not reused
+    five = next(c for c in build_plan(GridConfig.model_validate(copy.deepcopy(BASE) | {"shots": [5],
+                "sampler": "stratified"})).cells if c.shots == 5)
+    assert five.sampler == "stratified/2"
 
 
 def test_a_hub_model_s_revision_changes_the_id():

@@ -57,6 +57,16 @@ def test_stratified_sampler_draws_distinct_labels():
     assert len({b.train[i]["intent"] for i in picks}) == 5
 
 
+def test_stratified_sampler_draws_all_the_shots_on_a_task_with_fewer_labels():
+    from collections import Counter
+
+    b = builder("fpb-sentiment", sampler="stratified")  # 3 labels, 5 shots
+    for seed in range(5):
+        picks = b.sampler.draw(f"x{seed}", "some text", 5, seed)
+        counts = Counter(b.train[i]["sentiment"] for i in picks)
+        assert len(picks) == len(set(picks)) == 5 and sorted(counts.values()) == [1, 2, 2]  # each label once first
+
+
 def test_five_shot_excludes_train_rows_with_the_same_text():
     task = get_task("massive-intent")
     train = load_split(task, "train").to_list()
