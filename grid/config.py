@@ -156,6 +156,9 @@ class GridConfig(Strict):
     decoding: tuple[Decoding, ...] = (Decoding(),)
     sampler: Literal["random", "stratified"] = "random"
     text_budget: int | None = Field(default=None, gt=0, description="overrides each task's cut")
+    text_budget_unit: Literal["words", "tokens"] = Field(
+        default="words", description="tokens: each text is cut to text_budget of the model's own tokens "
+        "(decoders on transformers or vLLM; a hosted model's texts are cut in words, its tokenizer unknown)")
     limits: Limits = Limits()
     recipes: dict[str, Recipe] = Field(
         default_factory=dict, description="keys `family/mode`, e.g. decoder/lora, encoder/full"

@@ -84,12 +84,19 @@ def _test_rows(task_name: str, data_dir: str | None, limit: int | None, seed: in
     return test.select(subsample_indices(len(test), limit, seed)).to_list()
 
 
-@lru_cache(maxsize=64)
-def _prompt_builder(task_name: str, data_dir: str | None, text_budget: int | None, sampler: str) -> PromptBuilder:
-    """One prompt builder (train rows and few-shot index) per task, shared by all its cells."""
-    task = get_task(task_name)
-    return PromptBuilder(task, label_sets(task, data_dir), load_split(task, "train", data_dir).to_list(),
-                         text_budget, sampler)
+_BUILDERS: dict[tuple, PromptBuilder] = {}
+
+
+def _prompt_builder(task_name: str, data_dir: str | None, text_budget: int | None, sampler: str,
+                    budget_tokenizer: Any = None) -> PromptBuilder:
+    """One prompt builder (train rows and few-shot index) per task, shared by all its cells (per
+    model tokenizer when budgets count tokens)."""
+    key = (task_name, data_dir, text_budget, sampler, getattr(budget_tokenizer, "name_or_path", None))
+    if key not in _BUILDERS:
+        task = get_task(task_name)
+        _BUILDERS[key] = PromptBuilder(task, label_sets(task, data_dir), load_split(task, "train", data_dir).to_list(),
+                                       text_budget, sampler, budget_tokenizer)
+    return _BUILDERS[key]
 
 
 def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCell:
@@ -103,7 +110,8 @@ def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCe
     if cell.family == "encoder":
         items = [{"example_id": r["example_id"], "text": r["text"], "words": r["words"]} for r in rows]
         return PreparedCell(cell, rows, items, labels)
-    builder = _prompt_builder(cell.task, data_dir, cell.text_budget, cell.sampler)
+    builder = _prompt_builder(cell.task, data_dir, cell.text_budget, cell.sampler,
+                              tokenizer if cell.budget_unit == "tokens" else None)
     calibration = (cell.decoding or {}).get("calibration", "none")
 
     def as_text(prompt: Prompt) -> str:
@@ -210,7 +218,7 @@ def run_inference_group(
     from workers.predict import Predictor
 
     tokenizer = None
-    if spec["family"] == "decoder" and any(c.prompt_format == "chat" for c in cells):
+    if spec["family"] == "decoder" and any(c.prompt_format == "chat" or c.budget_unit == "tokens" for c in cells):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(spec["path"])
@@ -274,7 +282,7 @@ def run_finetune(cell: Cell, store: Store, data_dir: str | None, retries: int) -
     job = FinetuneJob(
         model=start_from, family=cell.family, task=cell.task, mode=cell.finetune,
         shots=cell.shots, prompt_format=cell.prompt_format if cell.family == "decoder" else "plain",
-        text_budget=cell.text_budget, sampler=cell.sampler, seed=cell.seed,
+        text_budget=cell.text_budget, text_budget_unit=cell.budget_unit or "words", sampler=cell.sampler, seed=cell.seed,
         train_limit=recipe.get("train_limit") or cell.limits.get("train"),
         mix_with=tuple(recipe.get("mix_with", ())),
         hparams=recipe.get("hparams", {}), data_dir=data_dir, output_dir=str(out_dir),

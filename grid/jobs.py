@@ -146,6 +146,7 @@ class FinetuneJob(BaseModel):
     shots: int = 0
     prompt_format: PromptFormat = "plain"
     text_budget: int | None = None
+    text_budget_unit: Literal["words", "tokens"] = "words"
     sampler: str = Field(default="random", description="the cell's few-shot sampler id (grid.prompting.SAMPLER_IDS)")
     seed: int = 0
     train_limit: int | None = Field(default=None, description="seeded subsample of the train split")

@@ -56,13 +56,16 @@ class Cell(BaseModel):
     # A model's dtype and the options that can change its answers (model_runtime); None for the
     # defaults, and then left out of the id, so grids that set neither keep their cells.
     runtime: dict[str, Any] | None = None
+    # "tokens" when text_budget counts the model's tokens; None for words (then left out of the id).
+    budget_unit: str | None = None
     # What the weights saw and where they came from (seen tasks, merge inputs, the grid's
     # reference model): derived from fields already hashed, so not part of the id.
     lineage: dict[str, Any] | None = None
 
     @cached_property  # hashed once per cell: a 10,000-cell plan asks for ids often
     def id(self) -> str:
-        identity = self.model_dump(exclude={"model", "lineage"} | ({"runtime"} if self.runtime is None else set()))
+        unset = {k for k in ("runtime", "budget_unit") if getattr(self, k) is None}
+        identity = self.model_dump(exclude={"model", "lineage"} | unset)
         blob = json.dumps(identity, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -190,6 +193,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
             shots=shots, finetune=mode, seed=seed,
             text_budget=config.text_budget or task.text_budget, sampler=sampler_of(config, shots),
             limits=infer_limits, endpoint=model.options.get("api_base"), runtime=model_runtime(model),
+            budget_unit=budget_unit(config, model),
         )
         depends_on, seen = made.get((model.name, seed), (None, list(model.seen_tasks)))
         if mode != "none":
@@ -234,6 +238,13 @@ OPERATIONAL_OPTIONS = frozenset({
     "requests_per_second", "max_concurrency", "cache", "cache_dir",  # LiteLLM
     "gpu_memory_utilization", "max_num_seqs", "tensor_parallel_size",  # vLLM placement and memory
 })
+
+
+def budget_unit(config: GridConfig, model: ModelSpec) -> str | None:
+    """"tokens" where the grid counts text budgets in the model's tokens and the model's tokenizer
+    is at hand (a local decoder); None (words) otherwise."""
+    tokens = config.text_budget_unit == "tokens" and model.family == "decoder" and model.backend != "litellm"
+    return "tokens" if tokens else None
 
 
 def sampler_of(config: GridConfig, shots: int) -> str:
@@ -313,7 +324,7 @@ def _made_model(config: GridConfig, model: ModelSpec, seed: int, made: Made, fin
             template_fp=_joined([template_source_hash(t) for t in step_defs]),
             shots=0, finetune=ff.finetune, seed=seed, decoding=None,
             text_budget=config.text_budget or task.text_budget, sampler=sampler_of(config, 0), limits=limits,
-            recipe=recipe_dict, depends_on=parent_id,
+            recipe=recipe_dict, depends_on=parent_id, budget_unit=budget_unit(config, model),
             lineage={"seen_tasks": seen, "from": parent_id, "prepares": model.name},
         )
         finetunes[ft.id] = ft
@@ -392,5 +403,6 @@ def _merge_cells(config: GridConfig, finetunes: dict[str, Cell], made: Made,
                 text_budget=config.text_budget or task.text_budget, sampler=sampler_of(config, shots),
                 limits=config.limits.model_dump() | {"train": None}, recipe=None, depends_on=cell.id,
                 runtime=model_runtime(spec_model), lineage=_infer_lineage(config, spec.name, seen),
+                budget_unit=budget_unit(config, spec_model),
             ))
     return merges, infers, skipped

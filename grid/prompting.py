@@ -48,10 +48,14 @@ _ENV.filters["jsonlist"] = lambda labels: json.dumps(list(labels))  # its ["a", 
 _TOKEN = re.compile(r"\S+")
 
 
-def cut_text(text: str, budget: int | None) -> str:
-    """The text up to the end of its `budget`-th whitespace token, original spacing kept."""
+def cut_text(text: str, budget: int | None, tokenizer: Any = None) -> str:
+    """The text up to the end of its `budget`-th whitespace word, original spacing kept; with a
+    (fast) `tokenizer`, up to the end of its `budget`-th token of that model."""
     if budget is None:
         return text
+    if tokenizer is not None:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return text if len(offsets) <= budget else text[: offsets[budget - 1][1]]
     for i, match in enumerate(_TOKEN.finditer(text), 1):
         if i == budget:
             return text[: match.end()]
@@ -199,11 +203,14 @@ class PromptBuilder:
         train_rows: Sequence[dict[str, Any]],
         text_budget: int | None = None,
         sampler: str = "random",
+        budget_tokenizer: Any = None,
     ):
+        """`budget_tokenizer`: count `text_budget` in this model's tokens, not in words."""
         self.task = task
         self.labels = labels
         self.train = train_rows
         self.budget = text_budget if text_budget is not None else task.text_budget
+        self.budget_tokenizer = budget_tokenizer
         self.sampler = FewShotSampler(task, train_rows, sampler)
 
     def build(self, row: dict[str, Any], shots: int, seed: int, text: str | None = None) -> Prompt:
@@ -211,12 +218,12 @@ class PromptBuilder:
         examples (they are drawn for the example, so calibration sees the demos it corrects)."""
         picks = self.sampler.draw(row["example_id"], row["text"], shots, seed)
         examples = [
-            {"text": cut_text(self.train[i]["text"], self.budget),
+            {"text": cut_text(self.train[i]["text"], self.budget, self.budget_tokenizer),
              "answer": format_answer(self.task, gold_of(self.task, self.train[i]))}
             for i in picks
         ]
         query = row["text"] if text is None else text
-        return render(self.task, self.labels, cut_text(query, self.budget), examples)
+        return render(self.task, self.labels, cut_text(query, self.budget, self.budget_tokenizer), examples)
 
     def calibration_prompts(self, row: dict[str, Any], shots: int, seed: int, method: str) -> list[Prompt]:
         """The prompts whose label scores correct this example's (see workers.constrained.calibrate):

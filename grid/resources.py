@@ -113,7 +113,10 @@ def _task_size(task_name: str, text_budget: int | None, data_dir: str | None) ->
 
 
 def task_size(cell: Cell, data_dir: str | None = None) -> TaskSize:
-    size = _task_size(cell.task, cell.text_budget, data_dir)
+    budget = cell.text_budget
+    if budget and cell.budget_unit == "tokens":  # a budget in the model's tokens, as words
+        budget = max(1, int(budget / TOKENS_PER_WORD))
+    size = _task_size(cell.task, budget, data_dir)
     limits = cell.limits or {}
     n_test = min(size.n_test, limits.get("test") or size.n_test)
     n_train = min(size.n_train, limits.get("train") or size.n_train)

@@ -93,3 +93,34 @@ def test_render_shows_labels_in_the_papers_forms():
     prompt = render(task, label_sets(task), "text", [])
     assert '["alt", "comp", "misc", "rec", "sci", "soc", "talk"]' in prompt.user
     assert "['alt.atheism', 'comp.graphics'," in prompt.user
+
+
+def test_a_text_budget_in_tokens_cuts_at_the_model_s_own_tokens():
+    from transformers import AutoTokenizer
+
+    from workers.models import resolve
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve("tiny:llama"))
+    text = "begin 644 data.bin\nM" + "X" * 300 + " then some words after the uuencoded line"
+    cut = cut_text(text, 20, tokenizer)
+    assert text.startswith(cut) and len(tokenizer(cut, add_special_tokens=False).input_ids) <= 20
+    assert len(cut_text(text, 20).split()) == 11  # in words the one 300-character "word" stays whole
+    assert cut_text("short text", 20, tokenizer) == "short text"
+    b = PromptBuilder(get_task("20ng-7"), label_sets(get_task("20ng-7")), [], 20, budget_tokenizer=tokenizer)
+    assert b.build({"example_id": "q", "text": text}, 0, 0).user.count("X") < 300
+
+
+def test_the_budget_unit_is_in_the_id_of_local_decoders_only():
+    from grid.config import GridConfig
+    from grid.plan import build_plan
+
+    def cells(unit: str) -> dict:
+        raw = {"name": "t", "tasks": ["20ng-7"], "text_budget": 96, "text_budget_unit": unit,
+               "models": [{"name": "m", "source": "tiny:llama", "family": "decoder"},
+                          {"name": "api", "source": "openai/gpt-4o-mini", "family": "api", "backend": "litellm"}]}
+        return {c.model: c for c in build_plan(GridConfig.model_validate(raw)).cells}
+
+    words, tokens = cells("words"), cells("tokens")
+    assert words["m"].budget_unit is None and tokens["m"].budget_unit == "tokens"
+    assert words["m"].id != tokens["m"].id
+    assert words["api"].id == tokens["api"].id  # a hosted model's tokenizer is unknown: words

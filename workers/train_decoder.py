@@ -127,7 +127,8 @@ def build_examples(job: FinetuneJob, tokenizer: Any, max_length: int | None = No
     for index, task_name in enumerate(job_tasks(job)):
         task, train, indices = train_rows_of(job, task_name)
         # The few-shot examples come from the whole train split, as at inference.
-        builder = PromptBuilder(task, label_sets(task, job.data_dir), train, job.text_budget, job.sampler)
+        builder = PromptBuilder(task, label_sets(task, job.data_dir), train, job.text_budget, job.sampler,
+                                tokenizer if job.text_budget_unit == "tokens" else None)
         for i in indices:
             row = train[i]
             prompt = builder.build(row, job.shots, job.seed)
@@ -297,7 +298,8 @@ def save_final(model: DecoderWithHeads, tokenizer: Any, job: FinetuneJob) -> Non
             torch.save(model.heads.state_dict(), folder / HEADS_FILE)
             meta = {"heads": {t: {"labels": labels} for t, labels in model.labels.items()},
                     "pooling": "last prompt token", "prompt": {"shots": job.shots, "format": job.prompt_format,
-                                                              "text_budget": job.text_budget, "seed": job.seed}}
+                                                              "text_budget": job.text_budget,
+                                                              "text_budget_unit": job.text_budget_unit, "seed": job.seed}}
             (folder / HEADS_META).write_text(json.dumps(meta, indent=1))
 
     write("model", save_model)
