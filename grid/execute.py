@@ -51,6 +51,7 @@ class RunSummary:
     ran: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     elsewhere: dict[str, dict[str, Any]] = field(default_factory=dict)  # cells another driver ran: its claim
+    rescored: list[str] = field(default_factory=list)  # done cells scored again (their metrics changed)
 
 
 def subsample_indices(n: int, limit: int | None, seed: int) -> list[int]:
@@ -170,8 +171,8 @@ def finish_cell(store: Store, prepared: PreparedCell, results: list[dict[str, An
     })
     store.write_predictions(cell.id, table)
     usage = cell_usage(results)
-    record = cell_record(cell, "done", metrics=metrics, seconds=seconds, n_examples=len(results),
-                         usage=usage, started_at=started_at, finished_at=time.time())
+    record = cell_record(cell, "done", metrics=metrics, scored_with=list(task.metrics), seconds=seconds,
+                         n_examples=len(results), usage=usage, started_at=started_at, finished_at=time.time())
     store.write_cell(cell.id, record)
     return record
 
@@ -206,6 +207,34 @@ def model_spec(cell: Cell, store: Store, config: GridConfig) -> dict[str, Any]:
         path = resolve(model.source, model.revision)
     return {"family": cell.family, "backend": cell.backend, "path": path, "dtype": model.dtype,
             "options": model.options, "model_name": model.source, "revision": model.revision}
+
+
+def rescore_stale(plan: Plan, store: Store, data_dir: str | None) -> list[str]:
+    """Finished inference cells whose task's metrics changed since they were scored: their stored
+    raw answers are parsed and scored again (the model is not run; a metric is not an input of
+    the answers, so it is not in the cell id). Returns their ids."""
+    import pyarrow.parquet as pq
+
+    records = {r["cell_id"]: r for r in store.records()}
+    redone = []
+    for cell in plan.cells:
+        record = records.get(cell.id)
+        if cell.kind != "infer" or not record or record["status"] != "done" or "scored_with" not in record:
+            continue
+        task = get_task(cell.task)
+        if record["scored_with"] == list(task.metrics):
+            continue
+        rows = {r["example_id"]: r for r in _test_rows(cell.task, data_dir, cell.limits["test"], cell.limits["seed"])}
+        labels = label_sets(task, data_dir)
+        with store.fs.open_input_file(store.predictions_path(cell.id)) as fh:
+            answers = pq.read_table(fh, columns=["example_id", "raw_output"]).to_pylist()
+        golds = [gold_of(task, rows[a["example_id"]]) for a in answers]
+        parsed = [parse_answer(a["raw_output"], task, labels, len(rows[a["example_id"]]["words"])) for a in answers]
+        metrics = score(task, golds, parsed, seed=cell.seed)
+        store.write_cell(cell.id, {**record, "metrics": metrics, "scored_with": list(task.metrics)})
+        log.info("re-scored %s with %s (was %s)", cell.label(), ", ".join(task.metrics), ", ".join(record["scored_with"]))
+        redone.append(cell.id)
+    return redone
 
 
 def run_inference_group(
@@ -391,10 +420,11 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
     a unit whose model it is making waits for that model (every `poll_s` seconds), or takes the
     work over when the other driver's claim goes stale.
     """
+    rescored = rescore_stale(plan, store, data_dir)
     statuses = store.statuses()
     done = {cid for cid, s in statuses.items() if s == "done"}
     todo = [c for c in plan.cells if c.id not in done]
-    summary = RunSummary(planned=len(plan.cells), already_done=len(plan.cells) - len(todo))
+    summary = RunSummary(planned=len(plan.cells), already_done=len(plan.cells) - len(todo), rescored=rescored)
     if not todo:
         return summary
     connect_ray(num_cpus)

@@ -76,6 +76,8 @@ def _run(args: argparse.Namespace) -> int:
     cell_ids = {c.id for c in plan.cells}  # this grid's cells and their metrics, as `grid status` shows them
     print_table(*status_table([r for r in store.records() if r["cell_id"] in cell_ids]))
     print(f"ran {len(summary.ran)} cells ({summary.already_done} already done), {len(summary.failed)} failed")
+    if summary.rescored:
+        print(f"{len(summary.rescored)} finished cells scored again: their task's metrics changed")
     if summary.elsewhere:
         owners = sorted({f"{o.get('host')}:{o.get('pid')}" for o in summary.elsewhere.values()})
         print(f"{len(summary.elsewhere)} cells were claimed by another driver on this results dir ({', '.join(owners)})")

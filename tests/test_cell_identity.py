@@ -101,3 +101,29 @@ def test_a_hub_model_s_revision_changes_the_id():
 def test_float32_and_no_options_keep_the_ids_of_grids_written_before_runtime_was_hashed():
     explicit = untuned_infer_id({"models.0.dtype": "float32", "models.0.options": {"timeout_s": 9}})
     assert explicit == untuned_infer_id({})
+
+
+def test_a_metrics_change_rescores_the_stored_answers_without_running_the_model(tmp_path):
+    import pyarrow as pa
+
+    from grid.execute import _test_rows, rescore_stale
+    from grid.store import Store
+
+    raw = {"name": "t", "models": [{"name": "m", "source": "tiny:llama", "family": "decoder"}],
+           "tasks": ["fpb-sentiment"], "limits": {"test": 12}}
+    (cell,) = build_plan(GridConfig.model_validate(raw)).cells
+    store = Store.open(tmp_path / "r")
+    rows = _test_rows(cell.task, None, 12, 0)
+    store.write_predictions(cell.id, pa.table({"example_id": [r["example_id"] for r in rows],
+                                               "raw_output": ["positive"] * len(rows)}))
+    parquet = (tmp_path / "r" / "cells" / cell.id / "predictions.parquet").read_bytes()
+    store.write_cell(cell.id, {"cell_id": cell.id, "status": "done", "cell": cell.model_dump(),
+                               "metrics": {"sentiment/accuracy": 0.0}, "scored_with": ["accuracy"]})
+    plan = build_plan(GridConfig.model_validate(raw))
+    assert rescore_stale(plan, store, None) == [cell.id]
+    record = store.read_cell(cell.id)
+    right = sum(r["sentiment"] == "positive" for r in rows) / len(rows)
+    assert record["metrics"]["sentiment/accuracy"] == pytest.approx(right)
+    assert "sentiment/macro_f1" in record["metrics"] and record["scored_with"] == ["accuracy", "macro_f1"]
+    assert (tmp_path / "r" / "cells" / cell.id / "predictions.parquet").read_bytes() == parquet
+    assert rescore_stale(plan, store, None) == []  # scored with today's metrics: left alone
