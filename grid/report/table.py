@@ -68,10 +68,12 @@ def columns_for(tasks: set[str]) -> list[Column]:
     return cols
 
 
-def tuned_or_merged_models(forgetting: pl.DataFrame) -> set[str]:
+def tuned_or_merged_models(forgetting: pl.DataFrame) -> dict[str, str]:
     """Models whose weights were tuned or merged before their inference cells (grid.forgetting's
-    kinds made and merge): their not-fine-tuned rows are labelled "(merged)"."""
-    return set(forgetting.filter(pl.col("kind").is_in(["made", "merge"]))["model"])
+    kinds made and merge), and what their not-fine-tuned rows are labelled: "merged", or
+    "grid-tuned" (a finetuned_from model)."""
+    rows = forgetting.filter(pl.col("kind").is_in(["made", "merge"])).select("model", "kind").unique().to_dicts()
+    return {r["model"]: "merged" if r["kind"] == "merge" else "grid-tuned" for r in rows}
 
 
 @dataclass(frozen=True)
@@ -164,11 +166,11 @@ class Table:
     show_seed: bool
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # cell_id -> record
     forgetting: pl.DataFrame = field(default_factory=pl.DataFrame)  # grid.forgetting's frame of the records
-    made: set[str] = field(default_factory=set)  # tuned_or_merged_models
+    made: dict[str, str] = field(default_factory=dict)  # tuned_or_merged_models
 
     def label(self, row: RowKey) -> str:
         text = row.label(self.show_decoding, self.show_seed)
-        return f"{text} (merged)" if row.model in self.made and row.finetune == "none" else text
+        return f"{text} ({self.made[row.model]})" if row.model in self.made and row.finetune == "none" else text
 
     def used_columns(self) -> list[Column]:
         """The paper's columns always; other columns only when some cell fills them."""
