@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from grid.config import decoding_name
+from grid.metrics.bootstrap import mean_ci
 from grid.store import Store
 
 N_BOOT = 2000
@@ -119,14 +120,6 @@ def _aligned(a: tuple[list[str], np.ndarray], b: tuple[list[str], np.ndarray]) -
 # --- statistics ---------------------------------------------------------------------------------
 
 
-def mean_ci(values: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
-    """The mean and its 95% percentile-bootstrap CI."""
-    rng = np.random.default_rng(seed)
-    draws = values[rng.integers(0, len(values), size=(N_BOOT, len(values)))].mean(axis=1)
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return float(values.mean()), float(low), float(high)
-
-
 def pooled_test(pairs: list[tuple[np.ndarray, np.ndarray]], seed: int = 0) -> dict[str, float]:
     """Mean over seeds of the per-seed mean difference, its stratified bootstrap CI, and the
     sign-flip permutation p-value of the pooled per-example differences (see the module doc)."""
@@ -179,7 +172,9 @@ def seed_numbers(store: Store, records: list[dict[str, Any]]) -> dict[str, Any] 
         for metric in metrics:
             per_seed = []
             for seed, record in sorted(v.cells.items()):
-                value, low, high = mean_ci(scores.of(record)[metric][1], seed)
+                per_example = scores.of(record)[metric][1]
+                low, high = mean_ci(per_example, N_BOOT, seed)  # the CI every cell's metrics carry
+                value = float(per_example.mean())
                 per_seed.append({"seed": seed, "value": value, "ci_low": low, "ci_high": high})
             values = [s["value"] for s in per_seed]
             rows.append({"variant": v.name, "model": v.model, "task": v.task, "metric": metric,
