@@ -209,16 +209,16 @@ def model_spec(cell: Cell, store: Store, config: GridConfig) -> dict[str, Any]:
             "options": model.options, "model_name": model.source, "revision": model.revision}
 
 
-def rescore_stale(plan: Plan, store: Store, data_dir: str | None) -> list[str]:
+def rescore_stale(plan: Plan, store: Store, data_dir: str | None, records: list[dict[str, Any]]) -> list[str]:
     """Finished inference cells whose task's metrics changed since they were scored: their stored
     raw answers are parsed and scored again (the model is not run; a metric is not an input of
     the answers, so it is not in the cell id). Returns their ids."""
     import pyarrow.parquet as pq
 
-    records = {r["cell_id"]: r for r in store.records()}
+    by_id = {r["cell_id"]: r for r in records}
     redone = []
     for cell in plan.cells:
-        record = records.get(cell.id)
+        record = by_id.get(cell.id)
         if cell.kind != "infer" or not record or record["status"] != "done" or "scored_with" not in record:
             continue
         task = get_task(cell.task)
@@ -420,9 +420,9 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
     a unit whose model it is making waits for that model (every `poll_s` seconds), or takes the
     work over when the other driver's claim goes stale.
     """
-    rescored = rescore_stale(plan, store, data_dir)
-    statuses = store.statuses()
-    done = {cid for cid, s in statuses.items() if s == "done"}
+    records = store.records()  # one scan of the results dir: re-scoring changes no status
+    rescored = rescore_stale(plan, store, data_dir, records)
+    done = {r["cell_id"] for r in records if r["status"] == "done"}
     todo = [c for c in plan.cells if c.id not in done]
     summary = RunSummary(planned=len(plan.cells), already_done=len(plan.cells) - len(todo), rescored=rescored)
     if not todo:
