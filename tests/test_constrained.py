@@ -289,3 +289,40 @@ def test_zero_invalid_with_sliding_windows(tiny, strategy):
         assert min(len(tok.encode(it["prompt"])) for it in prepared.items) > 2 * 64
         answers = constrained_answers(model, tok, prepared.items, strategy=strategy)
         assert invalid_count(prepared, answers) == 0, [a["raw_output"] for a in answers]
+
+
+@pytest.mark.parametrize("layers", ["llama", "mistral", "mixed"])
+def test_pruned_label_search_picks_the_full_argmax(tiny, layers):
+    """Branch and bound over the label trie picks what scoring every label picks, on random
+    models with peaked (large weights) and flat (tiny llama) label distributions, with labels
+    that are prefixes of others and sliding windows shorter than the prompts."""
+    model, tok = tiny
+    if layers != "llama":
+        model = sliding_model(layers, len(tok))
+    (prepared,) = cells_items(tok, ["massive-intent"], [5], 6)
+    prompts = [tok.encode(it["prompt"], add_special_tokens=False) for it in prepared.items]
+    labels = list(prepared.items[0]["labels"]["intent"]) + ["alarm", "alarm_q"]
+    cands = [tok.encode(" " + l, add_special_tokens=False) + [tok.eos_token_id] for l in labels]
+    with torch.inference_mode():
+        full = constrained._label_scores(model, prompts, cands, tok.pad_token_id)
+        pruned = constrained._best_labels(model, prompts, cands, tok.pad_token_id)
+    assert pruned == [constrained._best(row) for row in full]
+
+
+def test_kept_prefix_gives_the_scores_of_a_fresh_one(tiny):
+    """The shared prefix kept from one chunk serves the next chunk of the cell: the same
+    next-token log-probs as running that chunk with nothing kept."""
+    model, tok = tiny
+    (prepared,) = cells_items(tok, ["massive-intent"], [5], 6)
+    prompts = [tok.encode(it["prompt"], add_special_tokens=False) for it in prepared.items]
+    with torch.inference_mode():
+        constrained._PREFIXES.clear()
+        constrained._prefill_batch(model, prompts[:3], tok.pad_token_id)
+        kept = constrained._PREFIXES[model][0]
+        assert len(kept) >= constrained.MIN_SHARED_PREFIX
+        _, reused = constrained._prefill_batch(model, prompts[3:], tok.pad_token_id)
+        assert constrained._PREFIXES[model][0] == kept  # the second chunk did not run its own
+        constrained._PREFIXES.clear()
+        _, fresh = constrained._prefill_batch(model, prompts[3:], tok.pad_token_id)
+    for a, b in zip(reused, fresh):
+        assert torch.allclose(a, b, atol=1e-4)

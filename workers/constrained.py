@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -185,24 +186,42 @@ def _masks(model: Any, visible: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.
     return {kind: additive(windowed if kind == "sliding_attention" else visible) for kind in layer_types}
 
 
-def _prefill_batch(model: Any, prompts: list[list[int]], pad: int):
-    """Run every prompt once; the prefix they all share (instruction, label list) only once.
+# The shared prefix (instruction, label list) of the chunks last run, per model: the chunks of a
+# cell come one after another to the same actor, so each cell runs its prefix once, not per chunk.
+_PREFIXES: "weakref.WeakKeyDictionary[Any, tuple[list[int], DynamicCache]]" = weakref.WeakKeyDictionary()
 
-    The rest of each prompt runs right-padded in one batch: a real token never sees the padding
-    after it (causal attention), so no mask is needed. Returns the batch's cache (row i valid up
-    to len(prompts[i])) and each prompt's next-token log-probs.
-    """
+
+def _shared_prefix(model: Any, prompts: list[list[int]]) -> tuple[int, DynamicCache | None]:
+    """The length and cache of a prefix every prompt shares and extends (0, None when shorter
+    than MIN_SHARED_PREFIX): the last one run on this model when it still fits, else the chunk's
+    longest common prefix, run now and kept for the next chunk."""
+    kept = _PREFIXES.get(model)
+    if kept and all(len(p) > len(kept[0]) and p[:len(kept[0])] == kept[0] for p in prompts):
+        return len(kept[0]), kept[1]
     shared = 0
     if len(prompts) > 1:
         first, shortest = prompts[0], min(len(p) for p in prompts)
         while shared < shortest - 1 and all(p[shared] == first[shared] for p in prompts):
             shared += 1
-    if shared >= MIN_SHARED_PREFIX:
-        prefix = model(input_ids=torch.tensor([prompts[0][:shared]], device=model.device),
-                       past_key_values=_full_cache(), use_cache=True, logits_to_keep=1).past_key_values
-        cache = _map_cache(prefix, lambda t: t.expand(len(prompts), -1, -1, -1))
-    else:
-        shared, cache = 0, _full_cache()
+    if shared < MIN_SHARED_PREFIX:
+        return 0, None
+    cache = model(input_ids=torch.tensor([prompts[0][:shared]], device=model.device),
+                  past_key_values=_full_cache(), use_cache=True, logits_to_keep=1).past_key_values
+    _PREFIXES[model] = (prompts[0][:shared], cache)
+    return shared, cache
+
+
+def _prefill_batch(model: Any, prompts: list[list[int]], pad: int):
+    """Run every prompt once; the prefix they share (instruction, label list) only once per cell.
+
+    The rest of each prompt runs right-padded in one batch: a real token never sees the padding
+    after it (causal attention), so no mask is needed. Returns the batch's cache (row i valid up
+    to len(prompts[i])) and each prompt's next-token log-probs.
+    """
+    shared, prefix = _shared_prefix(model, prompts)
+    # expand() views the kept cache; the forward below concatenates into new tensors, so the kept
+    # prefix is never written to.
+    cache = _map_cache(prefix, lambda t: t.expand(len(prompts), -1, -1, -1)) if prefix else _full_cache()
     rest = [p[shared:] for p in prompts]
     width = max(len(r) for r in rest)
     ends = sorted({len(r) - 1 for r in rest})  # only these positions' logits are needed
@@ -582,6 +601,79 @@ def _label_scores(model: Any, prompts: list[list[int]], candidates: list[list[in
     return scores
 
 
+def _best_labels(model: Any, prompts: list[list[int]], candidates: list[list[int]], pad: int) -> list[int]:
+    """Each prompt's highest-scoring candidate (sum of log-probs, the first of equal scores), as
+    `_label_scores` would pick it, without scoring every candidate.
+
+    Branch and bound over the candidates' token trie: a prefix's log-prob only falls as tokens are
+    added, so once some candidate is complete with score s, no node whose prefix scores below s
+    can lead to a better one. Each row first follows its most likely path to a complete
+    candidate (one node per round), then runs, round by round, every node that can still win;
+    an instruction-tuned model puts most of its mass on a few first tokens, so a 60-label trie
+    of about 150 nodes shrinks to a dozen or so per row. Rows run together: each round is one
+    forward pass of at most a few nodes per row, over the cache of the prompts and the nodes run
+    before (a 4-D mask gives every node its prompt and its ancestors, as in `_score_trie`).
+    """
+    cache, first = _prefill_batch(model, prompts, pad)
+    tokens, parent, depth, paths, lines = _token_trie(candidates)
+    children: dict[int, list[int]] = {}
+    for node, up in enumerate(parent):
+        children.setdefault(up, []).append(node)
+    ends: dict[int, int] = {}  # a candidate's last node -> the candidate (the first of equal ones)
+    for cand, path in enumerate(paths):
+        ends.setdefault(path[-1], cand)
+    batch, width = len(prompts), cache.get_seq_length()
+    score: list[dict[int, float]] = [{} for _ in range(batch)]  # node -> its prefix's log-prob, once known
+    slot: list[dict[int, int]] = [{} for _ in range(batch)]  # node -> its cache position, once run
+    best: list[tuple[float, int]] = [(-math.inf, -1)] * batch
+
+    def known(b: int, node: int, value: float) -> None:
+        score[b][node] = value
+        cand = ends.get(node)
+        if cand is not None and (value > best[b][0] or (value == best[b][0] and cand < best[b][1])):
+            best[b] = (value, cand)
+
+    for b in range(batch):
+        row = first[b][torch.tensor([tokens[n] for n in children[-1]], device=first[b].device)].tolist()
+        for node, value in zip(children[-1], row):
+            known(b, node, value)
+    k_pos = torch.arange(width).expand(batch, width)
+    while True:
+        runs = []
+        for b in range(batch):
+            bound = best[b][0]
+            open_ = sorted((n for n, v in score[b].items() if n in children and n not in slot[b] and v >= bound),
+                           key=lambda n: -score[b][n])
+            runs.append(open_[:1] if best[b][1] < 0 else open_)  # find a first bound, then everything that can win
+        k = max(len(r) for r in runs)
+        if k == 0:
+            break
+        past = cache.get_seq_length()
+        ids = torch.full((batch, k), tokens[0])
+        q_pos = torch.zeros((batch, k), dtype=torch.long)
+        visible = torch.zeros((batch, k, past + k), dtype=torch.bool)
+        for b, run in enumerate(runs):
+            for j in range(k):
+                visible[b, j, past + j] = True  # itself (a filler slot sees only itself)
+            for j, node in enumerate(run):
+                ids[b, j], q_pos[b, j] = tokens[node], len(prompts[b]) + depth[node]
+                visible[b, j, :len(prompts[b])] = True
+                visible[b, j, [slot[b][a] for a in lines[node][:-1]]] = True
+        k_pos = torch.cat([k_pos, q_pos], 1)
+        out = model(input_ids=ids.to(model.device), past_key_values=cache, use_cache=True,
+                    attention_mask=_masks(model, visible, q_pos, k_pos), position_ids=q_pos.to(model.device))
+        cache = out.past_key_values
+        logp = torch.log_softmax(out.logits.float(), -1)
+        for b, run in enumerate(runs):
+            for j, node in enumerate(run):
+                slot[b][node] = past + j
+                kids = children[node]
+                values = logp[b, j, torch.tensor([tokens[c] for c in kids], device=logp.device)].tolist()
+                for child, value in zip(kids, values):
+                    known(b, child, score[b][node] + value)
+    return [cand for _, cand in best]
+
+
 def _score_labels_batch(model: Any, encode, items: list[dict[str, Any]], prompts: list[list[int]],
                         calibration_prompts: list[list[list[int]]], choice: Choice, lead: str, eos: int,
                         pad: int) -> list[dict[str, Any]]:
@@ -590,6 +682,12 @@ def _score_labels_batch(model: Any, encode, items: list[dict[str, Any]], prompts
     distinct ones (a zero-shot cell's are the same for every example: run once)."""
     candidates = [encode(lead + opt) + [eos] for opt in choice.options]
     lengths = [len(c) for c in candidates]
+    if not any(cal for cal in calibration_prompts) and not any(
+            (it.get("decoding") or {}).get("length_normalized") for it in items):
+        # only the argmax of plain sums is wanted: no need to score every label
+        return [{"raw_output": choice.options[best], "n_prompt_tokens": len(prompt),
+                 "n_output_tokens": len(candidates[best])}
+                for prompt, best in zip(prompts, _best_labels(model, prompts, candidates, pad))]
     scores = _label_scores(model, prompts, candidates, pad)
     distinct = list(dict.fromkeys(tuple(p) for ps in calibration_prompts for p in ps))
     cf: dict[tuple[int, ...], list[float]] = {}
