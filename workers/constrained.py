@@ -605,73 +605,35 @@ def _best_labels(model: Any, prompts: list[list[int]], candidates: list[list[int
     """Each prompt's highest-scoring candidate (sum of log-probs, the first of equal scores), as
     `_label_scores` would pick it, without scoring every candidate.
 
-    Branch and bound over the candidates' token trie: a prefix's log-prob only falls as tokens are
-    added, so once some candidate is complete with score s, no node whose prefix scores below s
-    can lead to a better one. Each row first follows its most likely path to a complete
-    candidate (one node per round), then runs, round by round, every node that can still win;
-    an instruction-tuned model puts most of its mass on a few first tokens, so a 60-label trie
-    of about 150 nodes shrinks to a dozen or so per row. Rows run together: each round is one
-    forward pass of at most a few nodes per row, over the cache of the prompts and the nodes run
-    before (a 4-D mask gives every node its prompt and its ancestors, as in `_score_trie`).
+    A candidate's log-prob is at most that of its first token, which the prompt pass already
+    gives. So: score the candidates that begin with some prompt's likeliest first token (one trie
+    pass), then only those whose first token alone still reaches a prompt's best score so far
+    (a second pass). An instruction-tuned model puts most of its mass on a few first tokens, so
+    of 60 labels a handful are scored; a flat model falls back to scoring nearly all of them.
     """
     cache, first = _prefill_batch(model, prompts, pad)
-    tokens, parent, depth, paths, lines = _token_trie(candidates)
-    children: dict[int, list[int]] = {}
-    for node, up in enumerate(parent):
-        children.setdefault(up, []).append(node)
-    ends: dict[int, int] = {}  # a candidate's last node -> the candidate (the first of equal ones)
-    for cand, path in enumerate(paths):
-        ends.setdefault(path[-1], cand)
-    batch, width = len(prompts), cache.get_seq_length()
-    score: list[dict[int, float]] = [{} for _ in range(batch)]  # node -> its prefix's log-prob, once known
-    slot: list[dict[int, int]] = [{} for _ in range(batch)]  # node -> its cache position, once run
-    best: list[tuple[float, int]] = [(-math.inf, -1)] * batch
+    lengths, batch = [len(p) for p in prompts], len(prompts)
+    heads = torch.tensor([c[0] for c in candidates], device=first[0].device)
+    bound = [row[heads].tolist() for row in first]  # a candidate's score is at most its first token's
+    scores = [[-math.inf] * len(candidates) for _ in range(batch)]
 
-    def known(b: int, node: int, value: float) -> None:
-        score[b][node] = value
-        cand = ends.get(node)
-        if cand is not None and (value > best[b][0] or (value == best[b][0] and cand < best[b][1])):
-            best[b] = (value, cand)
-
-    for b in range(batch):
-        row = first[b][torch.tensor([tokens[n] for n in children[-1]], device=first[b].device)].tolist()
-        for node, value in zip(children[-1], row):
-            known(b, node, value)
-    k_pos = torch.arange(width).expand(batch, width)
-    while True:
-        runs = []
+    def run(which: list[int]) -> None:
+        # a new cache over the prompts' tensors: the pass appends its nodes there, not to `cache`
+        got, *_ = _score_trie(model, _map_cache(cache, lambda t: t), lengths, first,
+                              [candidates[c] for c in which], False, need_next=False)
         for b in range(batch):
-            bound = best[b][0]
-            open_ = sorted((n for n, v in score[b].items() if n in children and n not in slot[b] and v >= bound),
-                           key=lambda n: -score[b][n])
-            runs.append(open_[:1] if best[b][1] < 0 else open_)  # find a first bound, then everything that can win
-        k = max(len(r) for r in runs)
-        if k == 0:
-            break
-        past = cache.get_seq_length()
-        ids = torch.full((batch, k), tokens[0])
-        q_pos = torch.zeros((batch, k), dtype=torch.long)
-        visible = torch.zeros((batch, k, past + k), dtype=torch.bool)
-        for b, run in enumerate(runs):
-            for j in range(k):
-                visible[b, j, past + j] = True  # itself (a filler slot sees only itself)
-            for j, node in enumerate(run):
-                ids[b, j], q_pos[b, j] = tokens[node], len(prompts[b]) + depth[node]
-                visible[b, j, :len(prompts[b])] = True
-                visible[b, j, [slot[b][a] for a in lines[node][:-1]]] = True
-        k_pos = torch.cat([k_pos, q_pos], 1)
-        out = model(input_ids=ids.to(model.device), past_key_values=cache, use_cache=True,
-                    attention_mask=_masks(model, visible, q_pos, k_pos), position_ids=q_pos.to(model.device))
-        cache = out.past_key_values
-        logp = torch.log_softmax(out.logits.float(), -1)
-        for b, run in enumerate(runs):
-            for j, node in enumerate(run):
-                slot[b][node] = past + j
-                kids = children[node]
-                values = logp[b, j, torch.tensor([tokens[c] for c in kids], device=logp.device)].tolist()
-                for child, value in zip(kids, values):
-                    known(b, child, score[b][node] + value)
-    return [cand for _, cand in best]
+            for c, value in zip(which, got[b]):
+                scores[b][c] = value
+
+    likeliest = {candidates[_best(row)][0] for row in bound}
+    probe = [c for c, cand in enumerate(candidates) if cand[0] in likeliest]
+    run(probe)
+    tried = set(probe)
+    rest = [c for c in range(len(candidates))
+            if c not in tried and any(bound[b][c] >= max(scores[b]) for b in range(batch))]
+    if rest:
+        run(rest)
+    return [_best(row) for row in scores]
 
 
 def _score_labels_batch(model: Any, encode, items: list[dict[str, Any]], prompts: list[list[int]],
