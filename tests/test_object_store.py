@@ -1,0 +1,128 @@
+"""Results on an object store: a real S3 server (moto, on loopback) holds the cell records, the
+predictions, Ray Train's checkpoints and the fine-tuned model; the predictions equal a local
+run's; a killed driver resumes against it; a model is fetched into a node's cache once, by content."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pyarrow.fs as pafs
+import pytest
+import yaml
+
+from grid.errors import GridError
+from grid.query import cells, predictions
+from tests.conftest import ROOT, run_cli
+from tests.s3server import start_s3
+
+TINY = {"name": "tiny-llama", "source": "tiny:llama", "family": "decoder", "prompt_format": "chat"}
+# a full fine-tune of the tiny decoder (4 steps) and its inference cell
+FINETUNE_GRID = {
+    "name": "s3", "models": [TINY], "tasks": ["massive-intent"], "shots": [0], "finetune": ["full"],
+    "decoding": {"mode": "free", "max_new_tokens": 6}, "limits": {"test": 8, "train": 32}, "text_budget": 48,
+    "inference": {"batch_size": 4},
+    "recipes": {"decoder/full": {"hparams": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "max_length": 1024,
+                                             "log_every_steps": 0}}},
+}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = start_s3()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)  # this process (the query helpers) and the drivers it starts
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+def s3_files(uri: str) -> list[str]:
+    fs, root = pafs.FileSystem.from_uri(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+def timed_run(config: Path, results: str) -> float:
+    start = time.perf_counter()
+    proc = run_cli("grid/run.py", str(config), "--results", results, "--num-cpus", "2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return time.perf_counter() - start
+
+
+def test_finetune_on_s3_equals_a_local_run(s3, tmp_path):
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(FINETUNE_GRID))
+    remote = s3.uri("finetune")
+    s3_seconds = timed_run(config, remote)
+    local_seconds = timed_run(config, str(tmp_path / "local"))
+    print(f"\ns3 run {s3_seconds:.1f}s, local run {local_seconds:.1f}s (2 cells)")
+
+    files = s3_files(remote)
+    finetune_id = cells(remote).filter(pl.col("kind") == "finetune").collect()["cell_id"][0]
+    assert f"cells/{finetune_id}/model.manifest.json" in files  # the model, published last
+    assert any(f.startswith(f"cells/{finetune_id}/checkpoints/") and "step_00000004" in f for f in files)
+    assert f"cells/{finetune_id}/cell.json" in files
+    assert cells(remote).collect()["status"].to_list() == ["done", "done"]
+    cols = ["cell_id", "example_id", "raw_output", "prediction"]
+    a = predictions(remote).select(cols).sort("cell_id", "example_id").collect()
+    b = predictions(tmp_path / "local").select(cols).sort("cell_id", "example_id").collect()
+    assert a.height == 8 and a.equals(b)
+
+
+def test_killed_driver_resumes_against_s3(s3, tmp_path):
+    grid = {**FINETUNE_GRID, "finetune": ["none"], "tasks": ["massive-intent", "20ng-7", "fpb-sentiment", "fomc-stance"],
+            "limits": {"test": 12}}
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(grid))
+    remote = s3.uri("resume")
+    proc = subprocess.Popen([sys.executable, "grid/run.py", str(config), "--results", remote, "--num-cpus", "2"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    records = []
+    deadline = time.time() + 300
+    while time.time() < deadline and len(records) < 1:
+        time.sleep(0.2)
+        records = [f for f in s3_files(remote) if f.endswith("/cell.json")]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    fs, root = pafs.FileSystem.from_uri(remote)
+    finished = {f: fs.get_file_info(f"{root}/{f}").mtime for f in s3_files(remote) if f.endswith("/cell.json")}
+    assert 1 <= len(finished) < 4, "the kill should land midway"
+
+    resumed = run_cli("grid/run.py", str(config), "--results", remote, "--num-cpus", "2")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"ran {4 - len(finished)} cells ({len(finished)} already done)" in resumed.stdout
+    assert all(fs.get_file_info(f"{root}/{f}").mtime == t for f, t in finished.items())  # not rewritten
+    assert cells(remote).collect()["status"].to_list() == ["done"] * 4
+
+
+def test_a_model_is_fetched_once_per_node_by_content(s3, tmp_path, monkeypatch):
+    import workers.models
+    from workers import artifacts
+
+    monkeypatch.setattr(workers.models, "CACHE_DIR", tmp_path / "cache")
+    uri = s3.uri("artifacts/cells/c1/model")
+    with pytest.raises(GridError, match="no published model there"):
+        artifacts.fetch(uri)
+    with artifacts.staging(uri) as folder:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "w.bin").write_bytes(b"one")
+    first = artifacts.fetch(uri)
+    assert Path(first, "sub", "w.bin").read_bytes() == b"one"
+    assert artifacts.fetch(uri) == first  # from the cache: no second download
+    with artifacts.staging(uri) as folder:  # published again with other bytes: a new cache folder
+        (folder / "w.bin").write_bytes(b"two")
+    second = artifacts.fetch(uri)
+    assert second != first and sorted(os.listdir(second)) == ["w.bin"]
+    with pytest.raises(RuntimeError), artifacts.staging(uri):  # a writer that fails publishes nothing
+        raise RuntimeError("killed")
+    assert artifacts.fetch(uri) == second
