@@ -113,7 +113,9 @@ def test_finetune_on_one_node_inference_on_the_other_results_on_s3(s3, tmp_path)
     assert len(list((worker_cache / "artifacts").iterdir())) == 1
     assert not (worker_cache / "models").exists()
     finetune_id = cells(results).filter(pl.col("kind") == "finetune").collect()["cell_id"][0]
-    assert f"cells/{finetune_id}/model.manifest.json" in s3_files(results)
+    files = s3_files(results)
+    assert f"cells/{finetune_id}/model.manifest.json" in files  # the model, published with its manifest last
+    assert any(f.startswith(f"cells/{finetune_id}/checkpoints/") and "step_00000004" in f for f in files)
     assert cells(results).collect()["status"].to_list() == ["done", "done"]
 
     local = tmp_path / "local"  # the same grid without placement, on a local Ray and a local dir
