@@ -145,7 +145,8 @@ class FinetuneJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="local path of the resolved model (workers.models.resolve)")
+    model: str = Field(description="local path of the resolved model (workers.models.resolve), or a grid-made "
+                       "model's folder or URI (each worker fetches it: workers/artifacts.py)")
     family: Family
     task: str = Field(description="catalog task name; its sub-tasks decide the heads or the answer")
     mode: Literal["full", "lora"]
@@ -161,5 +162,5 @@ class FinetuneJob(BaseModel):
         "train_limit rows of each, each row under its own task's prompt)")
     hparams: dict[str, Any] = Field(default_factory=dict)
     data_dir: str | None = None
-    output_dir: str
+    output_dir: str = Field(description="the cell's folder: a local or shared path, or an object-store URI")
     resources: Resources = Resources()

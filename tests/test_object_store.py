@@ -77,6 +77,11 @@ def test_killed_driver_resumes_against_s3(s3, tmp_path):
     assert all(fs.get_file_info(f"{root}/{f}").mtime == t for f, t in finished.items())  # not rewritten
     assert cells(remote).collect()["status"].to_list() == ["done"] * 4
 
+    from grid.report import write_report
+
+    write_report(remote, s3.uri("resume/report"), n_boot=50)  # the report beside the results
+    assert {"table3.md", "report.html", "report.json"} <= set(s3_files(s3.uri("resume/report")))
+
 
 def test_a_model_is_fetched_once_per_node_by_content(s3, tmp_path, monkeypatch):
     import workers.models
