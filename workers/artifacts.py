@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import posixpath
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -37,8 +37,6 @@ from typing import Iterator
 import pyarrow.fs as pafs
 
 from grid.errors import GridError
-
-log = logging.getLogger("clfgrid.artifacts")
 
 MANIFEST_SUFFIX = ".manifest.json"
 
@@ -102,7 +100,7 @@ def publish(folder: Path, uri: str) -> None:
     with fs.open_output_stream(path + MANIFEST_SUFFIX) as out:
         out.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
     size = sum(f["size"] for f in manifest.values())
-    log.info("published %s (%d files, %.1f MB) in %.1fs", uri, len(manifest), size / 1e6, time.perf_counter() - start)
+    _say(f"published {uri} ({len(manifest)} files, {size / 1e6:.1f} MB) in {time.perf_counter() - start:.2f}s")
 
 
 def write_text(uri: str, text: str) -> None:
@@ -156,6 +154,8 @@ def fetch(uri: str) -> str:
     if dest.is_dir():
         return str(dest)
     manifest = json.loads(blob)
+    size = sum(f["size"] for f in manifest.values())
+    _say(f"fetching {uri} ({size / 1e6:.1f} MB) into this node's cache {dest}")
     tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     start = time.perf_counter()
     tmp.mkdir(parents=True)
@@ -173,9 +173,14 @@ def fetch(uri: str) -> str:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    size = sum(f["size"] for f in manifest.values())
-    log.info("fetched %s (%.1f MB) into %s in %.1fs", uri, size / 1e6, dest, time.perf_counter() - start)
+    _say(f"fetched {uri} in {time.perf_counter() - start:.2f}s")
     return str(dest)
+
+
+def _say(line: str) -> None:
+    """A progress line: printed, so that it reaches the driver's stderr from a Ray worker too (Ray
+    forwards workers' output; their logging is not configured)."""
+    print(f"artifacts: {line}", file=sys.stderr, flush=True)
 
 
 def _sha256(path: Path) -> str:
