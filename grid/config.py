@@ -143,6 +143,9 @@ class Inference(Strict):
     batch_size: int = Field(default=8, gt=0)
     num_cpus: float = 1
     num_gpus: float = 0
+    custom_resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources each actor needs, to pin inference to the "
+        "nodes that declare them (`ray start --resources`)")
     retries: int = Field(default=2, ge=0, description="tries per batch after the first")
 
 

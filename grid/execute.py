@@ -39,6 +39,7 @@ from grid.progress import Progress
 from grid.prompting import Prompt, PromptBuilder, gold_of, prompt_hash
 from grid.store import Store
 from grid.tasks import get_task
+from workers.artifacts import fetch, staging
 from workers.models import resolve
 
 log = logging.getLogger("clfgrid")
@@ -217,8 +218,8 @@ def in_cell_order(chunks: dict[int, list[dict[str, Any]]], indices: dict[int, li
 def model_spec(cell: Cell, store: Store, config: GridConfig) -> dict[str, Any]:
     """What the inference actor loads: the fine-tuned artifact, or the base model."""
     model = config.model(cell.model)  # a declared model, or a merge of the grid
-    if cell.depends_on:
-        path = str(store.local_cell_dir(cell.depends_on) / "model")
+    if cell.depends_on:  # a local path or an object-store URI: each actor fetches it (workers/artifacts.py)
+        path = store.cell_uri(cell.depends_on, "model")
     else:
         path = resolve(model.source, model.revision)
     return {"family": cell.family, "backend": cell.backend, "path": path, "dtype": model.dtype,
@@ -266,7 +267,7 @@ def run_inference_group(
     if spec["family"] == "decoder" and any(c.prompt_format == "chat" or c.budget_unit == "tokens" for c in cells):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(spec["path"])
+        tokenizer = AutoTokenizer.from_pretrained(fetch(spec["path"]))
     prepared = {c.id: prepare_cell(c, data_dir, tokenizer) for c in cells}
     inf = config.inference_for(config.model(cells[0].model))
     rows = chunk_rows(prepared.values(), inf.batch_size)
@@ -280,7 +281,7 @@ def run_inference_group(
     out = ds.map_batches(
         Predictor, fn_constructor_kwargs={"spec": spec, "retries": inf.retries},
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=inf.concurrency), num_cpus=inf.num_cpus,
-        num_gpus=inf.num_gpus, **remote_args,
+        num_gpus=inf.num_gpus, resources=inf.custom_resources or None, **remote_args,
     )
     expected = {cid: -(-len(p.items) // inf.batch_size) for cid, p in prepared.items()}
     indices = {(r["cell_id"], r["chunk"]): json.loads(r["index"]) for r in rows}
@@ -321,17 +322,16 @@ def run_finetune(cell: Cell, store: Store, data_dir: str | None, retries: int) -
     """One fine-tune cell as a Ray Train job; resumes from its own checkpoints when rerun."""
     from grid.jobs import FinetuneJob, Resources
 
-    out_dir = store.local_cell_dir(cell.id)
     recipe = cell.recipe or {}
     # A model the grid made (finetuned_from) trains from its parent cell's saved model.
-    start_from = str(store.local_cell_dir(cell.depends_on) / "model") if cell.depends_on else resolve(cell.source)
+    start_from = store.cell_uri(cell.depends_on, "model") if cell.depends_on else resolve(cell.source)
     job = FinetuneJob(
         model=start_from, family=cell.family, task=cell.task, mode=cell.finetune,
         shots=cell.shots, prompt_format=cell.prompt_format if cell.family == "decoder" else "plain",
         text_budget=cell.text_budget, text_budget_unit=cell.budget_unit or "words", sampler=cell.sampler, seed=cell.seed,
         train_limit=recipe.get("train_limit") or cell.limits.get("train"),
         mix_with=tuple(recipe.get("mix_with", ())),
-        hparams=recipe.get("hparams", {}), data_dir=data_dir, output_dir=str(out_dir),
+        hparams=recipe.get("hparams", {}), data_dir=data_dir, output_dir=store.cell_uri(cell.id),
         resources=Resources(**recipe.get("resources", {})),
     )
     if cell.family == "encoder":
@@ -370,13 +370,13 @@ def run_merge_cell(cell: Cell, store: Store) -> dict[str, Any]:
     from merge.run import merge
 
     recipe = cell.recipe or {}
-    paths = {key: str(store.local_cell_dir(ref["cell"]) / "model") if "cell" in ref else resolve(ref["source"])
-             for key, ref in recipe["inputs"].items()}
     start, started_at = time.perf_counter(), time.time()
     lineage = {**(cell.lineage or {}), "input_cells": recipe["inputs"]}
     try:
-        result = merge(substitute(recipe["mergekit"], paths), store.local_cell_dir(cell.id) / "model",
-                       where=f"merge {cell.model}")
+        paths = {key: fetch(store.cell_uri(ref["cell"], "model")) if "cell" in ref else resolve(ref["source"])
+                 for key, ref in recipe["inputs"].items()}
+        with staging(store.cell_uri(cell.id, "model")) as folder:
+            result = merge(substitute(recipe["mergekit"], paths), folder, where=f"merge {cell.model}")
     except Exception as exc:  # noqa: BLE001 - recorded, and the grid goes on
         error = f"{type(exc).__name__}: {exc}".splitlines()[0]
         log.error("merge %s failed: %s\n%s", cell.model, error, traceback.format_exc(limit=3))

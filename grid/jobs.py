@@ -95,6 +95,9 @@ class Resources(BaseModel):
         default="none", description="ZeRO CPU offload: the optimizer states (stage 2 or 3), or "
         "also the weights (stage 3), for models whose training state does not fit the GPUs "
         "(a 70B full fine-tune on 8 x 80 GB); `grid/run.py --dry-run` prints the GiB per GPU")
+    custom_resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources each worker needs, to pin training to "
+        "the nodes that declare them (`ray start --resources`, cluster.yaml's node types)")
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> "Resources":
@@ -116,16 +119,19 @@ class Resources(BaseModel):
         use_gpu = self.gpus_per_worker > 0
         return ScalingConfig(
             num_workers=self.num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": self.cpus_per_worker} | ({"GPU": self.gpus_per_worker} if use_gpu else {}),
+            resources_per_worker={"CPU": self.cpus_per_worker} | ({"GPU": self.gpus_per_worker} if use_gpu else {})
+            | self.custom_resources,
             placement_strategy=placement_strategy(self.num_workers, self.gpus_per_worker, node_gpus))
 
     @model_serializer(mode="wrap")
     def _omit_no_offload(self, handler: Any) -> dict[str, Any]:
-        """Without offload the field is left out, so the cell ids of recipes written before it
-        existed stay the same (a cell id hashes its recipe)."""
+        """Without offload (or custom resources) the field is left out, so the cell ids of recipes
+        written before it existed stay the same (a cell id hashes its recipe)."""
         data = handler(self)
         if self.zero_offload == "none":
             data.pop("zero_offload", None)
+        if not self.custom_resources:
+            data.pop("custom_resources", None)
         return data
 
 
@@ -139,7 +145,8 @@ class FinetuneJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="local path of the resolved model (workers.models.resolve)")
+    model: str = Field(description="local path of the resolved model (workers.models.resolve), or a grid-made "
+                       "model's folder or URI (each worker fetches it: workers/artifacts.py)")
     family: Family
     task: str = Field(description="catalog task name; its sub-tasks decide the heads or the answer")
     mode: Literal["full", "lora"]
@@ -155,5 +162,5 @@ class FinetuneJob(BaseModel):
         "train_limit rows of each, each row under its own task's prompt)")
     hparams: dict[str, Any] = Field(default_factory=dict)
     data_dir: str | None = None
-    output_dir: str
+    output_dir: str = Field(description="the cell's folder: a local or shared path, or an object-store URI")
     resources: Resources = Resources()

@@ -2,11 +2,14 @@
 
     DIR/cells/<cell_id>/predictions.parquet   one row per example (inference cells)
     DIR/cells/<cell_id>/cell.json              the cell, its status, timings, metrics, error
-    DIR/cells/<cell_id>/model/                 the fine-tuned model (fine-tune cells)
+    DIR/cells/<cell_id>/model/                 the fine-tuned or merged model (fine-tune, merge cells)
+    DIR/cells/<cell_id>/checkpoints/           Ray Train's checkpoints (fine-tune cells)
 
 Every file is written to a temporary name and moved into place, so a reader (or a resumed run)
 never sees half a file; `cell.json` is written last, so a cell counts as done only once all of
 its files are there. A killed run therefore loses at most the cells it was in the middle of.
+On an object store a model folder is published with a manifest written last (workers/artifacts.py),
+so the same holds there.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from grid.errors import GridError
+from workers.artifacts import filesystem, join
 
 CELL_FILE = "cell.json"
 PREDICTIONS_FILE = "predictions.parquet"
@@ -42,10 +46,7 @@ class Store:
         run) must not, so a mistyped path is an error rather than a new, empty results dir."""
         text = str(uri)
         try:
-            if "://" in text:
-                fs, root = pafs.FileSystem.from_uri(text)
-            else:
-                fs, root = pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+            fs, root = filesystem(text)
         except (pa.ArrowInvalid, OSError) as exc:
             raise GridError(f"results dir {text}: {exc}") from None
         cells = posixpath.join(root, "cells")
@@ -65,13 +66,12 @@ class Store:
     def cell_dir(self, cell_id: str) -> str:
         return posixpath.join(self.root, "cells", cell_id)
 
-    def local_cell_dir(self, cell_id: str) -> Path:
-        """A local folder for a cell's artifacts (fine-tuned models); needs a local store."""
-        if not self.is_local:
-            raise GridError(f"fine-tuning needs a local or shared-filesystem results dir, not {self.uri}")
-        path = Path(self.cell_dir(cell_id))
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    def cell_uri(self, cell_id: str, *parts: str) -> str:
+        """A cell's folder (or a file or folder in it) as workers reach it: an absolute local path,
+        or a URI on the object store (workers/artifacts.py reads and writes both)."""
+        if self.is_local:
+            return posixpath.join(self.cell_dir(cell_id), *parts)
+        return join(self.uri, "cells", cell_id, *parts)
 
     # --- writing ------------------------------------------------------------------------
 

@@ -340,6 +340,46 @@ merges:
     assert record["status"] == "done", record.get("error")
     assert record["lineage"]["method"] == "ties" and record["lineage"]["inputs"]["model_0"] == str(ckpts["a"])
     assert store.read_cell(cell.id)["mergekit_config"]["merge_method"] == "ties"
-    AutoModelForCausalLM.from_pretrained(store.local_cell_dir(cell.id) / "model")
+    AutoModelForCausalLM.from_pretrained(store.cell_uri(cell.id, "model"))
     infer = [c for c in plan.cells if c.kind == "infer" and c.model == "merged"]
     assert infer and all(c.depends_on == cell.id for c in infer)
+
+
+def test_merge_cell_on_s3_publishes_its_model_there(ckpts, tmp_path, monkeypatch):
+    """A merge cell with an object-store results dir: the merged model is uploaded (manifest
+    last) and fetched back into a node cache that loads."""
+    from transformers import AutoModelForCausalLM
+
+    import workers.models
+    from grid.execute import run_merge_cell
+    from grid.store import Store
+    from tests.s3server import start_s3
+    from workers.artifacts import fetch
+
+    text = f"""
+name: t
+models:
+  - {{name: base, source: "tiny:llama", family: decoder}}
+tasks: [fpb-sentiment]
+merges:
+  - name: merged
+    method: task_arithmetic
+    base: {{model: base}}
+    models:
+      - {{source: {ckpts['a']}, weight: 0.5}}
+"""
+    (cell,) = [c for c in _plan(tmp_path, text).cells if c.kind == "merge"]
+    s3 = start_s3()
+    try:
+        for key, value in s3.env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setattr(workers.models, "CACHE_DIR", tmp_path / "node-cache")
+        store = Store.open(s3.uri("merges"))
+        record = run_merge_cell(cell, store)
+        assert record["status"] == "done", record.get("error")
+        assert store.read_cell(cell.id)["status"] == "done"
+        local = fetch(store.cell_uri(cell.id, "model"))
+        assert local.startswith(str(tmp_path / "node-cache" / "artifacts"))
+        AutoModelForCausalLM.from_pretrained(local)
+    finally:
+        s3.stop()

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from workers.artifacts import fetch
+
 log = logging.getLogger("clfgrid.predict")
 
 
@@ -67,7 +69,8 @@ class Predictor:
     """
 
     def __init__(self, spec: dict[str, Any], retries: int = 2):
-        self.backend = make_backend(spec)
+        # a fine-tuned model on an object store: into this node's cache, once per node
+        self.backend = make_backend({**spec, "path": fetch(spec["path"])})
         self.retries = retries
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

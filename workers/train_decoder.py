@@ -17,14 +17,13 @@ The rest (train rows, length-grouped batches, schedule, checkpoints and resume, 
 the training core's (workers/training.py). Placement comes from `job.resources`: Ray Train
 workers with DDP (deepspeed_stage 0) or DeepSpeed ZeRO-2/3 (workers/deepspeed.py). The final
 model (LoRA: merged) and its tokenizer go to `output_dir/model` (with `heads.pt` and
-`heads.json` when it has heads), a LoRA adapter also to `output_dir/adapter`. `output_dir` must
-be a path every worker can write (a shared filesystem on a cluster).
+`heads.json` when it has heads), a LoRA adapter also to `output_dir/adapter`. `output_dir` is a
+local or shared folder, or an object-store URI (workers/artifacts.py publishes the folders there).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from grid.errors import GridError
-from workers import training
+from workers import artifacts, training
 from workers.decoder_heads import HEADS_FILE, HEADS_META
 from grid.jobs import FinetuneJob
 
@@ -277,14 +276,10 @@ def load_model(job: FinetuneJob, hp: dict[str, Any], heads: dict[str, list[str]]
 def save_final(model: DecoderWithHeads, tokenizer: Any, job: FinetuneJob) -> None:
     """Write output_dir/model (and for LoRA output_dir/adapter); each folder appears whole or not
     at all. A model with heads keeps them beside the LM's weights (read by workers/decoder_heads.py)."""
-    out = Path(job.output_dir)
 
     def write(folder: str, save) -> None:
-        tmp = out / f"{folder}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save(tmp)
-        shutil.rmtree(out / folder, ignore_errors=True)
-        tmp.rename(out / folder)
+        with artifacts.staging(artifacts.join(job.output_dir, folder)) as tmp:
+            save(tmp)
 
     lm = model.lm
     if job.mode == "lora":
@@ -316,6 +311,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from transformers import AutoTokenizer
 
     job = FinetuneJob.model_validate(config["job"])
+    job = job.model_copy(update={"model": artifacts.fetch(job.model)})  # a grid-made model: onto this node
     hp, heads = config["hp"], config["heads"]
     stage = job.resources.deepspeed_stage
     ctx = ray.train.get_context()
@@ -417,9 +413,7 @@ def run(job: FinetuneJob) -> dict[str, Any]:
     heads = head_labels(job, hp)
     if not ray.is_initialized():
         ray.init()
-    out = Path(job.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    job = job.model_copy(update={"output_dir": str(out)})
-    examples = build_examples(job, AutoTokenizer.from_pretrained(job.model), hp["max_length"], heads)
+    job = job.model_copy(update={"output_dir": artifacts.ensure_dir(job.output_dir)})
+    examples = build_examples(job, AutoTokenizer.from_pretrained(artifacts.fetch(job.model)), hp["max_length"], heads)
     config = {"job": job.model_dump(), "hp": hp, "heads": heads, "examples": ray.put(examples)}
     return training.fit(train_loop, config, job, hp["checkpoints_to_keep"])

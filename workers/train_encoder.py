@@ -12,8 +12,8 @@ equally weighted sum of the heads' cross-entropies, each logged apart.
 What is the encoder's own is here: the tokenized features, the model (workers.encoder), the
 step. The rest (train rows, batches, schedule, checkpoints and resume, throughput) is the
 training core's (workers/training.py). The final model goes to `output_dir/model/`
-(EncoderClassifier format, read by workers.encoder.EncoderPredictor); `output_dir` must be on
-storage that every Ray Train worker sees.
+(EncoderClassifier format, read by workers.encoder.EncoderPredictor); `output_dir` is a local
+or shared folder, or an object-store URI (workers/artifacts.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from grid.errors import GridError
-from workers import training
+from workers import artifacts, training
 from grid.jobs import FinetuneJob
 
 STATE_FILE = "state.pt"
@@ -41,6 +41,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from workers.encoder import EncoderClassifier, collate, load_tokenizer
 
     job = FinetuneJob.model_validate(config["job"])
+    job = job.model_copy(update={"model": artifacts.fetch(job.model)})  # a grid-made model: onto this node
     hp, labels = config["hp"], config["labels"]
     features = ray.get(config["features"])
     device = ray.train.torch.get_device()
@@ -89,7 +90,8 @@ def train_loop(config: dict[str, Any]) -> None:
     model.train()
     metrics = training.train(training.Recipe(step, save_state, load_state, scheduler), lengths, hp, job.seed)
     if ray.train.get_context().get_world_rank() == 0:
-        bare.save(Path(job.output_dir) / "model", tokenizer)
+        with artifacts.staging(artifacts.join(job.output_dir, "model")) as folder:
+            bare.save(folder, tokenizer)
         training.write_metrics(job, metrics)
 
 
@@ -111,15 +113,13 @@ def run(job: FinetuneJob) -> dict[str, Any]:
     train = load_split(task, "train", job.data_dir)
     train = train.select(training.train_indices(len(train), job.train_limit, job.seed))
     t0 = time.perf_counter()
-    features = encode_rows(load_tokenizer(job.model, task), task, list(train), hp["max_length"],
+    features = encode_rows(load_tokenizer(artifacts.fetch(job.model), task), task, list(train), hp["max_length"],
                            head_specs(task, labels))
     print(f"{job.task}: {len(features)} train rows tokenized in {time.perf_counter() - t0:.1f}s", flush=True)
 
     if not ray.is_initialized():
         ray.init()
-    out = Path(job.output_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    job = job.model_copy(update={"output_dir": str(out)})
+    job = job.model_copy(update={"output_dir": artifacts.ensure_dir(job.output_dir)})
     config = {"job": job.model_dump(), "hp": hp, "labels": labels, "features": ray.put(features)}
     metrics = training.fit(train_loop, config, job, hp["checkpoints_to_keep"])
-    return metrics | {"hparams": hp, "model_dir": str(out / "model")}
+    return metrics | {"hparams": hp, "model_dir": artifacts.join(job.output_dir, "model")}

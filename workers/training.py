@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from grid.errors import GridError
+from workers import artifacts
 from workers.batching import length_grouped_batches
 from grid.jobs import FinetuneJob, hparams_schema, unknown_hparams
 
@@ -266,26 +267,28 @@ def fit(worker_loop: Callable[[dict[str, Any]], None], config: dict[str, Any], j
         checkpoints_to_keep: int) -> dict[str, Any]:
     """Run `worker_loop` as a Ray Train job on `job.resources`, with checkpoints under
     `output_dir/checkpoints` (the same name on a rerun, so Ray Train resumes from the newest);
-    returns the metrics rank 0 wrote to `output_dir/train_metrics.json`."""
+    returns the metrics rank 0 wrote to `output_dir/train_metrics.json`. `output_dir` may be on
+    an object store: Ray Train then persists the checkpoints there through pyarrow."""
     import ray
     from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
         ray.init()
-    out = Path(job.output_dir)
-    metrics_file = out / METRICS_FILE
-    metrics_file.unlink(missing_ok=True)
+    metrics_uri = artifacts.join(job.output_dir, METRICS_FILE)
+    artifacts.remove(metrics_uri)
+    storage_fs, storage_path = artifacts.filesystem(job.output_dir)
     TorchTrainer(
         worker_loop,
         train_loop_config=config,
         scaling_config=job.resources.scaling_config(),
-        run_config=RunConfig(name="checkpoints", storage_path=str(out),
+        run_config=RunConfig(name="checkpoints", storage_path=storage_path,
+                             storage_filesystem=storage_fs if artifacts.is_remote(job.output_dir) else None,
                              checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep)),
     ).fit()
-    return json.loads(metrics_file.read_text())
+    return json.loads(artifacts.read_text(metrics_uri))
 
 
 def write_metrics(job: FinetuneJob, metrics: dict[str, Any]) -> None:
-    """Rank 0's metrics, for `fit` to return."""
-    (Path(job.output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+    """Rank 0's metrics, for `fit` to return (the driver may be on another node)."""
+    artifacts.write_text(artifacts.join(job.output_dir, METRICS_FILE), json.dumps(metrics, indent=1))

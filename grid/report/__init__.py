@@ -43,28 +43,30 @@ from grid.report.comparisons import parse_pairs
 from grid.report.model import build_model, to_json
 from grid.report.plots import draw_plots
 from grid.store import Store
+from workers import artifacts
 
 
 def write_report(results: str | Path, out: str | Path = "reports", *, pairs: list[tuple[str, str]] | str | None = None,
                  confusion_cell: str | None = None, n_boot: int = 1000, seed: int = 0,
                  default_pairs_on: bool = True) -> list[str]:
-    """Write table3.md, report.html and report.json under `out`; return their paths."""
+    """Write table3.md, report.html and report.json under `out` (a folder, or an object-store URI
+    such as the results bucket's); return their paths."""
     store = Store.open(results, create=False)
     model = build_model(store, str(results), parse_pairs(pairs) if isinstance(pairs, str) else pairs,
                         confusion_cell, n_boot=n_boot, seed=seed, default_pairs_on=default_pairs_on)
     plots = draw_plots(model)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "table3.md", out / "report.html", out / "report.json"]
-    paths[0].write_text(markdown.render(model))
-    paths[1].write_text(page.render(model, plots))
-    paths[2].write_text(json.dumps(to_json(model, plots), indent=1, default=str))
-    return [str(p) for p in paths]
+    texts = {"table3.md": markdown.render(model), "report.html": page.render(model, plots),
+             "report.json": json.dumps(to_json(model, plots), indent=1, default=str)}
+    paths = []
+    for name, text in texts.items():
+        paths.append(artifacts.join(str(out), name))
+        artifacts.write_text(paths[-1], text)
+    return paths
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", help="results dir")
-    p.add_argument("--out", default="reports", help="output folder (default reports/)")
+    p.add_argument("--out", default="reports", help="output folder or object-store URI (default reports/)")
     p.add_argument("--pairs", default=None, help="extra comparisons A:B,... by cell id")
     p.add_argument("--no-default-pairs", action="store_true", help="test only the --pairs")
     p.add_argument("--confusion-cell", default=None, help="cell id (ID or ID:subtask) for the confusion matrix")

@@ -1,0 +1,107 @@
+"""Results on an object store, a real S3 server (moto, on loopback): a killed driver resumes
+against it with no finished cell redone; a model is published there whole or not at all and
+fetched into a node's cache once, by content. (A fine-tune on S3 whose inference runs on another
+node, against a local run: tests/test_multinode.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+import yaml
+
+from grid.errors import GridError
+from grid.query import cells
+from tests.conftest import ROOT, run_cli
+from tests.s3server import start_s3
+
+TINY = {"name": "tiny-llama", "source": "tiny:llama", "family": "decoder", "prompt_format": "chat"}
+# a full fine-tune of the tiny decoder (4 steps) and its inference cell
+FINETUNE_GRID = {
+    "name": "s3", "models": [TINY], "tasks": ["massive-intent"], "shots": [0], "finetune": ["full"],
+    "decoding": {"mode": "free", "max_new_tokens": 6}, "limits": {"test": 8, "train": 32}, "text_budget": 48,
+    "inference": {"batch_size": 4},
+    "recipes": {"decoder/full": {"hparams": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "max_length": 1024,
+                                             "log_every_steps": 0}}},
+}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = start_s3()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)  # this process (the query helpers) and the drivers it starts
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+def s3_files(uri: str) -> list[str]:
+    fs, root = pafs.FileSystem.from_uri(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+def test_killed_driver_resumes_against_s3(s3, tmp_path):
+    grid = {**FINETUNE_GRID, "finetune": ["none"], "tasks": ["massive-intent", "20ng-7", "fpb-sentiment", "fomc-stance"],
+            "limits": {"test": 16}}
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(grid))
+    remote = s3.uri("resume")
+    proc = subprocess.Popen([sys.executable, "grid/run.py", str(config), "--results", remote, "--num-cpus", "2"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    records = []
+    deadline = time.time() + 600  # Ray's start-up takes minutes when other work shares the 2 cores
+    while time.time() < deadline and len(records) < 1 and proc.poll() is None:
+        time.sleep(0.2)
+        records = [f for f in s3_files(remote) if f.endswith("/cell.json")]
+    assert proc.poll() is None, "the driver exited before any cell was done"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    fs, root = pafs.FileSystem.from_uri(remote)
+    finished = {f: fs.get_file_info(f"{root}/{f}").mtime for f in s3_files(remote) if f.endswith("/cell.json")}
+    assert 1 <= len(finished) < 4, "the kill should land midway"
+
+    resumed = run_cli("grid/run.py", str(config), "--results", remote, "--num-cpus", "2")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"ran {4 - len(finished)} cells ({len(finished)} already done)" in resumed.stdout
+    assert all(fs.get_file_info(f"{root}/{f}").mtime == t for f, t in finished.items())  # not rewritten
+    assert cells(remote).collect()["status"].to_list() == ["done"] * 4
+
+    from grid.report import write_report
+
+    write_report(remote, s3.uri("resume/report"), n_boot=50)  # the report beside the results
+    assert {"table3.md", "report.html", "report.json"} <= set(s3_files(s3.uri("resume/report")))
+
+
+def test_a_model_is_fetched_once_per_node_by_content(s3, tmp_path, monkeypatch):
+    import workers.models
+    from workers import artifacts
+
+    monkeypatch.setattr(workers.models, "CACHE_DIR", tmp_path / "cache")
+    uri = s3.uri("artifacts/cells/c1/model")
+    with pytest.raises(GridError, match="no published model there"):
+        artifacts.fetch(uri)
+    with artifacts.staging(uri) as folder:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "w.bin").write_bytes(b"one")
+    first = artifacts.fetch(uri)
+    assert Path(first, "sub", "w.bin").read_bytes() == b"one"
+    assert artifacts.fetch(uri) == first  # from the cache: no second download
+    with artifacts.staging(uri) as folder:  # published again with other bytes: a new cache folder
+        (folder / "w.bin").write_bytes(b"two")
+    second = artifacts.fetch(uri)
+    assert second != first and sorted(os.listdir(second)) == ["w.bin"]
+    with pytest.raises(RuntimeError), artifacts.staging(uri):  # a writer that fails publishes nothing
+        raise RuntimeError("killed")
+    assert artifacts.fetch(uri) == second
