@@ -317,7 +317,14 @@ def run_finetune(cell: Cell, store: Store, data_dir: str | None, retries: int) -
         hparams=recipe.get("hparams", {}), data_dir=data_dir, output_dir=str(out_dir),
         resources=Resources(**recipe.get("resources", {})),
     )
-    if cell.family == "encoder":
+    if recipe.get("search"):  # a Ray Tune experiment whose best trial's model is the cell's
+        from functools import partial
+
+        from grid.search import SearchSpec
+        from workers.search import run_search
+
+        run = partial(run_search, spec=SearchSpec.model_validate(recipe["search"]))
+    elif cell.family == "encoder":
         from workers.train_encoder import run
     else:
         from workers.train_decoder import run
