@@ -60,6 +60,10 @@ def _run(args: argparse.Namespace) -> int:
     validate_references(config, args.config, hub_cache=not args.dry_run)
     data_dir = data_dir_arg(args.data)
     plan = build_plan(config, data_dir)
+    from grid.resources import search_budgets
+    from grid.search import check_budget
+
+    check_budget(search_budgets(plan, config, data_dir), config.search_budget, args.config)  # before any work
     if args.dry_run:  # reads the results dir, if there is one, and writes nothing
         try:
             statuses = Store.open(args.results, create=False).statuses()
