@@ -13,7 +13,9 @@ trainer itself.)
     <cell>/model/                  the best finished trial's model: what the inference cells load
 
 A rerun after a kill restores the experiment (`Tuner.restore`): finished trials are not run
-again, and an unfinished one goes on from its own last Ray Train checkpoint.
+again, and an unfinished one goes on from its own last Ray Train checkpoint. Ray Tune does not
+save a scheduler's state with the experiment, so after a restore ASHA's rungs start empty: the
+trials still to run are compared with each other, not with those finished before the kill.
 
 The best trial is the best, by the search's metric at its last report, among the trials that ran
 to their last epoch: a trial ASHA stopped has no model of its recipe (it was cut short), and by
