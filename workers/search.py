@@ -32,6 +32,7 @@ from typing import Any
 from grid.errors import GridError
 from grid.jobs import FinetuneJob
 from grid.search import Choice, Dimension, LogUniform, RandInt, SearchSpec, Uniform
+
 EXPERIMENT = "search"  # Tune's experiment: its state and each trial's results
 TRIALS = "trials"  # each trial's Ray Train job: checkpoints, model, metrics
 TRIAL_FILE = "trial.json"  # a finished trial's metrics, hparams and validation split
@@ -124,9 +125,7 @@ def run_search(job: FinetuneJob, spec: SearchSpec) -> dict[str, Any]:
         raise GridError(f"search: no trial ran to its last epoch ({len(trials)} trials"
                         + (f"; first error: {errors[0]}" if errors else "") + ")")
     best = (max if spec.mode == "max" else min)(finished, key=lambda t: t["last"][spec.metric])
-    trial_dir = Path(best.pop("_dir"))
-    for t in trials:
-        t.pop("_dir", None)
+    trial_dir = out / TRIALS / best["trial_id"]
     model = out / "model"
     shutil.rmtree(model, ignore_errors=True)
     shutil.copytree(trial_dir / "model", model)
@@ -157,5 +156,5 @@ def _trial_record(result: Any, trials_dir: Path) -> dict[str, Any]:
     return {"trial_id": trial_id, "config": plain(result.config),
             "status": status, "epochs_run": curve[-1]["epoch"] if curve else 0,
             "last": {k: v for k, v in (curve[-1] if curve else {}).items() if k.startswith("val_")},
-            "curve": curve, "_dir": str(trial_dir)}
+            "curve": curve}
 
