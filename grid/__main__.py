@@ -61,10 +61,15 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from grid.store import Store
-    from grid.tables import print_table, status_table
+    from grid.tables import print_table, search_table, status_table
 
     store = Store.open(args.results, create=False)
-    print_table(*status_table(store.records()))
+    records = store.records()
+    print_table(*status_table(records))
+    trials, line = search_table(records)
+    if line:
+        print()
+        print_table(trials, line)
     return 0
 
 

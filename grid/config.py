@@ -21,6 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from grid.errors import GridError, first_error, read_yaml_mapping, validate_file
 from grid.merges import MergeSpec
 from grid.jobs import Family, PromptFormat, Resources, unknown_hparams
+from grid.search import SearchBudget, SearchSpec
 
 Backend = Literal["transformers", "vllm", "litellm"]
 FinetuneMode = Literal["none", "full", "lora"]
@@ -126,6 +127,16 @@ class Recipe(Strict):
     hparams: dict[str, Any] = Field(default_factory=dict)
     resources: Resources = Resources()
     train_limit: int | None = Field(default=None, gt=0)
+    search: SearchSpec | None = Field(default=None, description="search hparams with Ray Tune instead of "
+                                      "fixing them (grid/search.py); the best trial's model is the cell's")
+
+    @model_serializer(mode="wrap")
+    def _without_search(self, handler: Any) -> dict[str, Any]:
+        """Cell ids hash this dict: a recipe without a search keeps the id it had before searches."""
+        data = handler(self)
+        if self.search is None:
+            data.pop("search", None)
+        return data
 
 
 class Limits(Strict):
@@ -169,6 +180,8 @@ class GridConfig(Strict):
     finetune_retries: int = Field(default=2, ge=0, description="tries of a failed fine-tune cell after the "
                                   "first (each resumes from the newest checkpoint)")
     inference: Inference = Inference()
+    search_budget: SearchBudget | None = Field(
+        default=None, description="the most the grid's searches may cost, summed; a plan over it is refused")
     parallel: int = Field(
         default=1, gt=0, description="fine-tunes and model groups run at once (each in a driver "
         "thread; Ray queues what the cluster cannot place yet); 1: one after another")
@@ -287,6 +300,11 @@ class GridConfig(Strict):
         for key, recipe in self.recipes.items():
             if problem := unknown_hparams(key.partition("/")[0], recipe.hparams):
                 raise ValueError(f"recipes.{key}.hparams: {problem}")
+            if recipe.search and (problem := unknown_hparams(key.partition("/")[0], recipe.search.space)):
+                raise ValueError(f"recipes.{key}.search.space: {problem}")
+            if recipe.search and key != "encoder/full":
+                raise ValueError(f"recipes.{key}.search: searches run on encoder/full recipes only so far "
+                                 "(the decoder trainer reports no validation metric yet)")
         for i, m in enumerate(self.models):
             if m.family in ("encoder", "decoder") and (problem := unknown_hparams(m.family, m.hparams)):
                 raise ValueError(f"models.{i}.hparams: {problem}")

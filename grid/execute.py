@@ -334,7 +334,14 @@ def run_finetune(cell: Cell, store: Store, data_dir: str | None, retries: int) -
         hparams=recipe.get("hparams", {}), data_dir=data_dir, output_dir=store.cell_uri(cell.id),
         resources=Resources(**recipe.get("resources", {})),
     )
-    if cell.family == "encoder":
+    if recipe.get("search"):  # a Ray Tune experiment whose best trial's model is the cell's
+        from functools import partial
+
+        from grid.search import SearchSpec
+        from workers.search import run_search
+
+        run = partial(run_search, spec=SearchSpec.model_validate(recipe["search"]))
+    elif cell.family == "encoder":
         from workers.train_encoder import run
     else:
         from workers.train_decoder import run
@@ -444,6 +451,10 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
     summary = RunSummary(planned=len(plan.cells), already_done=len(plan.cells) - len(todo), rescored=rescored)
     if not todo:
         return summary
+    if not store.is_local and any((c.recipe or {}).get("search") for c in todo):
+        # Tune keeps its experiment state and each trial's folder on a local path (workers/search.py)
+        raise GridError(f"results dir {store.uri}: fine-tune searches (recipe 'search') need a local or "
+                        "shared-filesystem results dir; run the search there, or drop 'search' from the recipe")
     connect_ray(num_cpus)
     progress = Progress(total_cells=len(todo))
     claims = Claims(store)

@@ -135,6 +135,16 @@ class Resources(BaseModel):
         return data
 
 
+class Validation(BaseModel):
+    """Train rows held out to compare a search's trials on: a seeded sample of the job's train rows
+    (after `train_limit`), never trained on; the test split is never read for it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fraction: float = Field(default=0.1, gt=0, le=0.5, description="share of the train rows held out")
+    seed: int = Field(default=0, description="which rows")
+
+
 class FinetuneJob(BaseModel):
     """One fine-tune cell: train `model` on `task` and save the result under `output_dir`.
 
@@ -164,3 +174,6 @@ class FinetuneJob(BaseModel):
     data_dir: str | None = None
     output_dir: str = Field(description="the cell's folder: a local or shared path, or an object-store URI")
     resources: Resources = Resources()
+    validation: Validation | None = Field(
+        default=None, description="hold out these train rows and report val_loss / val_accuracy at "
+        "every epoch end (a search's trials are compared on them)")

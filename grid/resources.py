@@ -27,6 +27,11 @@ GPU-hours, a stated simple model (not a measurement):
              instructions + label list (~100 + 4 per label) + (shots + 1) texts + shots answers.
     A100: 312 TFLOP/s bf16 dense; MFU 0.35 for training, 0.15 for batched vLLM generation.
 
+A searched fine-tune cell (grid/search.py) costs its trials x its longest trial, every trial run
+out (ASHA only stops trials sooner): T is trials x the longest trial's tokens. Its search's row
+also gives CPU core-hours, at the rate measured for MiniLM here (encoder-massive.yaml's 12-epoch
+intent fine-tune, 16 min on 2 cores: 8.5e10 training FLOP/s per core).
+
 Training state per GPU, the ZeRO paper's accounting for bf16 mixed-precision Adam (activations,
 the CUDA context and fragmentation not counted, so a group is flagged above 80% of the GPU's
 memory): a trained parameter costs 2 (bf16 weight) + 2 (gradient) + 12 (fp32 master, Adam m, v)
@@ -50,6 +55,7 @@ from pathlib import Path
 from grid.config import GridConfig
 from grid.plan import Cell, Plan
 from grid.jobs import placement_strategy
+from grid.search import trial_budget
 
 GPU_TYPES = {
     "A100": {"bf16_flops": 312e12, "memory_gb": 80},
@@ -62,6 +68,7 @@ TOKENS_PER_WORD = 1.35
 PROMPT_OVERHEAD = 100  # instruction tokens
 TOKENS_PER_LABEL = 4
 NODE_GPUS = 8  # GPUs of one worker node (p4d/p4de.24xlarge); cluster.yaml's worker type
+CPU_TRAIN_FLOPS_PER_CORE = 8.5e10  # measured: MiniLM fine-tune, fp32, 2 cores (module docstring)
 
 KNOWN_PARAMS = {"roberta-base": 125e6, "roberta-large": 355e6, "all-minilm-l6-v2": 22e6,
                 "phi-3-mini": 3.8e9, "phi3-mini": 3.8e9}  # ids that do not say their size
@@ -142,6 +149,7 @@ class PlacementGroup:
     tokens: float
     gpu_hours: float | None
     state_gb_per_gpu: float | None = None  # training state (module docstring); None: CPU or unknown size
+    search: dict | None = None  # a searched cell's trial budget (grid.search.trial_budget), with its costs
 
     @property
     def gpus(self) -> float:
@@ -233,8 +241,9 @@ def estimate(plan: Plan, config: GridConfig, data_dir: str | None = None, gpu: s
             cpw = float(res.get("cpus_per_worker", 1))
             max_len = hp.get("max_length") or 512
             n_train = min(size.n_train, recipe.get("train_limit") or size.n_train)
+            search = trial_budget(cell, n_train) if recipe.get("search") else None
             if cell.family == "encoder":
-                epochs = hp.get("epochs") or _paper_epochs(cell.task)
+                epochs = search["epochs"] if search else hp.get("epochs") or _paper_epochs(cell.task)
                 tokens = epochs * n_train * min(size.text_tokens, max_len)
             else:
                 per_example = min(prompt_tokens(cell, size) + size.answer_tokens, max_len)
@@ -243,8 +252,12 @@ def estimate(plan: Plan, config: GridConfig, data_dir: str | None = None, gpu: s
                     tokens = hp["max_steps"] * global_batch * per_example
                 else:
                     tokens = (hp.get("epochs") or 1) * n_train * per_example
+            tokens *= search["trials"] if search else 1
             hours = (_gpu_seconds(6 * n_params * tokens, gpu, TRAIN_MFU) / 3600) if n_params and gpw > 0 else (
                 0.0 if gpw <= 0 else None)
+            if search:
+                search |= {"gpu_hours": hours, "cpu_core_hours": 6 * n_params * tokens / CPU_TRAIN_FLOPS_PER_CORE / 3600
+                           if n_params else None}
             stage, offload = int(res.get("deepspeed_stage", 0)), res.get("zero_offload", "none")
             state = (training_state_bytes(n_params, cell.finetune, stage, offload, workers) / 1e9
                      if n_params and gpw > 0 else None)
@@ -252,7 +265,7 @@ def estimate(plan: Plan, config: GridConfig, data_dir: str | None = None, gpu: s
                 cell_id=cell.id, model=cell.model, label=f"{cell.model} {cell.task} {cell.shots}-shot ft={cell.finetune}",
                 bundles=[{"CPU": cpw, "GPU": gpw} for _ in range(workers)],
                 strategy=placement_strategy(workers, gpw, node_gpus), deepspeed_stage=stage,
-                tokens=tokens, gpu_hours=hours, state_gb_per_gpu=state))
+                tokens=tokens, gpu_hours=hours, state_gb_per_gpu=state, search=search))
             continue
         g = groups.get(cell.model)
         if g is None:
@@ -364,6 +377,28 @@ def resources_tables(est: Estimate):
     return pgs, inf, line
 
 
+def search_table(est: Estimate):
+    """Each search's trial budget and estimated cost, or None when the plan has no search."""
+    import polars as pl
+
+    rows = [{"cell_id": p.cell_id, "searched fine-tune": p.label, "trials": p.search["trials"],
+             "longest trial (epochs)": p.search["epochs"], "steps per trial": p.search["steps_per_trial"],
+             "trial steps": p.search["trial_steps"], "GPU-hours": _fmt_hours(p.search["gpu_hours"]),
+             "CPU core-hours": "unknown" if p.search["cpu_core_hours"] is None else f"{p.search['cpu_core_hours']:.2f}"}
+            for p in est.placement_groups if p.search]
+    if not rows:
+        return None
+    return pl.DataFrame(rows), (f"searches: {len(rows)}, at most {sum(r['trial steps'] for r in rows):,} optimizer "
+                                "steps (every trial run out; ASHA stops some sooner)")
+
+
+def search_budgets(plan: Plan, config: GridConfig, data_dir: str | None = None) -> list[dict]:
+    """The trial budget and costs of each searched fine-tune cell of the plan."""
+    if not any(c.kind == "finetune" and (c.recipe or {}).get("search") for c in plan.cells):
+        return []
+    return [p.search for p in estimate(plan, config, data_dir).placement_groups if p.search]
+
+
 def print_resources(plan: Plan, config: GridConfig, data_dir: str | None = None, gpu: str = "A100") -> Estimate:
     from grid.tables import print_table
 
@@ -374,6 +409,9 @@ def print_resources(plan: Plan, config: GridConfig, data_dir: str | None = None,
     print()
     print_table(inf, f"inference actors: {len(est.inference)} models")
     print(line)
+    if searches := search_table(est):
+        print()
+        print_table(*searches)
     for problem in memory_problems(est):
         print(f"warning: {problem}")
     print(ASSUMPTIONS.replace("{peak}", f"{GPU_TYPES[gpu]['bf16_flops'] / 1e12:g}"))

@@ -47,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
     from grid.execute import data_dir_arg, execute
     from grid.plan import build_plan, validate_references
     from grid.store import Store
-    from grid.tables import plan_table, print_table, status_table
+    from grid.tables import plan_table, print_table, search_table, status_table
 
     from grid.tasks import use_tasks_dir
 
@@ -60,6 +60,10 @@ def _run(args: argparse.Namespace) -> int:
     validate_references(config, args.config, hub_cache=not args.dry_run)
     data_dir = data_dir_arg(args.data)
     plan = build_plan(config, data_dir)
+    from grid.resources import search_budgets
+    from grid.search import check_budget
+
+    check_budget(search_budgets(plan, config, data_dir), config.search_budget, args.config)  # before any work
     if args.dry_run:  # reads the results dir, if there is one, and writes nothing
         try:
             statuses = Store.open(args.results, create=False).statuses()
@@ -74,7 +78,11 @@ def _run(args: argparse.Namespace) -> int:
     store = Store.open(args.results)
     summary = execute(plan, config, store, data_dir, args.num_cpus)
     cell_ids = {c.id for c in plan.cells}  # this grid's cells and their metrics, as `grid status` shows them
-    print_table(*status_table([r for r in store.records() if r["cell_id"] in cell_ids]))
+    records = [r for r in store.records() if r["cell_id"] in cell_ids]
+    print_table(*status_table(records))
+    trials, searches = search_table(records)
+    if searches:
+        print_table(trials, searches)
     print(f"ran {len(summary.ran)} cells ({summary.already_done} already done), {len(summary.failed)} failed")
     if summary.rescored:
         print(f"{len(summary.rescored)} finished cells scored again: their task's metrics changed")

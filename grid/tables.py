@@ -67,6 +67,30 @@ def status_table(records: list[dict[str, Any]]) -> tuple[pl.DataFrame, str]:
     return pl.DataFrame(rows), summary_line([r["status"] for r in rows]) + _forgetting_text(records)
 
 
+def search_table(records: list[dict[str, Any]]) -> tuple[pl.DataFrame, str]:
+    """Every trial of the searched fine-tune cells (grid/search.py): its drawn hparams, whether it
+    ran out, was stopped early or failed, its epochs, the metric at each epoch (its curve), and a
+    line per search naming the chosen values."""
+    rows, lines = [], []
+    for r in records:
+        search = (r.get("metrics") or {}).get("search") if r["status"] == "done" else None
+        if not search:
+            continue
+        metric = search["metric"]
+        for t in search["trials"]:
+            curve = " ".join(f"{p[metric]:.3f}" for p in t["curve"] if metric in p)
+            rows.append({"cell_id": r["cell_id"], "trial": t["trial_id"],
+                         "hparams": ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in t["config"].items()),
+                         "status": t["status"] + (" (chosen)" if t["trial_id"] == search["best_trial"] else ""),
+                         "epochs": round(t["epochs_run"], 2), f"{metric} by epoch": curve})
+        chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in search["chosen"].items())
+        lines.append(f"search {r['cell_id']} ({r['cell']['model']} {r['cell']['task']}): chose {chosen}, "
+                     f"{metric} {search['best_value']:.4f}; {search['stopped_early']} of {len(search['trials'])} "
+                     "trials stopped early")
+    return pl.DataFrame(rows), "\n".join(lines)
+
+
 def print_table(df: pl.DataFrame, line: str) -> None:
     with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=200, tbl_width_chars=250,
                    tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_formatting="ASCII_MARKDOWN"):

@@ -38,12 +38,13 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from grid.tasks import get_task
-    from workers.encoder import EncoderClassifier, collate, load_tokenizer
+    from workers.encoder import IGNORE_INDEX, EncoderClassifier, collate, load_tokenizer
 
     job = FinetuneJob.model_validate(config["job"])
     job = job.model_copy(update={"model": artifacts.fetch(job.model)})  # a grid-made model: onto this node
     hp, labels = config["hp"], config["labels"]
     features = ray.get(config["features"])
+    val_features = ray.get(config["val_features"]) if config.get("val_features") is not None else None
     device = ray.train.torch.get_device()
     task = get_task(job.task)
     tokenizer = load_tokenizer(job.model, task)
@@ -87,16 +88,39 @@ def train_loop(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
 
+    def evaluate() -> dict[str, float]:
+        """Loss and accuracy on the held-out rows: each head's share of right labels (a token
+        head's over its labelled words), averaged over heads; the loss is the heads' summed loss."""
+        bare.eval()
+        loss_sum, right, seen = 0.0, dict.fromkeys(bare.heads, 0), dict.fromkeys(bare.heads, 0)
+        with torch.no_grad():
+            for start in range(0, len(val_features), 64):
+                chunk = val_features[start:start + 64]
+                batch = collate(chunk, tokenizer.pad_token_id, specs)
+                batch = {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
+                         for k, v in batch.items()}
+                head_losses, logits = bare(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                loss_sum += float(sum(head_losses.values())) * len(chunk)
+                for name, gold in batch["labels"].items():
+                    kept = gold != IGNORE_INDEX
+                    right[name] += int((logits[name].argmax(-1)[kept] == gold[kept]).sum())
+                    seen[name] += int(kept.sum())
+        bare.train()
+        accuracy = sum(right[n] / max(seen[n], 1) for n in right) / len(right)
+        return {"val_loss": loss_sum / len(val_features), "val_accuracy": accuracy}
+
     model.train()
-    metrics = training.train(training.Recipe(step, save_state, load_state, scheduler), lengths, hp, job.seed)
+    recipe = training.Recipe(step, save_state, load_state, scheduler, evaluate if val_features else None)
+    metrics = training.train(recipe, lengths, hp, job.seed)
     if ray.train.get_context().get_world_rank() == 0:
         with artifacts.staging(artifacts.join(job.output_dir, "model")) as folder:
             bare.save(folder, tokenizer)
         training.write_metrics(job, metrics)
 
 
-def run(job: FinetuneJob) -> dict[str, Any]:
-    """Train `job.model` with a head per sub-task of `job.task`; return the run's metrics."""
+def run(job: FinetuneJob, callbacks: tuple = ()) -> dict[str, Any]:
+    """Train `job.model` with a head per sub-task of `job.task`; return the run's metrics.
+    `callbacks` go to Ray Train (a search trial's report to Tune)."""
     import ray
 
     from grid.data import label_sets, load_split
@@ -112,14 +136,18 @@ def run(job: FinetuneJob) -> dict[str, Any]:
     labels = {name: list(values) for name, values in label_sets(task, job.data_dir).items()}
     train = load_split(task, "train", job.data_dir)
     train = train.select(training.train_indices(len(train), job.train_limit, job.seed))
+    train, held_out, validation = training.split_validation(train, job.validation)
     t0 = time.perf_counter()
-    features = encode_rows(load_tokenizer(artifacts.fetch(job.model), task), task, list(train), hp["max_length"],
-                           head_specs(task, labels))
+    tokenizer, specs = load_tokenizer(artifacts.fetch(job.model), task), head_specs(task, labels)
+    features = encode_rows(tokenizer, task, list(train), hp["max_length"], specs)
+    val_features = encode_rows(tokenizer, task, list(held_out), hp["max_length"], specs) if held_out else None
     print(f"{job.task}: {len(features)} train rows tokenized in {time.perf_counter() - t0:.1f}s", flush=True)
 
     if not ray.is_initialized():
         ray.init()
     job = job.model_copy(update={"output_dir": artifacts.ensure_dir(job.output_dir)})
-    config = {"job": job.model_dump(), "hp": hp, "labels": labels, "features": ray.put(features)}
-    metrics = training.fit(train_loop, config, job, hp["checkpoints_to_keep"])
-    return metrics | {"hparams": hp, "model_dir": artifacts.join(job.output_dir, "model")}
+    config = {"job": job.model_dump(), "hp": hp, "labels": labels, "features": ray.put(features),
+              "val_features": ray.put(val_features) if val_features else None}
+    metrics = training.fit(train_loop, config, job, hp["checkpoints_to_keep"], callbacks)
+    return metrics | {"hparams": hp, "model_dir": artifacts.join(job.output_dir, "model")} | (
+        {"validation": validation} if validation else {})

@@ -20,6 +20,7 @@ they share lives here, once:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -32,7 +33,7 @@ from typing import Any, Callable
 from grid.errors import GridError
 from workers import artifacts
 from workers.batching import length_grouped_batches
-from grid.jobs import FinetuneJob, hparams_schema, unknown_hparams
+from grid.jobs import FinetuneJob, Validation, hparams_schema, unknown_hparams
 
 METRICS_FILE = "train_metrics.json"
 
@@ -56,6 +57,24 @@ def train_indices(num_rows: int, limit: int | None, seed: int) -> list[int]:
     if limit is None or limit >= num_rows:
         return list(range(num_rows))
     return sorted(random.Random(seed).sample(range(num_rows), limit))
+
+
+def split_validation(rows: Any, validation: Validation | None) -> tuple[Any, Any, dict[str, Any] | None]:
+    """(rows to train on, held-out rows, what was held out) of a job's train rows (a datasets
+    Dataset, after `train_limit`): a seeded sample of `validation.fraction` of them, never trained
+    on; the record keeps its size, seed and a hash of its example ids."""
+    if validation is None:
+        return rows, None, None
+    from grid.search import validation_rows
+
+    held = set(random.Random(validation.seed).sample(range(len(rows)), validation_rows(len(rows), validation.fraction)))
+    if len(held) == len(rows):
+        raise GridError(f"{len(rows)} train rows are too few to hold {validation.fraction:g} of them out for validation")
+    held_out = rows.select(sorted(held))
+    ids = "\n".join(str(i) for i in held_out["example_id"])
+    return rows.select([i for i in range(len(rows)) if i not in held]), held_out, {
+        "fraction": validation.fraction, "seed": validation.seed, "rows": len(held_out), "train_rows": len(rows) - len(held),
+        "example_ids_sha256": hashlib.sha256(ids.encode()).hexdigest()[:16]}
 
 
 def epoch_batches(lengths: list[int], hp: dict[str, Any], seed: int, epoch: int,
@@ -107,6 +126,9 @@ class Recipe:
     save_state: Callable[[Path, int], None]   # (folder, rank): rank 0 writes, or each its shard
     load_state: Callable[[Path], None]
     scheduler: Any  # its lr is set again after a resume: a rerun with more steps has a longer schedule
+    # The held-out rows' metrics (val_loss, val_accuracy), reported at every epoch end when the job
+    # has a validation split: a search compares and stops its trials on them.
+    evaluate: Callable[[], dict[str, float]] | None = None
 
 
 def train(recipe: Recipe, lengths: list[int], hp: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -130,7 +152,13 @@ def train(recipe: Recipe, lengths: list[int], hp: dict[str, Any], seed: int) -> 
     else:
         torch.manual_seed(seed * 1000 + rank)  # dropout: each worker its own stream
 
+    val_curve: list[dict[str, float]] = []
+
     def save_checkpoint(step: int, loss: float) -> None:
+        report = {"step": step, "loss": loss, "epoch": step / steps_per_epoch}
+        if recipe.evaluate is not None and (step % steps_per_epoch == 0 or step == total):
+            report |= recipe.evaluate()
+            val_curve.append(report)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             recipe.save_state(folder, rank)
@@ -138,7 +166,7 @@ def train(recipe: Recipe, lengths: list[int], hp: dict[str, Any], seed: int) -> 
             torch.save(torch.get_rng_state(), folder / "rng" / f"rank{rank}.pt")
             if rank == 0:
                 (folder / "progress.json").write_text(json.dumps({"step": step}))
-            ray.train.report({"step": step, "loss": loss}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"step_{step:08d}")
 
     log = LossLog()
@@ -177,7 +205,7 @@ def train(recipe: Recipe, lengths: list[int], hp: dict[str, Any], seed: int) -> 
         "nonpad_tokens": tokens,
         "resumed_from_step": start,
         "world_size": world,
-    }
+    } | ({"val_curve": val_curve} if recipe.evaluate is not None else {})
 
 
 def _restore(folder: Path, rank: int, recipe: Recipe) -> int:
@@ -264,11 +292,12 @@ def _head_mean(steps: list[StepResult], name: str) -> float:
 
 
 def fit(worker_loop: Callable[[dict[str, Any]], None], config: dict[str, Any], job: FinetuneJob,
-        checkpoints_to_keep: int) -> dict[str, Any]:
+        checkpoints_to_keep: int, callbacks: tuple = ()) -> dict[str, Any]:
     """Run `worker_loop` as a Ray Train job on `job.resources`, with checkpoints under
     `output_dir/checkpoints` (the same name on a rerun, so Ray Train resumes from the newest);
     returns the metrics rank 0 wrote to `output_dir/train_metrics.json`. `output_dir` may be on
-    an object store: Ray Train then persists the checkpoints there through pyarrow."""
+    an object store: Ray Train then persists the checkpoints there through pyarrow. `callbacks`:
+    Ray Train callbacks, e.g. a search trial's TuneReportCallback (workers/search.py)."""
     import ray
     from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -284,7 +313,8 @@ def fit(worker_loop: Callable[[dict[str, Any]], None], config: dict[str, Any], j
         scaling_config=job.resources.scaling_config(),
         run_config=RunConfig(name="checkpoints", storage_path=storage_path,
                              storage_filesystem=storage_fs if artifacts.is_remote(job.output_dir) else None,
-                             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
+                             callbacks=list(callbacks)),
     ).fit()
     return json.loads(artifacts.read_text(metrics_uri))
 
