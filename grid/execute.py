@@ -32,6 +32,7 @@ import pyarrow as pa
 from grid.claims import Claims
 from grid.config import GridConfig
 from grid.data import label_sets, load_split
+from grid.errors import GridError
 from grid.metrics.score import score
 from grid.parsing import parse_answer
 from grid.plan import Cell, Plan
