@@ -69,7 +69,7 @@ class Cell(BaseModel):
         # through pydantic's serializer was a third of a large plan's time.
         identity = {k: v for k, v in self.__dict__.items()
                     if k not in _NOT_IN_ID and not (v is None and k in _IN_ID_WHEN_SET)}
-        blob = json.dumps(identity, sort_keys=True, default=str)
+        blob = _ID_ENCODER.encode(identity)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def label(self) -> str:
@@ -79,6 +79,8 @@ class Cell(BaseModel):
 
 _NOT_IN_ID = frozenset({"model", "lineage", "id"})  # "id": the cached id itself, once computed
 _IN_ID_WHEN_SET = frozenset({"runtime", "budget_unit"})  # fields added later: None keeps old ids
+# json.dumps(identity, sort_keys=True, default=str), the ids' encoding, with one encoder for all cells
+_ID_ENCODER = json.JSONEncoder(sort_keys=True, default=str)
 
 
 @dataclass

@@ -150,8 +150,10 @@ class Store:
         """Every cell.json in the store, decoded; parallel reads for remote stores. A cell folder
         without cell.json (a cell being written) is left out; a file that does not decode is an
         error naming it."""
+        cells = posixpath.join(self.root, "cells")
+
         def read(cell_id: str) -> T | None:
-            path = posixpath.join(self.cell_dir(cell_id), CELL_FILE)
+            path = f"{cells}/{cell_id}/{CELL_FILE}"  # posixpath.join, 100,000 times, was a tenth of the scan
             try:
                 if self.is_local:
                     with open(path, "rb") as fh:
