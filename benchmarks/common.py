@@ -102,7 +102,9 @@ def write_figures(name: str, figures: dict[str, Any], started: float) -> Path:
     return path
 
 
-def claim(what: str, value: float, unit: str, goal: str, met: bool, baseline: str = "") -> dict[str, Any]:
-    """One line of the README table: a figure, the baseline it was measured against, its goal."""
-    print(f"{'MET ' if met else 'MISS'} {what}: {value:.3g} {unit} (goal {goal}){'; vs ' + baseline if baseline else ''}")
+def claim(what: str, value: float, unit: str, goal: str, met: bool | None, baseline: str = "") -> dict[str, Any]:
+    """One line of the README table: a figure, the baseline it was measured against, its goal.
+    `met` is None for a figure the issue asks to print without a goal (it is neither met nor missed)."""
+    mark = "    " if met is None else "MET " if met else "MISS"
+    print(f"{mark} {what}: {value:.3g} {unit} (goal {goal}){'; vs ' + baseline if baseline else ''}")
     return {"claim": what, "value": value, "unit": unit, "goal": goal, "met": met, "baseline": baseline}

@@ -18,6 +18,7 @@ from benchmarks.common import FIGURES_DIR, ROOT  # noqa: E402
 
 README = ROOT / "benchmarks" / "README.md"
 START, END = "<!-- figures -->", "<!-- /figures -->"
+MET = {True: "yes", False: "**no**", None: "-"}  # None: a figure printed without a goal
 
 
 def table() -> str:
@@ -27,7 +28,7 @@ def table() -> str:
         rec = json.loads(path.read_text())
         for c in rec.get("claims", []):
             lines.append(f"| [{rec['benchmark']}](../reports/benchmarks/{path.name}) | {c['claim']} | "
-                         f"{c['value']:.3g} {c['unit']} | {c['goal']} | {'yes' if c['met'] else '**no**'} | "
+                         f"{c['value']:.3g} {c['unit']} | {c['goal']} | {MET[c['met']]} | "
                          f"{c['baseline']} | {rec['commit']} | {rec['date']} | "
                          f"{rec['load_average_at_end'][0]:.1f} |")
     return "\n".join(lines)

@@ -38,7 +38,7 @@ from grid.parsing import parse_answer
 from grid.plan import Cell, Plan
 from grid.progress import Progress
 from grid.prompting import Prompt, PromptBuilder, gold_of, prompt_hash
-from grid.store import Store
+from grid.store import CellState, Store
 from grid.tasks import get_task
 from workers.artifacts import fetch, staging
 from workers.models import resolve
@@ -227,20 +227,23 @@ def model_spec(cell: Cell, store: Store, config: GridConfig) -> dict[str, Any]:
             "options": model.options, "model_name": model.source, "revision": model.revision}
 
 
-def rescore_stale(plan: Plan, store: Store, data_dir: str | None, records: list[dict[str, Any]]) -> list[str]:
+def rescore_stale(plan: Plan, store: Store, data_dir: str | None, states: list[CellState]) -> list[str]:
     """Finished inference cells whose task's metrics changed since they were scored: their stored
     raw answers are parsed and scored again (the model is not run; a metric is not an input of
     the answers, so it is not in the cell id). Returns their ids."""
     import pyarrow.parquet as pq
 
-    by_id = {r["cell_id"]: r for r in records}
+    by_id = {s.cell_id: s for s in states}
     redone = []
     for cell in plan.cells:
-        record = by_id.get(cell.id)
-        if cell.kind != "infer" or not record or record["status"] != "done" or "scored_with" not in record:
+        state = by_id.get(cell.id)
+        if cell.kind != "infer" or not state or state.status != "done" or state.scored_with is None:
             continue
         task = get_task(cell.task)
-        if record["scored_with"] == list(task.metrics):
+        if state.scored_with == list(task.metrics):
+            continue
+        record = store.read_cell(cell.id)  # the whole record, rewritten with the new metrics
+        if record is None:  # removed since the scan
             continue
         rows = {r["example_id"]: r for r in _test_rows(cell.task, data_dir, cell.limits["test"], cell.limits["seed"])}
         labels = label_sets(task, data_dir)
@@ -250,7 +253,7 @@ def rescore_stale(plan: Plan, store: Store, data_dir: str | None, records: list[
         parsed = [parse_answer(a["raw_output"], task, labels, len(rows[a["example_id"]]["words"])) for a in answers]
         metrics = score(task, golds, parsed, seed=cell.seed)
         store.write_cell(cell.id, {**record, "metrics": metrics, "scored_with": list(task.metrics)})
-        log.info("re-scored %s with %s (was %s)", cell.label(), ", ".join(task.metrics), ", ".join(record["scored_with"]))
+        log.info("re-scored %s with %s (was %s)", cell.label(), ", ".join(task.metrics), ", ".join(state.scored_with))
         redone.append(cell.id)
     return redone
 
@@ -445,9 +448,9 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
     a unit whose model it is making waits for that model (every `poll_s` seconds), or takes the
     work over when the other driver's claim goes stale.
     """
-    records = store.records()  # one scan of the results dir: re-scoring changes no status
-    rescored = rescore_stale(plan, store, data_dir, records)
-    done = {r["cell_id"] for r in records if r["status"] == "done"}
+    states = store.states()  # one scan of the results dir: re-scoring changes no status
+    rescored = rescore_stale(plan, store, data_dir, states)
+    done = {s.cell_id for s in states if s.status == "done"}
     todo = [c for c in plan.cells if c.id not in done]
     summary = RunSummary(planned=len(plan.cells), already_done=len(plan.cells) - len(todo), rescored=rescored)
     if not todo:

@@ -21,8 +21,9 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -32,6 +33,37 @@ from workers.artifacts import filesystem, join
 
 CELL_FILE = "cell.json"
 PREDICTIONS_FILE = "predictions.parquet"
+T = TypeVar("T", dict, "CellState")
+
+
+class CellState(msgspec.Struct):
+    """What a resume needs of a cell record: its status, and the metrics it was scored with.
+
+    Decoded straight from cell.json by msgspec, which skips the other keys without building
+    them: a resume of a 100,000-cell grid reads every record, and building each one whole was
+    most of its time."""
+
+    cell_id: str
+    status: str
+    scored_with: list[str] | None = None
+
+
+_DECODERS = {dict: msgspec.json.Decoder(dict[str, Any]), CellState: msgspec.json.Decoder(CellState)}
+
+
+def _decode(blob: bytes, kind: type[T], path: str) -> T:
+    """A cell.json as `kind`. json.dumps writes NaN for a NaN metric (a diverged training loss),
+    which strict JSON (msgspec) refuses: such a file is read by the standard library instead."""
+    try:
+        return _DECODERS[kind].decode(blob)
+    except msgspec.ValidationError as exc:  # valid JSON, but not a record (a subclass of DecodeError)
+        raise GridError(f"{path}: not a cell record ({exc})") from None
+    except msgspec.DecodeError:
+        pass
+    try:
+        return msgspec.convert(json.loads(blob), kind)
+    except (json.JSONDecodeError, msgspec.ValidationError) as exc:
+        raise GridError(f"{path}: not a cell record ({exc})") from None
 
 
 @dataclass
@@ -104,28 +136,53 @@ class Store:
             raise GridError(f"{path}: not valid JSON ({exc.msg})") from None
 
     def cell_ids(self) -> list[str]:
-        selector = pafs.FileSelector(posixpath.join(self.root, "cells"), allow_not_found=True)
+        cells = posixpath.join(self.root, "cells")
+        if self.is_local:  # os.scandir: a tenth of the time of pyarrow's listing on 100,000 folders
+            try:
+                return sorted(e.name for e in os.scandir(cells) if e.is_dir())
+            except FileNotFoundError:
+                return []
+        selector = pafs.FileSelector(cells, allow_not_found=True)
         return sorted(info.base_name for info in self.fs.get_file_info(selector)
                       if info.type == pafs.FileType.Directory)
 
-    def records(self) -> list[dict[str, Any]]:
-        """Every cell record in the store (done and failed); parallel reads for remote stores."""
+    def _read_all(self, kind: type[T]) -> list[T]:
+        """Every cell.json in the store, decoded; parallel reads for remote stores. A cell folder
+        without cell.json (a cell being written) is left out; a file that does not decode is an
+        error naming it."""
+        cells = posixpath.join(self.root, "cells")
+
+        def read(cell_id: str) -> T | None:
+            path = f"{cells}/{cell_id}/{CELL_FILE}"  # posixpath.join, 100,000 times, was a tenth of the scan
+            try:
+                if self.is_local:
+                    with open(path, "rb") as fh:
+                        blob = fh.read()
+                else:
+                    with self.fs.open_input_stream(path) as fh:
+                        blob = fh.read()
+            except FileNotFoundError:
+                return None
+            return _decode(blob, kind, path)
+
         ids = self.cell_ids()
         if self.is_local:
-            out = []
-            for cid in ids:
-                path = os.path.join(self.root, "cells", cid, CELL_FILE)
-                try:
-                    with open(path, "rb") as fh:
-                        out.append(json.loads(fh.read()))
-                except FileNotFoundError:
-                    continue
-            return out
-        with ThreadPoolExecutor(16) as pool:
-            return [r for r in pool.map(self.read_cell, ids) if r is not None]
+            found = map(read, ids)
+        else:
+            with ThreadPoolExecutor(16) as pool:
+                found = list(pool.map(read, ids))
+        return [r for r in found if r is not None]
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every cell record in the store (done and failed)."""
+        return self._read_all(dict)
+
+    def states(self) -> list[CellState]:
+        """Every cell's status and scored_with, without the rest of its record (a resume's scan)."""
+        return self._read_all(CellState)
 
     def statuses(self) -> dict[str, str]:
-        return {r["cell_id"]: r["status"] for r in self.records()}
+        return {s.cell_id: s.status for s in self.states()}
 
     def predictions_path(self, cell_id: str) -> str:
         return posixpath.join(self.cell_dir(cell_id), PREDICTIONS_FILE)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from grid.config import decoding_name
 from grid.forgetting import forgetting_frame
-from grid.plan import Plan
+
+if TYPE_CHECKING:  # grid.plan imports the data readers (HF datasets, 5 s): `grid status` needs none
+    from grid.plan import Plan
 
 HEADLINE_SUFFIXES = ("/accuracy", "/slot_f1", "/rougeL", "exact_match", "invalid_rate")
 

@@ -120,10 +120,10 @@ def test_a_metrics_change_rescores_the_stored_answers_without_running_the_model(
     store.write_cell(cell.id, {"cell_id": cell.id, "status": "done", "cell": cell.model_dump(),
                                "metrics": {"sentiment/accuracy": 0.0}, "scored_with": ["accuracy"]})
     plan = build_plan(GridConfig.model_validate(raw))
-    assert rescore_stale(plan, store, None, store.records()) == [cell.id]
+    assert rescore_stale(plan, store, None, store.states()) == [cell.id]
     record = store.read_cell(cell.id)
     right = sum(r["sentiment"] == "positive" for r in rows) / len(rows)
     assert record["metrics"]["sentiment/accuracy"] == pytest.approx(right)
     assert "sentiment/macro_f1" in record["metrics"] and record["scored_with"] == ["accuracy", "macro_f1"]
     assert (tmp_path / "r" / "cells" / cell.id / "predictions.parquet").read_bytes() == parquet
-    assert rescore_stale(plan, store, None, store.records()) == []  # scored with today's metrics: left alone
+    assert rescore_stale(plan, store, None, store.states()) == []  # scored with today's metrics: left alone

@@ -38,12 +38,6 @@ import sys
 from pathlib import Path
 
 from grid.errors import GridError
-from grid.report import markdown, page
-from grid.report.comparisons import parse_pairs
-from grid.report.model import build_model, to_json
-from grid.report.plots import draw_plots
-from grid.store import Store
-from workers import artifacts
 
 
 def write_report(results: str | Path, out: str | Path = "reports", *, pairs: list[tuple[str, str]] | str | None = None,
@@ -51,6 +45,16 @@ def write_report(results: str | Path, out: str | Path = "reports", *, pairs: lis
                  default_pairs_on: bool = True) -> list[str]:
     """Write table3.md, report.html and report.json under `out` (a folder, or an object-store URI
     such as the results bucket's); return their paths."""
+    # Imported here, not at the top: `python -m grid` builds every subcommand's arguments from
+    # add_arguments below, and these modules pull in matplotlib, scipy, nltk and scikit-learn
+    # (2 to 12 s, measured with python -X importtime), which `grid status` has no use for.
+    from grid.report import markdown, page
+    from grid.report.comparisons import parse_pairs
+    from grid.report.model import build_model, to_json
+    from grid.report.plots import draw_plots
+    from grid.store import Store
+    from workers import artifacts
+
     store = Store.open(results, create=False)
     model = build_model(store, str(results), parse_pairs(pairs) if isinstance(pairs, str) else pairs,
                         confusion_cell, n_boot=n_boot, seed=seed, default_pairs_on=default_pairs_on)

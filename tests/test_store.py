@@ -1,0 +1,33 @@
+"""The store's scan of every cell record: what a resume and every query read first."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from grid.errors import GridError
+from grid.store import CellState, Store
+
+
+def test_the_scan_reads_every_record_whole_or_its_state_and_names_a_broken_file(tmp_path):
+    store = Store.open(tmp_path / "r")
+    done = {"cell_id": "a1", "status": "done", "scored_with": ["accuracy"], "metrics": {"x/accuracy": 0.5},
+            "cell": {"kind": "infer", "limits": {"test": None}}}
+    diverged = {"cell_id": "b2", "status": "done", "metrics": {"train_loss": math.nan}}  # json.dumps writes NaN
+    store.write_cell("a1", done)
+    store.write_cell("b2", diverged)
+    (tmp_path / "r" / "cells" / "c3").mkdir()  # a cell being written: no cell.json yet
+
+    records = store.records()
+    assert [r["cell_id"] for r in records] == ["a1", "b2"] and records[0] == done
+    assert math.isnan(records[1]["metrics"]["train_loss"])
+    assert store.states() == [CellState("a1", "done", ["accuracy"]), CellState("b2", "done", None)]
+    assert store.statuses() == {"a1": "done", "b2": "done"}
+
+    (tmp_path / "r" / "cells" / "c3" / "cell.json").write_text('{"cell_id": "c3", "status": ')
+    with pytest.raises(GridError, match=r"cells/c3/cell.json: not a cell record"):
+        store.states()
+    (tmp_path / "r" / "cells" / "c3" / "cell.json").write_text('{"cell_id": "c3"}')  # no status
+    with pytest.raises(GridError, match=r"cells/c3/cell.json: not a cell record .*status"):
+        store.statuses()
