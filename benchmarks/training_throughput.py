@@ -56,8 +56,9 @@ def timed_loop(loop):
     return run
 
 
-def ours(module, job) -> dict:
-    """One Ray Train job; its metrics plus the job's and the worker loop's own wall clock."""
+def ours(module, job, prep_s: float, timings: Timings, ray_cost: list[float]) -> dict:
+    """One Ray Train job, recorded in `timings` (data preparation plus the loop's wall) and
+    `ray_cost` (the job's wall minus the worker loop's own); returns its metrics and walls."""
     loop = module.train_loop
     module.train_loop = timed_loop(loop)
     try:
@@ -67,6 +68,9 @@ def ours(module, job) -> dict:
     finally:
         module.train_loop = loop
     worker_s = float(Path(job.output_dir, "worker_seconds").read_text())
+    timings.seconds.append(prep_s + metrics["train_seconds"])
+    timings.work.append(metrics["nonpad_tokens"])
+    ray_cost.append(job_s - worker_s)
     return {**metrics, "job_seconds": job_s, "worker_seconds": worker_s}
 
 
@@ -144,10 +148,7 @@ def decoder_side(mode: str, args, model_dir: str) -> dict:
     ray_cost, details = [], {"ours": [], "naive": []}
     for run in range(args.runs):
         with tempfile.TemporaryDirectory() as out:
-            m = ours(train_decoder, FinetuneJob(output_dir=out, **job_args))
-        mine.seconds.append(prep_s + m["train_seconds"])
-        mine.work.append(m["nonpad_tokens"])
-        ray_cost.append(m["job_seconds"] - m["worker_seconds"])
+            m = ours(train_decoder, FinetuneJob(output_dir=out, **job_args), prep_s, mine, ray_cost)
         details["ours"].append({k: m[k] for k in ("train_seconds", "padding_share", "nonpad_tokens",
                                                   "job_seconds", "worker_seconds", "steps")})
         torch.manual_seed(0)
@@ -200,10 +201,7 @@ def encoder_side(args) -> dict:
     tokenizer = load_tokenizer(model_dir, task)
     for run in range(args.runs):
         with tempfile.TemporaryDirectory() as out:
-            m = ours(train_encoder, FinetuneJob(output_dir=out, **job_args))
-        mine.seconds.append(prep_s + m["train_seconds"])
-        mine.work.append(m["nonpad_tokens"])
-        ray_cost.append(m["job_seconds"] - m["worker_seconds"])
+            m = ours(train_encoder, FinetuneJob(output_dir=out, **job_args), prep_s, mine, ray_cost)
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels["intent"]))
         n = hf_trainer(model, pad_collate(tokenizer.pad_token_id, "label"), rows, args.encoder_steps, 32,
