@@ -17,10 +17,13 @@ Two strategies (`decoding["strategy"]`, default "score"):
   lm-evaluation-harness' `multiple_choice`, made cheap: the prompt is run once per example, its
   key/value cache reused by every candidate of a choice, and the candidates scored together in
   one forward pass as a token trie (tree attention: shared first tokens run once, leaves not
-  run at all); the prefix that all prompts of a chunk share (instruction and label list) is
-  run once per chunk. A chunk of a label task takes two forward passes in all: its prompts,
-  then the tries of all its examples as one batch. (lm-eval scores labels without EOS; on the
-  benchmark's examples both picked the same label every time.)
+  run at all); the prefix that all prompts of a cell share (instruction and label list) is
+  run once per cell and kept for its next chunks. A chunk of a label task takes three forward
+  passes in all: its prompts, then the tries of all its examples as one batch, in two steps
+  that skip every label which cannot win (`_best_labels`: a label's log-prob is at most its
+  first token's). Calibrated and length-normalized scoring need every label's score and score
+  them all in one trie pass. (lm-eval scores labels without EOS; the benchmark scores both
+  sides with it.)
 - **greedy**: the model's greedy path restricted, at every step, to tokens that keep the text a
   prefix of a valid answer (a character trie walked token by token, so any tokenization of a
   label is allowed, not just the canonical one). Whenever free greedy decoding writes a valid
@@ -628,9 +631,9 @@ def _best_labels(model: Any, prompts: list[list[int]], candidates: list[list[int
     likeliest = {candidates[_best(row)][0] for row in bound}
     probe = [c for c, cand in enumerate(candidates) if cand[0] in likeliest]
     run(probe)
-    tried = set(probe)
+    tried, best = set(probe), [max(row) for row in scores]
     rest = [c for c in range(len(candidates))
-            if c not in tried and any(bound[b][c] >= max(scores[b]) for b in range(batch))]
+            if c not in tried and any(bound[b][c] >= best[b] for b in range(batch))]
     if rest:
         run(rest)
     return [_best(row) for row in scores]
@@ -639,8 +642,8 @@ def _best_labels(model: Any, prompts: list[list[int]], candidates: list[list[int
 def _score_labels_batch(model: Any, encode, items: list[dict[str, Any]], prompts: list[list[int]],
                         calibration_prompts: list[list[list[int]]], choice: Choice, lead: str, eos: int,
                         pad: int) -> list[dict[str, Any]]:
-    """Label tasks (one choice, the same labels for every item): the whole chunk in two forward
-    passes. The calibration prompts of calibrated items take two more per chunk-sized batch of
+    """Label tasks (one choice, the same labels for every item): the whole chunk in three forward
+    passes, or two when every label's score is needed. The calibration prompts of calibrated items take two more per chunk-sized batch of
     distinct ones (a zero-shot cell's are the same for every example: run once)."""
     candidates = [encode(lead + opt) + [eos] for opt in choice.options]
     lengths = [len(c) for c in candidates]
