@@ -459,7 +459,7 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
         # Tune keeps its experiment state and each trial's folder on a local path (workers/search.py)
         raise GridError(f"results dir {store.uri}: fine-tune searches (recipe 'search') need a local or "
                         "shared-filesystem results dir; run the search there, or drop 'search' from the recipe")
-    connect_ray(num_cpus)
+    connect_ray(num_cpus, state_api=any((c.recipe or {}).get("search") for c in todo))
     progress = Progress(total_cells=len(todo))
     claims = Claims(store)
 
@@ -582,8 +582,16 @@ def _refresh(store: Store, plan: Plan, done: set[str], failed: set[str], made_he
             failed.add(cid)
 
 
-def connect_ray(num_cpus: int | None = None) -> None:
-    """Use the cluster in RAY_ADDRESS (a `ray job submit` sets it), else start a local Ray."""
+def connect_ray(num_cpus: int | None = None, state_api: bool = False) -> None:
+    """Use the cluster in RAY_ADDRESS (a `ray job submit` sets it), else start a local Ray.
+
+    A local Ray runs without its dashboard (a faster start, one port fewer), unless `state_api`:
+    a search needs Ray's state API, which the dashboard serves. When ASHA stops a trial, Tune kills
+    the trial and with it its Ray Train controller; the worker group's placement group outlives the
+    controller (a placement group lives as long as its job), and only Ray Train's
+    PlacementGroupCleaner removes it, once the state API says the controller is dead. Without the
+    dashboard it never can, and the next trial waits forever for the CPUs the stopped one held.
+    """
     import ray
 
     if ray.is_initialized():
@@ -594,7 +602,7 @@ def connect_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=quiet)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=quiet)
+        ray.init(num_cpus=num_cpus, include_dashboard=state_api, runtime_env=quiet)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

@@ -36,7 +36,9 @@ GRID: dict[str, Any] = {
     "limits": {"train": 96, "test": 32},
     "recipes": {"encoder/full": {
         "hparams": {"epochs": 3, "batch_size": 16, "max_length": 32, "log_every_steps": 0, "checkpoints_to_keep": 1},
-        "resources": {"num_workers": 1, "cpus_per_worker": 1}, "search": SEARCH}},
+        # Both of the run's 2 CPUs: a placement group that a stopped trial leaves behind would keep
+        # every later trial and the inference cell waiting (the test then times out).
+        "resources": {"num_workers": 1, "cpus_per_worker": 2}, "search": SEARCH}},
 }
 
 
