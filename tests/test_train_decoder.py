@@ -114,6 +114,38 @@ def test_loss_mask_covers_the_answer_and_eos_only(tiny, tmp_path, fmt):
     assert keep.nonzero().flatten().tolist() == list(range(len(prompt_ids) - 1, len(example.input_ids) - 1))
 
 
+def test_the_shared_prefix_runs_once_and_changes_no_loss_or_gradient(tiny, tmp_path):
+    """A batch's common prompt prefix runs once for all rows; loss and gradients are those of the
+    whole rows, for answer tokens and for a head on the last token alike."""
+    from workers.train_decoder import MIN_SHARED_PREFIX, DecoderWithHeads, shared_prefix
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    examples, _ = build_examples(job(tiny, tmp_path, train_limit=6), tokenizer)
+    batch = collate(examples, tokenizer.pad_token_id)
+    p = int(batch["prefix"])
+    first_label = min(e.labels.index(next(t for t in e.labels if t != -100)) for e in examples)
+    assert MIN_SHARED_PREFIX <= p < first_label  # shared, and no answer token is predicted inside it
+    assert all(e.input_ids[:p] == examples[0].input_ids[:p] for e in examples)
+    assert len({e.input_ids[p] for e in examples}) > 1  # the longest common prefix, not less
+    assert shared_prefix(examples[:1]) == 0
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    model = DecoderWithHeads(lm, (TASK,), {TASK: ["a", "b", "c"]}, {})
+    batch["class_id"] = torch.tensor([i % 3 for i in range(len(examples))])
+
+    def loss_and_grads(b):
+        model.zero_grad()
+        loss, _ = model(b)
+        loss.backward()
+        return loss.detach(), [q.grad.clone() for q in model.parameters()]
+
+    shared, whole = loss_and_grads(batch), loss_and_grads(batch | {"prefix": torch.tensor(0)})
+    torch.testing.assert_close(shared[0], whole[0])
+    for a, b in zip(shared[1], whole[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_full_finetune_learns_saves_and_resumes(local_ray, tiny, tmp_path):
     metrics = run(job(tiny, tmp_path))
     assert metrics["steps"] == 8 and metrics["resumed_from_step"] == 0
