@@ -27,11 +27,26 @@ from grid.sources import check_source, is_local_path, source_revision
 CellKind = Literal["finetune", "infer", "merge"]
 
 
+class computed_once:
+    """functools.cached_property without the lock Python 3.11's takes on each first access (a third
+    of planning 100,000 cells): the value goes into the instance's __dict__, which later lookups
+    find first. Two threads computing it at once compute the same value."""
+
+    def __init__(self, func: Any):
+        self.func, self.name = func, func.__name__
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.func(obj)
+        return value
+
+
 class Cell(BaseModel):
     """One unit of work and of resume. `id` covers every field except `name` and `depends_on`'s
     own inputs, which enter through the dependency's id."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, ignored_types=(computed_once,))
 
     kind: CellKind
     model: str  # display name; not part of the id (renaming a model redoes nothing)
@@ -62,7 +77,7 @@ class Cell(BaseModel):
     # reference model): derived from fields already hashed, so not part of the id.
     lineage: dict[str, Any] | None = None
 
-    @cached_property  # hashed once per cell: a 10,000-cell plan asks for ids often
+    @computed_once  # hashed once per cell: a 10,000-cell plan asks for ids often
     def id(self) -> str:
         # The fields as they are, not model_dump(): every field already holds plain JSON values
         # (str, int, None, dicts of them), which dump as themselves, and copying 100,000 cells

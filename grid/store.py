@@ -66,6 +66,22 @@ def _decode(blob: bytes, kind: type[T], path: str) -> T:
         raise GridError(f"{path}: not a cell record ({exc})") from None
 
 
+def _read_local(path: str) -> bytes:
+    """A local file's bytes through os.read: half the time of open().read(), whose buffered file
+    objects cost more than a small cell.json's read itself (a resume reads 100,000 of them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = [os.read(fd, _CHUNK)]
+        while len(chunks[-1]) == _CHUNK:
+            chunks.append(os.read(fd, _CHUNK))
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+_CHUNK = 1 << 16
+
+
 @dataclass
 class Store:
     fs: pafs.FileSystem
@@ -156,8 +172,7 @@ class Store:
             path = f"{cells}/{cell_id}/{CELL_FILE}"  # posixpath.join, 100,000 times, was a tenth of the scan
             try:
                 if self.is_local:
-                    with open(path, "rb") as fh:
-                        blob = fh.read()
+                    blob = _read_local(path)
                 else:
                     with self.fs.open_input_stream(path) as fh:
                         blob = fh.read()

@@ -103,6 +103,27 @@ def test_float32_and_no_options_keep_the_ids_of_grids_written_before_runtime_was
     assert explicit == untuned_infer_id({})
 
 
+def test_ids_are_the_sha256_of_the_fields_json_on_every_committed_grid():
+    """The id is written a field at a time with memoized field texts (grid/plan.py); it must stay
+    the sha256 of json.dumps(fields, sort_keys=True), or every results dir would be redone."""
+    import hashlib
+    import json
+
+    from grid.config import load_config
+    from grid.plan import _IN_ID_WHEN_SET, _NOT_IN_ID
+    from tests.conftest import ROOT
+
+    checked = 0
+    for path in sorted((ROOT / "grids").glob("*.yaml")):
+        for cell in build_plan(load_config(path)).cells:
+            fields = {k: v for k, v in cell.__dict__.items()
+                      if k not in _NOT_IN_ID and not (v is None and k in _IN_ID_WHEN_SET)}
+            expected = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            assert cell.id == expected, (path.name, cell.label())
+            checked += 1
+    assert checked > 500
+
+
 def test_a_metrics_change_rescores_the_stored_answers_without_running_the_model(tmp_path):
     import pyarrow as pa
 

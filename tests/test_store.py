@@ -14,7 +14,8 @@ def test_the_scan_reads_every_record_whole_or_its_state_and_names_a_broken_file(
     store = Store.open(tmp_path / "r")
     done = {"cell_id": "a1", "status": "done", "scored_with": ["accuracy"], "metrics": {"x/accuracy": 0.5},
             "cell": {"kind": "infer", "limits": {"test": None}}}
-    diverged = {"cell_id": "b2", "status": "done", "metrics": {"train_loss": math.nan}}  # json.dumps writes NaN
+    # json.dumps writes NaN; a long curve makes the file bigger than one read's chunk (64 KiB)
+    diverged = {"cell_id": "b2", "status": "done", "metrics": {"train_loss": math.nan, "curve": list(range(30_000))}}
     store.write_cell("a1", done)
     store.write_cell("b2", diverged)
     (tmp_path / "r" / "cells" / "c3").mkdir()  # a cell being written: no cell.json yet
