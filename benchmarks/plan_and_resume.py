@@ -88,7 +88,9 @@ def fill_store(store: Store, plan: Plan) -> None:
 
 
 def resume(config: GridConfig, store: Store) -> int:
-    """What a rerun of a finished grid does before any work; returns the cells found done."""
+    """What a rerun of a finished grid does before any work (grid/run.py: the scan of cell states
+    starts, then the plan is built beside it); returns the cells found done."""
+    store.prefetch_states()
     plan = build_plan(config)
     summary = execute(plan, config, store, None)
     assert summary.already_done == len(plan.cells) and not summary.ran and not summary.rescored

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from grid.config import Decoding, GridConfig, ModelSpec, decoding_name
 from grid.data import data_fingerprint
 from grid.errors import GridError
+from grid.gcpause import gc_paused
 from grid.prompting import SAMPLER_IDS, template_source_hash
 from grid.tasks import TaskDef, get_task
 from grid.sources import check_source, is_local_path, source_revision
@@ -183,6 +184,7 @@ def validate_references(config: GridConfig, source: str | Path = "grid config", 
                     raise GridError(f"{source}: field merges.{j} ({key}).source: {exc}") from None
 
 
+@gc_paused
 def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
     """Every cell of the grid, fine-tune cells before the inference cells that need them."""
     finetunes: dict[str, Cell] = {}

@@ -42,6 +42,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _scanning(results: str):
+    """The results dir a grid has run in before, its scan of cell states started; None if none."""
+    from grid.store import Store
+
+    try:
+        store = Store.open(results, create=False)
+    except GridError:  # a first run: nothing to scan, and the dir is made once the plan holds
+        return None
+    store.prefetch_states()
+    return store
+
+
 def _run(args: argparse.Namespace) -> int:
     from grid.config import load_config
     from grid.execute import data_dir_arg, execute
@@ -59,6 +71,8 @@ def _run(args: argparse.Namespace) -> int:
         check_merges(config)
     validate_references(config, args.config, hub_cache=not args.dry_run)
     data_dir = data_dir_arg(args.data)
+    # A rerun on a results dir starts its resume scan now, to read beside the planning.
+    store = None if args.dry_run else _scanning(args.results)
     plan = build_plan(config, data_dir)
     from grid.resources import search_budgets
     from grid.search import check_budget
@@ -75,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
 
         print_resources(plan, config, data_dir)
         return 0
-    store = Store.open(args.results)
+    store = store or Store.open(args.results)
     summary = execute(plan, config, store, data_dir, args.num_cpus)
     cell_ids = {c.id for c in plan.cells}  # this grid's cells and their metrics, as `grid status` shows them
     records = [r for r in store.records() if r["cell_id"] in cell_ids]

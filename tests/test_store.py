@@ -32,3 +32,16 @@ def test_the_scan_reads_every_record_whole_or_its_state_and_names_a_broken_file(
     (tmp_path / "r" / "cells" / "c3" / "cell.json").write_text('{"cell_id": "c3"}')  # no status
     with pytest.raises(GridError, match=r"cells/c3/cell.json: not a cell record .*status"):
         store.statuses()
+
+
+def test_a_prefetched_scan_is_what_states_returns_once_and_the_collector_is_back_on_after(tmp_path):
+    import gc
+
+    store = Store.open(tmp_path / "r")
+    store.write_cell("a1", {"cell_id": "a1", "status": "done"})
+    store.prefetch_states()
+    store.write_cell("b2", {"cell_id": "b2", "status": "failed"})  # may or may not be in the prefetch
+    first = store.states()
+    assert first[0] == CellState("a1", "done") and len(first) in (1, 2)
+    assert store.states() == [CellState("a1", "done"), CellState("b2", "failed")]  # read again, whole
+    assert gc.isenabled()
