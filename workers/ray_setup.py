@@ -15,6 +15,23 @@ CHATTY = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
 LOG_NAME = "clfgrid-ray-chatter.log"
 
 
+def setup_worker() -> None:
+    """The hook itself: each of the set-ups below."""
+    pin_cluster_address()
+    quiet_ray_chatter()
+
+
+def pin_cluster_address() -> None:
+    """RAY_ADDRESS = this worker's own cluster, so that Ray's state API, called without an address,
+    finds it even with other local Rays on the machine (a test suite's, another grid's). Ray
+    Train's PlacementGroupCleaner asks the state API whether a training controller is dead before
+    it frees the controller's placement group: with two local Rays that call failed ("Found
+    multiple active Ray instances"), and a search trial that ASHA stopped kept its CPUs forever."""
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
 def quiet_ray_chatter() -> None:
     """Send the CHATTY loggers to a file in the Ray session's log folder, not the driver."""
     import ray
