@@ -162,7 +162,7 @@ def shared_prefix(examples: list[Example]) -> int:
     first position any row predicts an answer token or a head label from. 0 when too few to pay.
 
     Every row's prompt starts with the same template, so most of a short prompt is shared: on
-    massive-intent's zero-shot prompts with SmolLM2, about 170 of some 200 tokens.
+    20ng-20's zero-shot chat prompts with SmolLM2, 226 tokens of rows 250-400 tokens long.
     """
     if len(examples) < 2:
         return 0
