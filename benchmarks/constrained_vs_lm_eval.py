@@ -16,11 +16,15 @@ included on both sides). Methods, in each run in this order:
 - lm-eval generate_until:       a YAML task over a jsonl of the same prompts, until newline/EOS.
 - lm-eval multiple_choice:      the same prompts, each label as a choice; 60 full forward passes
   per example, so it runs on the first `--mc-n` examples, `--mc-runs` times. The choices are
-  `label + EOS text` with `target_delimiter: ""`, so both sides score the very same strings
-  (lm-eval's default puts a space before each choice, and scores no end of answer).
+  `answer lead + label + EOS text` with `target_delimiter: ""`, so both sides score the very
+  same strings (lm-eval's default puts a space before each choice, whatever the template, and
+  scores no end of answer).
 lm-eval's TaskManager (it indexes every bundled task) is built once, before any clock, and its
 time is printed apart as a fixed cost. Accuracy and invalid rate of every method come from
-grid.parsing.parse_answer (a multiple_choice answer is its argmax choice, never invalid).
+grid.parsing.parse_answer (a multiple_choice answer is its argmax choice, never invalid). Outside
+any clock, the engine's score of every label on the multiple_choice examples is set beside
+lm-eval's log-likelihood of the same choice: an untuned small model may answer one favourite
+label everywhere, and then only the scores show whether both sides compute the same thing.
 Figures go to reports/benchmarks/inference-<model>.json.
 """
 
@@ -103,11 +107,17 @@ def bare_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new
     return out
 
 
-def write_lm_eval_tasks(folder: Path, prepared, eos_text: str, max_new_tokens: int) -> None:
+def write_lm_eval_tasks(folder: Path, prepared, tokenizer, max_new_tokens: int) -> None:
+    """lm-eval tasks over the same prompts. Each multiple_choice choice is the very string the
+    engine scores: its answer lead (a space after Llama-2's `[/INST]`, nothing after SmolLM2's
+    `assistant` line), the label, and EOS."""
+    from workers.constrained import answer_lead
+
     labels = list(prepared.items[0]["labels"]["intent"])
     with open(folder / "prompts.jsonl", "w") as f:
         for it, row in zip(prepared.items, prepared.rows):
-            f.write(json.dumps({"prompt": it["prompt"], "choices": [l + eos_text for l in labels],
+            lead = answer_lead(tokenizer, it["prompt"])
+            f.write(json.dumps({"prompt": it["prompt"], "choices": [lead + l + tokenizer.eos_token for l in labels],
                                 "gold": labels.index(row["intent"]), "answer": row["intent"]}) + "\n")
     common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'prompts.jsonl'}\n"
               "test_split: test\ndoc_to_text: \"{{prompt}}\"\n")
@@ -121,16 +131,40 @@ def write_lm_eval_tasks(folder: Path, prepared, eos_text: str, max_new_tokens: i
         "metric_list:\n  - metric: acc\n")
 
 
-def lm_eval_answers(lm, manager, task: str, limit: int | None) -> list[str]:
+def lm_eval_samples(lm, manager, task: str, limit: int | None) -> list[dict]:
+    """lm-eval's logged samples of one task, in test order."""
     from lm_eval import simple_evaluate
 
     res = simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=True,
                           bootstrap_iters=0, verbosity="ERROR", limit=limit)
-    samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])
-    if task.endswith("_mc"):
-        labels = [c for c in samples[0]["doc"]["choices"]]
-        return [labels[max(range(len(labels)), key=lambda k: s["filtered_resps"][k][0])] for s in samples]
+    return sorted(res["samples"][task], key=lambda s: s["doc_id"])
+
+
+def generated(samples: list[dict]) -> list[str]:
+    """A generate_until sample's answer text."""
     return [s["filtered_resps"][0] if isinstance(s["filtered_resps"], list) else s["filtered_resps"] for s in samples]
+
+
+def choice_loglikelihoods(samples: list[dict]) -> list[list[float]]:
+    """A multiple_choice sample's log-likelihood of each choice, in choice order."""
+    return [[resp[0] for resp in s["filtered_resps"]] for s in samples]
+
+
+def clfgrid_label_scores(backend, prepared, k: int) -> list[list[float]]:
+    """The sums that strategy score takes the argmax of, for every label after each of the first k
+    prompts: the same lead, label tokens and EOS the engine scores (workers.constrained)."""
+    import torch
+
+    from workers import constrained
+
+    tok = backend.tokenizer
+    lead = constrained.answer_lead(tok, prepared.items[0]["prompt"])
+    candidates = [tok.encode(lead + label, add_special_tokens=False) + [tok.eos_token_id]
+                  for label in prepared.items[0]["labels"]["intent"]]
+    prompts = [tok.encode(it["prompt"], add_special_tokens=False) for it in prepared.items[:k]]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with torch.inference_mode():
+        return constrained._label_scores(backend.model, prompts, candidates, pad)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lm = HFLM(pretrained=backend.model, tokenizer=tok, batch_size=args.batch_size, device="cpu", max_length=4096)
     folder = Path(tempfile.mkdtemp())
-    write_lm_eval_tasks(folder, prepared, tok.eos_token, args.max_new_tokens)
+    write_lm_eval_tasks(folder, prepared, tok, args.max_new_tokens)
     t0 = time.perf_counter()
     manager = TaskManager(include_path=str(folder))
     fixed = {"lm_eval_task_manager_s": round(time.perf_counter() - t0, 2)}
@@ -180,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "clfgrid constrained (score)": lambda: clfgrid(backend, prepared, args.batch_size, "score"),
         "clfgrid constrained (greedy)": lambda: clfgrid(backend, prepared, args.batch_size, "greedy"),
         "bare HF generate": lambda: bare_generate(backend.model, tok, prompts, args.batch_size, args.max_new_tokens),
-        "lm-eval generate_until": lambda: lm_eval_answers(lm, manager, "clfgrid_intent_gen", None),
+        "lm-eval generate_until": lambda: generated(lm_eval_samples(lm, manager, "clfgrid_intent_gen", None)),
     }
     timings = {name: Timings(name) for name in [*methods, "lm-eval multiple_choice"]}
     answers: dict[str, list[str]] = {}
@@ -189,10 +223,11 @@ def main(argv: list[str] | None = None) -> int:
             answers[name] = timings[name].time(fn, n)
             print(f"run {run + 1}: {name}: {n / timings[name].seconds[-1]:.2f} examples/s", flush=True)
     mc_n = min(args.mc_n, n)
+    labels = list(prepared.items[0]["labels"]["intent"])
     for run in range(args.mc_runs):
-        out = timings["lm-eval multiple_choice"].time(
-            lambda: lm_eval_answers(lm, manager, "clfgrid_intent_mc", mc_n), mc_n)
-        answers["lm-eval multiple_choice"] = [a[:-len(tok.eos_token)] for a in out]
+        mc_lls = choice_loglikelihoods(timings["lm-eval multiple_choice"].time(
+            lambda: lm_eval_samples(lm, manager, "clfgrid_intent_mc", mc_n), mc_n))
+        answers["lm-eval multiple_choice"] = [labels[max(range(len(labels)), key=row.__getitem__)] for row in mc_lls]
         print(f"run {run + 1}: lm-eval multiple_choice: {mc_n / timings['lm-eval multiple_choice'].seconds[-1]:.3f} "
               "examples/s", flush=True)
 
@@ -208,6 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     same = sum(a == b for a, b in zip(answers[score_name], answers["lm-eval multiple_choice"]))
     agree = same / mc_n
     print(f"\nconstrained (score) and lm-eval multiple_choice pick the same label on {same} of {mc_n} examples")
+    # An untuned small model may pick one favourite label everywhere, so the same argmax alone
+    # proves little: compare all 60 scores of each example, and their order.
+    ours_lls = clfgrid_label_scores(backend, prepared, mc_n)
+    gap = max(abs(a - b) for o, m in zip(ours_lls, mc_lls) for a, b in zip(o, m))
+    order = lambda row: sorted(range(len(row)), key=lambda k: -row[k])  # noqa: E731
+    same_order = sum(order(o) == order(m) for o, m in zip(ours_lls, mc_lls))
+    print(f"their {len(labels)} label log-likelihoods differ by at most {gap:.4f} nats; the whole ranking of the "
+          f"labels is the same on {same_order} of {mc_n} examples")
+    label_check = {"max_abs_loglikelihood_gap_nats": gap, "same_ranking_examples": same_order, "examples": mc_n,
+                   "argmaxes": sorted(set(answers["lm-eval multiple_choice"]))}
     invalid = methods_out[score_name]["invalid_rate"]
     claims = [
         claim("constrained score vs lm-eval multiple_choice", ratio(timings[score_name], timings["lm-eval multiple_choice"]),
@@ -222,9 +267,12 @@ def main(argv: list[str] | None = None) -> int:
               f"bare HF generate loop, {n} examples, {args.runs} runs"),
         claim("constrained score = multiple_choice argmax", agree * 100, "% same answers", "100%", agree == 1.0,
               f"lm-eval multiple_choice on {mc_n} examples"),
+        claim("constrained score's label log-likelihoods = multiple_choice's", gap, "nats, largest gap",
+              "< 0.01", gap < 0.01, f"all {len(labels)} labels of {mc_n} examples; same ranking on {same_order}"),
     ]
     name = "inference-" + args.model.split(":")[-1].replace("/", "-")
-    write_figures(name, {"setup": setup, "fixed_costs": fixed, "methods": methods_out, "claims": claims}, started)
+    write_figures(name, {"setup": setup, "fixed_costs": fixed, "methods": methods_out, "label_scores": label_check,
+                        "claims": claims}, started)
     return 0
 
 
