@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         methods_out[name] = {**s, "n": len(answers[name]), "accuracy": acc, "invalid_rate": inv}
         print(f"| {name:<30} | {len(answers[name]):>4} | {s['rate_median']:>8.3f} ({s['rate_min']:.3f}-{s['rate_max']:.3f})"
               f"{'':>8} | {acc:>8.3f} | {inv:>7.1%} |")
-    score_name = "clfgrid constrained (score)"
+    score_name, greedy_name = "clfgrid constrained (score)", "clfgrid constrained (greedy)"
     same = sum(a == b for a, b in zip(answers[score_name], answers["lm-eval multiple_choice"]))
     agree = same / mc_n
     print(f"\nconstrained (score) and lm-eval multiple_choice pick the same label on {same} of {mc_n} examples")
@@ -261,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         claim("constrained score vs lm-eval generate_until", ratio(timings[score_name], timings["lm-eval generate_until"]),
               "x examples/s", ">= 2x at 0% invalid",
               ratio(timings[score_name], timings["lm-eval generate_until"]) >= 2 and invalid == 0,
+              f"lm-eval generate_until, {n} examples, {args.runs} runs"),
+        claim("constrained greedy vs lm-eval generate_until", ratio(timings[greedy_name], timings["lm-eval generate_until"]),
+              "x examples/s", ">= 2x at 0% invalid",
+              ratio(timings[greedy_name], timings["lm-eval generate_until"]) >= 2
+              and methods_out[greedy_name]["invalid_rate"] == 0,
               f"lm-eval generate_until, {n} examples, {args.runs} runs"),
         claim("constrained score vs bare HF generate", ratio(timings[score_name], timings["bare HF generate"]),
               "x examples/s", "faster", ratio(timings[score_name], timings["bare HF generate"]) > 1,
