@@ -151,20 +151,11 @@ def choice_loglikelihoods(samples: list[dict]) -> list[list[float]]:
 
 
 def clfgrid_label_scores(backend, prepared, k: int) -> list[list[float]]:
-    """The sums that strategy score takes the argmax of, for every label after each of the first k
-    prompts: the same lead, label tokens and EOS the engine scores (workers.constrained)."""
-    import torch
-
+    """The engine's score of every label after each of the first k prompts (strategy score's)."""
     from workers import constrained
 
-    tok = backend.tokenizer
-    lead = constrained.answer_lead(tok, prepared.items[0]["prompt"])
-    candidates = [tok.encode(lead + label, add_special_tokens=False) + [tok.eos_token_id]
-                  for label in prepared.items[0]["labels"]["intent"]]
-    prompts = [tok.encode(it["prompt"], add_special_tokens=False) for it in prepared.items[:k]]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    with torch.inference_mode():
-        return constrained._label_scores(backend.model, prompts, candidates, pad)
+    return constrained.label_scores(backend.model, backend.tokenizer, [it["prompt"] for it in prepared.items[:k]],
+                                    prepared.items[0]["labels"]["intent"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -596,6 +596,27 @@ def calibrate(scores: Sequence[float], cf_scores: Sequence[Sequence[float]], met
     raise ValueError(f"unknown calibration {method!r}")
 
 
+def _label_candidates(encode, options: Sequence[str], lead: str, eos: int) -> list[list[int]]:
+    """Each label as strategy score scores it: the answer lead and the label, then EOS."""
+    return [encode(lead + opt) + [eos] for opt in options]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def label_scores(model: Any, tokenizer: Any, prompts: list[str], labels: Sequence[str]) -> list[list[float]]:
+    """Every label's log-likelihood (sum over its tokens, EOS included) after each prompt: the
+    scores strategy score takes the argmax of, for setting beside another scorer's (the
+    lm-eval benchmark). The prompts share one answer lead, as a cell's do."""
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    candidates = _label_candidates(encode, labels, answer_lead(tokenizer, prompts[0]), tokenizer.eos_token_id)
+    with torch.inference_mode():
+        return _label_scores(model, [encode(p) for p in prompts], candidates, _pad_id(tokenizer))
+
+
 def _label_scores(model: Any, prompts: list[list[int]], candidates: list[list[int]], pad: int) -> list[list[float]]:
     """Every candidate's log-likelihood (sum over its tokens) after each prompt, in two forward
     passes: the prompts (their shared prefix once), then all their candidate tries together."""
@@ -645,7 +666,7 @@ def _score_labels_batch(model: Any, encode, items: list[dict[str, Any]], prompts
     """Label tasks (one choice, the same labels for every item): the whole chunk in three forward
     passes, or two when every label's score is needed. The calibration prompts of calibrated items take two more per chunk-sized batch of
     distinct ones (a zero-shot cell's are the same for every example: run once)."""
-    candidates = [encode(lead + opt) + [eos] for opt in choice.options]
+    candidates = _label_candidates(encode, choice.options, lead, eos)
     lengths = [len(c) for c in candidates]
     if not any(cal for cal in calibration_prompts) and not any(
             (it.get("decoding") or {}).get("length_normalized") for it in items):
@@ -685,8 +706,7 @@ def constrained_answers(model: Any, tokenizer: Any, items: list[dict[str, Any]],
     strategy = strategy or decoding.get("strategy") or "score"
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown constrained strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    eos, pad = tokenizer.eos_token_id, _pad_id(tokenizer)
     token_memo: dict[str, list[int]] = {}
 
     def encode(text: str) -> list[int]:
