@@ -4,6 +4,7 @@
     DIR/cells/<cell_id>/cell.json              the cell, its status, timings, metrics, error
     DIR/cells/<cell_id>/model/                 the fine-tuned or merged model (fine-tune, merge cells)
     DIR/cells/<cell_id>/checkpoints/           Ray Train's checkpoints (fine-tune cells)
+    DIR/runs/<started>-<pid>.json              one run of a grid: commit, command, machine, ... (grid/provenance.py)
 
 Every file is written to a temporary name and moved into place, so a reader (or a resumed run)
 never sees half a file; `cell.json` is written last, so a cell counts as done only once all of
@@ -33,6 +34,7 @@ from grid.gcpause import gc_paused
 from workers.artifacts import filesystem, join
 
 CELL_FILE = "cell.json"
+RUNS_DIR = "runs"
 PREDICTIONS_FILE = "predictions.parquet"
 T = TypeVar("T", dict, "CellState")
 
@@ -141,6 +143,15 @@ class Store:
         blob = json.dumps(record, indent=1, sort_keys=True, default=str).encode()
         self._atomic_write(posixpath.join(self.cell_dir(cell_id), CELL_FILE), blob)
 
+    def write_run(self, name: str, record: dict[str, Any]) -> None:
+        """runs/<name>.json: a run's provenance record, written when it starts and again when it ends."""
+        blob = json.dumps(record, indent=1, sort_keys=True).encode()
+        self._atomic_write(posixpath.join(self.root, RUNS_DIR, f"{name}.json"), blob)
+
+    def delete_run(self, name: str) -> None:
+        """Drop a run's record: a run that changed no cell leaves the results dir as it found it."""
+        self.fs.delete_file(posixpath.join(self.root, RUNS_DIR, f"{name}.json"))
+
     # --- reading ------------------------------------------------------------------------
 
     def read_cell(self, cell_id: str) -> dict[str, Any] | None:
@@ -216,3 +227,19 @@ class Store:
 
     def predictions_path(self, cell_id: str) -> str:
         return posixpath.join(self.cell_dir(cell_id), PREDICTIONS_FILE)
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run record in runs/, oldest first (by start, then name); none for a results dir
+        written before runs/ existed."""
+        selector = pafs.FileSelector(posixpath.join(self.root, RUNS_DIR), allow_not_found=True)
+        found = []
+        for info in self.fs.get_file_info(selector):
+            if info.type != pafs.FileType.File or not info.base_name.endswith(".json"):
+                continue  # a temporary file of a write in progress
+            with self.fs.open_input_stream(info.path) as fh:
+                try:
+                    record = json.loads(fh.read())
+                except json.JSONDecodeError as exc:
+                    raise GridError(f"{info.path}: not valid JSON ({exc.msg})") from None
+            found.append((record.get("started_at") or "", info.base_name, record))
+        return [record for *_, record in sorted(found, key=lambda f: f[:2])]
