@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_serializer, model_validator)
 
+from grid.comparisons import ComparisonSpec
 from grid.errors import GridError, first_error, read_yaml_mapping, validate_file
 from grid.merges import MergeSpec
 from grid.jobs import Family, PromptFormat, Resources, unknown_hparams
@@ -190,6 +191,9 @@ class GridConfig(Strict):
     reference: str | dict[str, str] | None = Field(
         default=None, description="the untuned instruct model, for forgetting; or a map model -> its "
         "reference (one per family), `*` for the rest")
+    comparisons: tuple[ComparisonSpec, ...] = Field(
+        default=(), description="the comparisons the study is about, tested and corrected for multiplicity "
+        "by the report (grid/comparisons.py); without them the report's default pairs, as exploratory")
     finetuned_eval: Literal["own", "all"] = Field(
         default="own", description="all: every fine-tuned decoder is also evaluated on the grid's other "
         "tasks (its unseen ones); exclude rules filter what is trained, not where it is evaluated")

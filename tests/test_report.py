@@ -21,6 +21,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pyarrow as pa
+from scipy import stats
 import pytest
 
 from grid.metrics.score import score
@@ -65,9 +66,9 @@ def _answer(sub, gold, skill: float, invalid: float, rng: random.Random) -> Pars
 def add_cell(store: Store, model: str, family: str, task_name: str, shots: int, finetune: str,
              skill: float, invalid: float = 0.05, status: str = "done", decoding: str = "free",
              seen_tasks: list[str] | None = None, lineage: dict | None = None, depends_on: str | None = None,
-             calibration: str | None = None) -> str:
+             calibration: str | None = None, source: str | None = None) -> str:
     task = get_task(task_name)
-    cell = Cell(kind="infer", model=model, source=f"hub/{model}", weights="main", family=family,
+    cell = Cell(kind="infer", model=model, source=source or f"hub/{model}", weights="main", family=family,
                 backend={"encoder": "transformers", "decoder": "vllm", "api": "litellm"}[family],
                 prompt_format="none" if family == "encoder" else "chat", task=task_name, data_fp="fp",
                 template_fp=None, shots=shots, finetune=finetune, seed=0,
@@ -123,9 +124,9 @@ def make_results(path: Path, merges: bool = True) -> Store:
                                                       "finetune": "none", "seed": 0, "family": "decoder",
                                                       "lineage": lineage}})
         add_cell(store, "merge-ties", "decoder", "massive-intent", 0, "none", 0.8, lineage=lineage,
-                 depends_on="mergecell000001")
+                 depends_on="mergecell000001", source="merge:merge-ties")
         add_cell(store, "merge-ties", "decoder", "20ng-20", 0, "none", 0.3, lineage=lineage,
-                 depends_on="mergecell000001")
+                 depends_on="mergecell000001", source="merge:merge-ties")
     return store
 
 
@@ -207,7 +208,7 @@ def test_markdown_rows_and_columns(rich):
     header = next(line for line in md.splitlines() if line.startswith("| Model"))
     assert header.count("|") == 10  # Model + 8 paper columns
     for label in ["roberta-base w/ FT", "llama3-8b five-shot w/o FT", "llama3-8b zero-shot w/ FT",
-                  "gpt-4o five-shot w/o FT", "merge-ties zero-shot w/o FT (merged)"]:
+                  "gpt-4o five-shot w/o FT", "merge-ties zero-shot merged (inputs tuned on massive-intent, massive-slots)"]:
         assert f"| {label} |" in md, label
     assert "| failed |" in md  # gpt-4o 5-shot on massive-slots
     assert re.search(r"\d+\.\d \[\d+\.\d, \d+\.\d\] inv \d+\.\d%", md)
@@ -216,18 +217,25 @@ def test_markdown_rows_and_columns(rich):
 def test_default_significance_pairs(rich):
     root, paths = rich
     data = json.loads(Path(paths[2]).read_text())
-    kinds = {c["kind"] for c in data["comparisons"]}
+    kinds = {c["name"] for c in data["comparisons"]}
+    assert {c["family"] for c in data["comparisons"]} == {"exploratory"}  # no declared comparison
+    assert data["families"] == [{"family": "exploratory", "tests": len(data["comparisons"]),
+                                 "correction": "Benjamini-Hochberg"}]
     assert kinds == {"fine-tuned vs not", "5-shot vs 0-shot", "consolidated vs dual", "LLM vs encoder"}
     # every LLM row's done entries against the fine-tuned encoder (done on all 8 columns): llama3-8b
     # 4 rows x 8, gpt-4o 8 + 7 (its 5-shot slot cell failed), merge-ties 2
-    assert sum(c["kind"] == "LLM vs encoder" for c in data["comparisons"]) == 32 + 15 + 2
-    ft = [c for c in data["comparisons"] if c["kind"] == "fine-tuned vs not"]
+    assert sum(c["name"] == "LLM vs encoder" for c in data["comparisons"]) == 32 + 15 + 2
+    ft = [c for c in data["comparisons"] if c["name"] == "fine-tuned vs not"]
     assert len(ft) == 2 * 8  # llama3-8b at 0 and 5 shots, 8 columns
     tests = {c["result"]["test"] for c in ft}
-    assert tests == {"mcnemar-exact", "paired-bootstrap"}
-    assert all(c["result"]["significant"] for c in ft if c["column"].endswith("Intent"))
+    assert tests == {"mcnemar-exact", "paired-permutation"}
+    intent = [c["result"] for c in ft if c["column"].endswith("Intent")]
+    assert all(r["p_value"] < 0.05 for r in intent)
+    # the stars follow the Benjamini-Hochberg adjusted p: one raw p of 0.029 is not significant among these tests
+    assert all(r["significant"] == (r["p_adjusted"] < 0.05) and r["p_adjusted"] >= r["p_value"] for r in intent)
+    assert [r["significant"] for r in intent].count(False) == 1
     slot = next(c for c in ft if c["column"] == "MASSIVE dual: Slot filling")
-    assert slot["result"]["test"] == "paired-bootstrap" and slot["result"]["n_boot"] == 200
+    assert slot["result"]["test"] == "paired-permutation" and slot["result"]["n_resamples"] == 200
 
 
 def test_calibrated_vs_raw_and_llm_vs_encoder_pairs(tmp_path):
@@ -248,7 +256,7 @@ def test_calibrated_vs_raw_and_llm_vs_encoder_pairs(tmp_path):
                      ("LLM vs encoder", raw, enc), ("LLM vs encoder", cal["contextual"], enc),
                      ("LLM vs encoder", cal["pmi"], enc)}
     data = json.loads(Path(write_report(tmp_path / "res", tmp_path / "out", n_boot=50)[2]).read_text())
-    comps = [(c["kind"], c["a_label"]) for c in data["comparisons"]]
+    comps = [(c["name"], c["a_label"]) for c in data["comparisons"]]
     assert comps[:2] == [("calibrated vs raw", "smollm2 zero-shot w/o FT constrained+contextual [massive-intent]"),
                          ("calibrated vs raw", "smollm2 zero-shot w/o FT constrained+pmi [massive-intent]")]
     assert [k for k, _ in comps[2:]] == ["LLM vs encoder"] * 3
@@ -266,7 +274,7 @@ def test_requested_pairs_and_confusion_cell(tmp_path):
     paths = write_report(tmp_path / "res", tmp_path / "out", pairs=f"{a['cell_id']}:{b['cell_id']}",
                          confusion_cell=f"{a['cell_id']}:intent", n_boot=100, default_pairs_on=False)
     data = json.loads(Path(paths[2]).read_text())
-    assert [c["kind"] for c in data["comparisons"]] == ["requested"]  # intent is the only shared sub-task
+    assert [c["name"] for c in data["comparisons"]] == ["requested"]  # intent is the only shared sub-task
     assert data["comparisons"][0]["result"]["n"] == N
     conf = data["confusion"]
     assert conf["cell_id"] == a["cell_id"] and conf["subtask"] == "intent"
@@ -312,8 +320,9 @@ def test_smoke_like_results_without_merges_or_matplotlib(tmp_path, monkeypatch):
     assert "No merge cells" in page and "matplotlib is not installed" in page
     t = _table(page, "table3")
     assert len(t.rows) == 3 and t.rows[2][0] == "tiny zero-shot w/o FT"
-    assert t.rows[2][5] == "0.0 [0.0, 0.0] inv 100.0%"  # the MASSIVE dual intent column
-    assert t.rows[2][1] == "–"
+    # only the column a cell fills; 0 of N right has the exact (Clopper-Pearson) interval, not [0.0, 0.0]
+    high = stats.binomtest(0, N).proportion_ci(method="exact").high
+    assert t.rows[2][1:] == [f"0.0 [0.0, {100 * high:.1f}] inv 100.0%"]
 
 
 def test_cli_report(tmp_path):
@@ -367,7 +376,7 @@ def test_html_renders_in_headless_chromium(rich, tmp_path):
     body = [r for r in t.rows[2:]]
     labels = [r[0] for r in body]
     assert labels == ["roberta-base w/ FT", "llama3-8b five-shot w/o FT", "llama3-8b zero-shot w/o FT",
-                      "llama3-8b five-shot w/ FT", "llama3-8b zero-shot w/ FT", "merge-ties zero-shot w/o FT (merged)",
+                      "llama3-8b five-shot w/ FT", "llama3-8b zero-shot w/ FT", "merge-ties zero-shot merged (inputs tuned on massive-intent, massive-slots)",
                       "gpt-4o five-shot w/o FT", "gpt-4o zero-shot w/o FT"]
     assert t.rows[1] == [c.head for c in PAPER_COLUMNS]
     assert all(len(r) == 1 + len(PAPER_COLUMNS) for r in body)
@@ -406,9 +415,9 @@ def test_per_example_outcomes_reproduce_cell_json(rich):
         for sub in get_task(c["task"]).subtasks:
             out = cache.get(rec, sub.name)
             if sub.type == "word_tags":
-                assert float(slot_f1_statistic(out.values[None])[0]) == pytest.approx(rec["metrics"]["slots/slot_f1"])
+                assert float(slot_f1_statistic(out.counts[None])[0]) == pytest.approx(rec["metrics"]["slots/slot_f1"])
             else:
-                assert out.values.mean() == pytest.approx(rec["metrics"][f"{sub.name}/accuracy"])
+                assert out.correct.mean() == pytest.approx(rec["metrics"][f"{sub.name}/accuracy"])
             n += 1
     assert n > 50
 

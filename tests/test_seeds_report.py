@@ -11,10 +11,14 @@ import pyarrow as pa
 import pytest
 from scipy import stats
 
+from grid.metrics.score import score
+from grid.parsing import Parsed
 from grid.plan import Cell
 from grid.report import write_report
-from grid.report.seeds import pooled_test, seed_numbers
+from grid.report.seeds import seed_numbers
+from grid.significance import Outcomes, compare_strata
 from grid.store import Store
+from grid.tasks import get_task
 
 N = 120
 
@@ -31,7 +35,9 @@ def add(store: Store, model: str, task: str, seed: int, answers: list, golds: li
         "cell_id": [cell.id] * N, "example_id": [f"ex{i}" for i in range(N)], "raw_output": ["."] * N,
         "prediction": [json.dumps({sub: a}) for a in answers], "gold": [json.dumps({sub: g}) for g in golds],
         "valid": [True] * N, "invalid_reason": [None] * N}))
-    store.write_cell(cell.id, {"cell_id": cell.id, "status": "done", "cell": cell.model_dump(), "metrics": {},
+    parsed = [{sub: Parsed(a, True, None)} for a in answers]
+    metrics = score(get_task(task), [{sub: g} for g in golds], parsed, n_boot=200)
+    store.write_cell(cell.id, {"cell_id": cell.id, "status": "done", "cell": cell.model_dump(), "metrics": metrics,
                                "n_examples": N, "seconds": 1.0})
     return cell.id
 
@@ -77,16 +83,23 @@ def test_multi_task_against_single_task_uses_every_seed(results):
     assert t["diff"] == pytest.approx(np.mean(diffs)) and t["ci_low"] < t["diff"] < t["ci_high"]
     assert t["p_seeds"] == pytest.approx(stats.ttest_1samp(diffs, 0).pvalue)
     assert t["p_pooled"] < 0.01  # 20+ points on 360 paired examples
+    assert t["test"] == "mcnemar-exact" and rouge_test(tests)["test"] == "paired-permutation"
     rouge = tests[("shared 0-shot free", "single-sum 0-shot free", "rouge1")]
     assert rouge["diff"] > 0.3 and rouge["p_pooled"] < 0.01
 
 
+def rouge_test(tests: dict) -> dict:
+    return tests[("shared 0-shot free", "single-sum 0-shot free", "rouge1")]
+
+
 def test_pooled_test_finds_nothing_between_equal_systems():
     rng = np.random.default_rng(1)
-    pairs = [(rng.random(200) < 0.7, rng.random(200) < 0.7) for _ in range(3)]
-    pairs = [(a.astype(float), b.astype(float)) for a, b in pairs]
-    result = pooled_test(pairs)
-    assert result["p_pooled"] > 0.05 and result["ci_low"] < 0 < result["ci_high"]
+    ids = [str(i) for i in range(200)]
+    pairs = [(Outcomes("text", ids, rouge={"rougeL": rng.random(200)}),
+              Outcomes("text", ids, rouge={"rougeL": rng.random(200)})) for _ in range(3)]
+    result = compare_strata(pairs, "rougeL", n_resamples=500)
+    assert result.strata == 3 and result.test == "paired-permutation"
+    assert result.p_value > 0.05 and result.ci_low < 0 < result.ci_high
 
 
 def test_the_report_shows_the_section(results, tmp_path):

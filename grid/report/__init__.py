@@ -42,7 +42,7 @@ from grid.errors import GridError
 
 def write_report(results: str | Path, out: str | Path = "reports", *, pairs: list[tuple[str, str]] | str | None = None,
                  confusion_cell: str | None = None, n_boot: int = 1000, seed: int = 0,
-                 default_pairs_on: bool = True) -> list[str]:
+                 default_pairs_on: bool = True, grid: str | Path | None = None) -> list[str]:
     """Write table3.md, report.html and report.json under `out` (a folder, or an object-store URI
     such as the results bucket's); return their paths."""
     # Imported here, not at the top: `python -m grid` builds every subcommand's arguments from
@@ -57,7 +57,8 @@ def write_report(results: str | Path, out: str | Path = "reports", *, pairs: lis
 
     store = Store.open(results, create=False)
     model = build_model(store, str(results), parse_pairs(pairs) if isinstance(pairs, str) else pairs,
-                        confusion_cell, n_boot=n_boot, seed=seed, default_pairs_on=default_pairs_on)
+                        confusion_cell, n_boot=n_boot, seed=seed, default_pairs_on=default_pairs_on,
+                        declared=declared_comparisons(store, grid))
     plots = draw_plots(model)
     texts = {"table3.md": markdown.render(model), "report.html": page.render(model, plots),
              "report.json": json.dumps(to_json(model, plots), indent=1, default=str)}
@@ -68,11 +69,36 @@ def write_report(results: str | Path, out: str | Path = "reports", *, pairs: lis
     return paths
 
 
+def declared_comparisons(store, grid: str | Path | None):
+    """The grid's declared comparisons: from `grid` (a grid YAML) when given, else from the grid
+    text of the results dir's latest run record (grid/provenance.py); none without either."""
+    import yaml
+    from pydantic import TypeAdapter, ValidationError
+
+    from grid.comparisons import ComparisonSpec
+    from grid.errors import first_error, read_yaml_mapping
+
+    if grid is not None:
+        raw, source = read_yaml_mapping(Path(grid), "a grid config"), str(grid)
+    else:
+        runs = store.runs()
+        text = runs[-1].get("grid_text") if runs else None
+        if not text:
+            return ()
+        raw, source = yaml.safe_load(text), f"the grid of {runs[-1].get('grid_path') or 'the latest run'}"
+    try:
+        return TypeAdapter(tuple[ComparisonSpec, ...]).validate_python((raw or {}).get("comparisons") or ())
+    except ValidationError as exc:
+        raise GridError(f"{source}: field comparisons.{first_error(exc)}") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", help="results dir")
     p.add_argument("--out", default="reports", help="output folder or object-store URI (default reports/)")
     p.add_argument("--pairs", default=None, help="extra comparisons A:B,... by cell id")
-    p.add_argument("--no-default-pairs", action="store_true", help="test only the --pairs")
+    p.add_argument("--no-default-pairs", action="store_true", help="test only the --pairs (and declared comparisons)")
+    p.add_argument("--grid", default=None, help="grid YAML whose `comparisons:` to test (default: the grid of the "
+                   "results dir's latest run)")
     p.add_argument("--confusion-cell", default=None, help="cell id (ID or ID:subtask) for the confusion matrix")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -80,7 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def report_from_args(args: argparse.Namespace) -> list[str]:
     return write_report(args.results, args.out, pairs=args.pairs, confusion_cell=args.confusion_cell,
-                        n_boot=args.n_boot, seed=args.seed, default_pairs_on=not args.no_default_pairs)
+                        n_boot=args.n_boot, seed=args.seed, default_pairs_on=not args.no_default_pairs,
+                        grid=args.grid)
 
 
 def main(argv: list[str] | None = None) -> int:

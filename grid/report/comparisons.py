@@ -1,42 +1,73 @@
-"""Paired significance tests between cells of the table (grid.significance, seeded): the default
-pairs (fine-tuned vs not, 5-shot vs 0-shot, consolidated vs dual, calibrated vs raw, LLM vs
-encoder) and any requested `A:B` pair of cell ids."""
+"""The report's paired tests (grid.significance, seeded), in families corrected for multiplicity.
+
+- **Declared** (the grid's `comparisons:`, grid/comparisons.py): the primary family (Holm) and
+  the secondary family (Benjamini-Hochberg). Each declared comparison is one test per group of
+  pairs that differ only in seed and per (sub-task, metric): pooled over its seeds (seed s of A
+  against seed s of B), with the per-seed differences and their t-test beside it.
+- **Exploratory** (Benjamini-Hochberg): without declarations, the default pairs of the table
+  (fine-tuned vs not, 5-shot vs 0-shot, consolidated vs dual, calibrated vs raw, LLM vs encoder
+  on the same seed), one test per pair of rows on the column's headline metric; and any
+  `--pairs A:B` of cell ids.
+
+The test follows the metric: exact McNemar for right/wrong metrics, a paired permutation test
+for every other (ROUGE, slot F1, macro-F1); the significance stars follow the adjusted p.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from grid.comparisons import ComparisonSpec, Group, metric_columns, pair_cells
 from grid.errors import GridError
 from grid.report.table import Column, RowKey, Table, cell_label, sort_key
+from grid.significance import FAMILY_METHOD, METHOD_NAME, Outcomes, adjust_results, compare_strata, seed_t_test
 from grid.store import Store
+
+FAMILIES = ("primary", "secondary", "exploratory")
+DEFAULT_ORDER = ("fine-tuned vs not", "5-shot vs 0-shot", "consolidated vs dual", "calibrated vs raw",
+                 "LLM vs encoder")
 
 
 def significance_note(n_boot: int, seed: int) -> str:
     """How the tests were run, under the significance table of both views."""
-    return (f"Paired on example_id. Accuracy: exact two-sided McNemar test on per-example correctness; "
-            f"slot F1: paired bootstrap ({n_boot} resamples, seed {seed}), difference CI and p from the "
-            f"null-shifted bootstrap distribution. * / green: p < 0.05 (no correction for multiple tests).")
+    return (f"Paired on example_id, seed s of A against seed s of B. Accuracy and exact match: exact "
+            f"two-sided McNemar test; every other metric (ROUGE, slot F1, macro-F1): paired permutation test "
+            f"({n_boot} permutations, the metric recomputed on each; p at its floor prints as < 1/{n_boot}). "
+            f"A - B with a 95% paired bootstrap CI ({n_boot} resamples, seed {seed}). Several seeds: one "
+            f"test pooled over seeds (stratified by seed), and a t-test of the per-seed differences. "
+            f"p adj: Holm within the primary family, Benjamini-Hochberg within each other family; "
+            f"* / green: p adj < 0.05.")
 
 
 @dataclass
 class Comparison:
-    kind: str  # a default pair's kind (run_comparisons' order), or "requested"
-    column: str  # column title (for the metric)
-    a: str  # cell ids
+    family: str  # primary, secondary, exploratory
+    name: str  # the declared name, a default pair's kind, or "requested"
+    column: str  # column title (sub-task and metric)
+    a: str  # the first seed's cell ids (every seed's in a_cells / b_cells)
     b: str
     a_label: str
     b_label: str
+    metric: str = ""
+    question: str | None = None
+    a_cells: list[str] = field(default_factory=list)
+    b_cells: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    per_seed_diff: list[float] = field(default_factory=list)
+    p_seeds: float | None = None  # t-test of the per-seed differences (two or more seeds)
     result: dict[str, Any] | None = None
     error: str | None = None
 
 
 class OutcomeCache:
+    """Per-example outcomes of (cell, sub-task), each predictions parquet read once."""
+
     def __init__(self, store: Store):
         self.store = store
-        self._cache: dict[tuple[str, str], Any] = {}
+        self._cache: dict[tuple[str, str], Outcomes] = {}
 
-    def get(self, record: dict[str, Any], subtask: str):
+    def get(self, record: dict[str, Any], subtask: str) -> Outcomes:
         import pyarrow.parquet as pq
 
         from grid.significance import outcomes_from_rows
@@ -52,8 +83,12 @@ class OutcomeCache:
         return self._cache[key]
 
 
+# --- which pairs ----------------------------------------------------------------------------------
+
+
 def default_pairs(table: Table) -> list[tuple[str, Column, Column, RowKey, RowKey]]:
-    """(kind, column of A, column of B, row of A, row of B) for the default comparisons."""
+    """(kind, column of A, column of B, row of A, row of B) for the default comparisons; a pair of
+    rows is always on one seed."""
     rows = set(table.rows)
     out = []
     done = {k for k, e in table.entries.items() if e.status == "done" and e.value is not None}
@@ -80,7 +115,8 @@ def default_pairs(table: Table) -> list[tuple[str, Column, Column, RowKey, RowKe
                 if raw in rows and (raw, col.key) in done:
                     out.append(("calibrated vs raw", col, col, row, raw))
             if row.family != "encoder":
-                out += [("LLM vs encoder", col, col, row, enc) for enc in encoders if (enc, col.key) in done]
+                out += [("LLM vs encoder", col, col, row, enc) for enc in encoders
+                        if enc.seed == row.seed and (enc, col.key) in done]
     return out
 
 
@@ -91,45 +127,134 @@ def shared_columns(table: Table, a: dict[str, Any], b: dict[str, Any]) -> list[t
     return [(x, y) for x in ca for y in cb if x.subtask == y.subtask and x.metric == y.metric]
 
 
-def run_comparisons(store: Store, table: Table, pairs: list[tuple[str, str]] | None,
-                    n_boot: int = 1000, seed: int = 0, include_default: bool = True) -> list[Comparison]:
-    from grid.significance import compare
+# --- running them --------------------------------------------------------------------------------
 
+
+def run_comparisons(store: Store, table: Table, pairs: list[tuple[str, str]] | None, n_boot: int = 1000,
+                    seed: int = 0, include_default: bool = True,
+                    declared: tuple[ComparisonSpec, ...] = ()) -> list[Comparison]:
+    """Every comparison of the report, tested, with each family's adjusted p (module docstring).
+    With declared comparisons the default pairs are left out unless `include_default` asks."""
     cache = OutcomeCache(store)
-    todo: list[tuple[str, Column, Column, str, str]] = []
-    if include_default:
-        order = {"fine-tuned vs not": 0, "5-shot vs 0-shot": 1, "consolidated vs dual": 2, "calibrated vs raw": 3,
-                 "LLM vs encoder": 4}
-        cols = {c.key: i for i, c in enumerate(table.columns)}
-        ranked = sorted(default_pairs(table), key=lambda p: (order[p[0]], cols[p[1].key], sort_key(p[3])))
-        for kind, ca, cb, ra, rb in ranked:
-            todo.append((kind, ca, cb, table.entries[(ra, ca.key)].cell_id, table.entries[(rb, cb.key)].cell_id))
-    for a_id, b_id in pairs or []:
+    out = [c for spec in declared for c in _declared(store, table, cache, spec, n_boot, seed)]
+    if include_default and not declared:
+        out += _defaults(table, cache, n_boot, seed)
+    out += _requested(table, cache, pairs or [], n_boot, seed)
+    return _adjusted(out)
+
+
+def _test(comp: Comparison, records: list[tuple[dict[str, Any], dict[str, Any]]], subtask: str,
+          subtask_b: str, cache: OutcomeCache, n_boot: int, seed: int) -> Comparison:
+    """Run the metric's test on the (A, B) records of each seed, pooled over seeds; errors are
+    kept on the comparison, not raised (one bad pair does not stop the report)."""
+    try:
+        if any(r["status"] != "done" for pair in records for r in pair):
+            raise GridError("both cells must be done")
+        outcomes = [(cache.get(a, subtask), cache.get(b, subtask_b)) for a, b in records]
+        result = compare_strata(outcomes, comp.metric, n_resamples=n_boot, seed=seed)
+        if result.n == 0:
+            raise GridError("the cells share no example")
+        if len(records) > 1:
+            comp.per_seed_diff = [compare_strata([pair], comp.metric, n_resamples=0).diff for pair in outcomes]
+            comp.p_seeds = seed_t_test(comp.per_seed_diff)
+        comp.result = result.as_dict()
+    except (GridError, OSError, ValueError, KeyError) as exc:
+        comp.error = str(exc)
+    return comp
+
+
+def _declared(store: Store, table: Table, cache: OutcomeCache, spec: ComparisonSpec, n_boot: int,
+              seed: int) -> list[Comparison]:
+    cells = [{**r["cell"], "id": r["cell_id"]} for r in table.records.values()
+             if r["status"] == "done" and r["cell"].get("kind") == "infer"]
+    try:
+        groups = pair_cells(spec, cells, f"comparison {spec.name}")
+    except GridError as exc:
+        return [Comparison(spec.family, spec.name, "–", "", "", "–", "–", question=spec.question, error=str(exc))]
+    out = []
+    for group in groups:
+        for metric in spec.metrics:
+            try:
+                columns = metric_columns(metric, group.task, f"comparison {spec.name}")
+            except GridError as exc:
+                out.append(_group_comparison(spec, group, metric, exc))
+                continue
+            for subtask, name in columns:
+                comp = _group_comparison(spec, group, name, None, subtask)
+                records = [(table.records[p.a["id"]], table.records[p.b["id"]]) for p in group.pairs]
+                out.append(_test(comp, records, subtask, subtask, cache, n_boot, seed))
+    return out
+
+
+def _group_comparison(spec: ComparisonSpec, group: Group, metric: str, error: Exception | None,
+                      subtask: str = "") -> Comparison:
+    first = group.pairs[0]
+    column = f"{group.task} {subtask}/{metric}" if subtask and subtask != "*" else f"{group.task} {metric}"
+    return Comparison(spec.family, spec.name, column, first.a["id"], first.b["id"], _label(first.a),
+                      _label(first.b), metric=metric, question=spec.question,
+                      a_cells=[p.a["id"] for p in group.pairs], b_cells=[p.b["id"] for p in group.pairs],
+                      seeds=[p.seed for p in group.pairs], error=str(error) if error else None)
+
+
+def _label(cell: dict[str, Any]) -> str:
+    """A group's side as the table names its row, without the seed (every seed is in the test)."""
+    return cell_label({"cell": cell})
+
+
+def _defaults(table: Table, cache: OutcomeCache, n_boot: int, seed: int) -> list[Comparison]:
+    cols = {c.key: i for i, c in enumerate(table.columns)}
+    ranked = sorted(default_pairs(table), key=lambda p: (DEFAULT_ORDER.index(p[0]), cols[p[1].key], sort_key(p[3])))
+    out = []
+    for kind, ca, cb, ra, rb in ranked:
+        a_id, b_id = table.entries[(ra, ca.key)].cell_id, table.entries[(rb, cb.key)].cell_id
+        out.append(_pair_comparison(table, cache, "exploratory", kind, ca, cb, a_id, b_id, n_boot, seed))
+    return out
+
+
+def _pair_comparison(table: Table, cache: OutcomeCache, family: str, name: str, ca: Column, cb: Column,
+                     a_id: str, b_id: str, n_boot: int, seed: int) -> Comparison:
+    ra, rb = table.records[a_id], table.records[b_id]
+    title = ca.title if ca == cb else f"{ca.title} vs {cb.title}"
+    comp = Comparison(family, name, title, a_id, b_id, cell_label(ra), cell_label(rb), metric=ca.metric,
+                      a_cells=[a_id], b_cells=[b_id], seeds=sorted({ra["cell"].get("seed", 0), rb["cell"].get("seed", 0)}))
+    return _test(comp, [(ra, rb)], ca.subtask, cb.subtask, cache, n_boot, seed)
+
+
+def _requested(table: Table, cache: OutcomeCache, pairs: list[tuple[str, str]], n_boot: int,
+               seed: int) -> list[Comparison]:
+    out = []
+    for a_id, b_id in pairs:
         ra, rb = table.records.get(a_id), table.records.get(b_id)
         if ra is None or rb is None:
-            missing = a_id if ra is None else b_id
-            raise GridError(f"--pairs: cell {missing} is not in the results dir")
+            raise GridError(f"--pairs: cell {a_id if ra is None else b_id} is not in the results dir")
         cols = shared_columns(table, ra, rb)
         if not cols:
             raise GridError(f"--pairs {a_id}:{b_id}: the cells share no sub-task "
                             f"({ra['cell']['task']} vs {rb['cell']['task']})")
-        for ca, cb in cols:
-            todo.append(("requested", ca, cb, a_id, b_id))
-    out = []
-    for kind, ca, cb, a_id, b_id in todo:
-        ra, rb = table.records[a_id], table.records[b_id]
-        title = ca.title if ca == cb else f"{ca.title} vs {cb.title}"
-        comp = Comparison(kind, title, a_id, b_id, cell_label(ra), cell_label(rb))
-        try:
-            if ra["status"] != "done" or rb["status"] != "done":
-                raise GridError("both cells must be done")
-            res = compare(cache.get(ra, ca.subtask), cache.get(rb, cb.subtask), n_boot=n_boot, seed=seed)
-            if res.n == 0:
-                raise GridError("the cells share no example")
+        out += [_pair_comparison(table, cache, "exploratory", "requested", ca, cb, a_id, b_id, n_boot, seed)
+                for ca, cb in cols]
+    return out
+
+
+def _adjusted(comparisons: list[Comparison]) -> list[Comparison]:
+    """Each family's p-values adjusted together (Holm for primary, Benjamini-Hochberg else)."""
+    from grid.significance import TestResult
+
+    for family in FAMILIES:
+        tested = [c for c in comparisons if c.family == family and c.result is not None]
+        results = [TestResult(**{k: v for k, v in c.result.items() if k != "significant"}) for c in tested]
+        for comp, res in zip(tested, adjust_results(results, family)):
             comp.result = res.as_dict()
-        except (GridError, OSError, ValueError, KeyError) as exc:
-            comp.error = str(exc)
-        out.append(comp)
+    return comparisons
+
+
+def family_counts(comparisons: list[Comparison]) -> list[tuple[str, int, str]]:
+    """(family, tests in it, its correction) for every family that holds a test."""
+    out = []
+    for family in FAMILIES:
+        n = sum(1 for c in comparisons if c.family == family and c.result is not None)
+        if n:
+            out.append((family, n, METHOD_NAME[FAMILY_METHOD[family]]))
     return out
 
 

@@ -19,11 +19,41 @@ def p_text(p: float) -> str:
     return f"{p:.3g}" if p >= 1e-4 else f"{p:.1e}"
 
 
+def raw_p_text(result: dict[str, Any]) -> str:
+    """A test's own p; a permutation p at its floor 1/(1 + B) as "< 1/B" (it says only that no
+    permutation of B was as extreme)."""
+    if result.get("p_floor"):
+        return f"< 1/{result['n_resamples']}"
+    return p_text(result["p_value"])
+
+
+def adjusted_p_text(result: dict[str, Any]) -> str:
+    """The family-adjusted p, with a star under 0.05; the raw p's floor where adjustment kept it."""
+    adjusted = result.get("p_adjusted")
+    if adjusted is None:
+        return "–"
+    text = p_text(adjusted)
+    if result.get("p_floor") and adjusted == result["p_value"]:
+        text = raw_p_text(result)
+    return text + ("*" if result["significant"] else "")
+
+
+def seeds_text(comp: Any) -> str:
+    """The seeds a comparison pooled, and per seed A - B (points) with the t-test's p."""
+    if len(comp.seeds) < 2 or not comp.per_seed_diff:
+        return ", ".join(str(s) for s in comp.seeds)
+    diffs = ", ".join(f"s{s} {100 * d:+.1f}" for s, d in zip(comp.seeds, comp.per_seed_diff))
+    return f"{diffs}; t-test p {'–' if comp.p_seeds is None else p_text(comp.p_seeds)}"
+
+
 def test_text(result: dict[str, Any], long_names: bool) -> str:
     """The test and its counts: `mcnemar-exact (n10=.., n01=..)`, or the page's longer names."""
+    strata = f", {result['strata']} strata" if result.get("strata", 1) > 1 else ""
     if result["test"] == "mcnemar-exact":
-        return f"{'exact McNemar' if long_names else result['test']} (n10={result['n10']}, n01={result['n01']})"
-    return f"{'paired bootstrap' if long_names else result['test']} (B={result['n_boot']}, seed {result['seed']})"
+        name = "exact McNemar" if long_names else result["test"]
+        return f"{name} (n10={result['n10']}, n01={result['n01']}{strata})"
+    name = "paired permutation" if long_names else result["test"]
+    return f"{name} (B={result['n_resamples']}, seed {result['seed']}{strata})"
 
 
 def reference_text(row: dict[str, Any]) -> str:

@@ -5,10 +5,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from grid.report.comparisons import Comparison, significance_note
-from grid.report.formatting import (SUMMARY_HEADER, delta_text, diff_text, p_star, p_text, pct, reference_text,
-                                    summary_cells, test_text, with_ci)
 from grid.report import seeds
+from grid.report.comparisons import Comparison, significance_note
+from grid.report.formatting import (
+    SUMMARY_HEADER,
+    adjusted_p_text,
+    delta_text,
+    diff_text,
+    p_star,
+    p_text,
+    pct,
+    raw_p_text,
+    reference_text,
+    seeds_text,
+    summary_cells,
+    test_text,
+    with_ci,
+)
 from grid.report.merge_study import N_BOOT
 from grid.report.model import ReportModel
 from grid.report.table import LEGEND, Table
@@ -17,7 +30,7 @@ from grid.report.table import LEGEND, Table
 def render(model: ReportModel) -> str:
     md = ["# Table 3 reproduced\n", model.summary + "\n", table_markdown(model.table), "", LEGEND, "",
           "## Paired significance tests\n", significance_note(model.n_boot, model.seed) + "\n",
-          comparisons_markdown(model.comparisons)]
+          comparisons_markdown(model.comparisons, model.families)]
     if model.forgetting:
         md += ["", "## Merged models: seen / unseen tasks\n"] + forgetting_markdown(model.forgetting)
     if model.merge_study:
@@ -58,18 +71,24 @@ def table_markdown(table: Table) -> str:
     return "\n".join(lines)
 
 
-def comparisons_markdown(comps: list[Comparison]) -> str:
+def comparisons_markdown(comps: list[Comparison], families: list[tuple[str, int, str]]) -> str:
     if not comps:
         return "No pair of cells to compare."
-    lines = ["| Comparison | Column | A | B | A - B | Test | p | |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["Tests per family: " + "; ".join(f"{f} {n} ({how})" for f, n, how in families) + ".", ""]
+    asked = {(c.name, c.family): c.question for c in comps if c.question}
+    lines += [f"- **{name}** ({family}): {_escape(q)}" for (name, family), q in asked.items()]
+    lines += [""] if asked else []
+    lines += ["| Family | Comparison | Column | A | B | Seeds | A - B [95% CI] | Test | p | p adj |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in comps:
-        names = f"| {c.kind} | {_escape(c.column)} | {_escape(c.a_label)} | {_escape(c.b_label)} |"
+        names = (f"| {c.family} | {_escape(c.name)} | {_escape(c.column)} | {_escape(c.a_label)} | "
+                 f"{_escape(c.b_label)} | {_escape(seeds_text(c))} |")
         if c.result is None:
-            lines.append(f"{names} – | – | – | {_escape(c.error or '')} |")
+            lines.append(f"{names} – | – | {_escape(c.error or '')} | – |")
             continue
         r = c.result
         lines.append(f"{names} {diff_text(r)} | {test_text(r, long_names=False)}, n={r['n']} | "
-                     f"{p_text(r['p_value'])} | {'*' if r['significant'] else ''} |")
+                     f"{raw_p_text(r)} | {adjusted_p_text(r)} |")
     return "\n".join(lines)
 
 
@@ -101,15 +120,17 @@ def merge_study_markdown(numbers: dict[str, Any]) -> list[str]:
                f"{with_ci(s.get('held_out_vs_multi'), True)} |" for s in recovered]
     md += ["", "### Per task\n",
            "Accuracy [95% CI] (majority-class rate of the rows), and the difference from the reference "
-           "[paired bootstrap CI], exact McNemar p (* p < 0.05). Seen tasks are in bold.\n"]
+           "[paired bootstrap CI], exact McNemar p, then p adjusted by Benjamini-Hochberg over the study's "
+           f"{numbers.get('n_tests', 0)} tests (* adjusted p < 0.05). Seen tasks are in bold.\n"]
     md += _per_task_table(numbers)
     md += ["", "### Merged vs the fine-tune it came from, and vs the reference\n",
            "Exact McNemar on the same rows; n10 = merged right where the other is wrong, n01 the reverse.\n",
-           "| Merged | vs | Task | Seen | Merged | Other | Diff | n10 / n01 | p |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| Merged | vs | Task | Seen | Merged | Other | Diff | n10 / n01 | p | p adj |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {m['merge']} | {m['other']} | {m['task']} | {'seen' if m['seen'] else 'unseen'} | "
            f"{pct(m['merged'])} | {pct(m['other_accuracy'])} | {100 * m['diff']:+.1f} | "
-           f"{m['n10']} / {m['n01']} | {p_star(m['p_value'])} |" for m in numbers["merges"]]
+           f"{m['n10']} / {m['n01']} | {p_text(m['p_value'])} | {p_star(m['p_adjusted'])} |"
+           for m in numbers["merges"]]
     return md
 
 
@@ -130,7 +151,7 @@ def _per_task_table(numbers: dict[str, Any]) -> list[str]:
             text = f"{pct(r['accuracy'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}]"
             if "delta" in r:
                 text += (f"<br>{100 * r['delta']:+.1f} [{100 * r['delta_low']:+.1f}, {100 * r['delta_high']:+.1f}] "
-                         f"p={p_star(r['p_vs_reference'])}")
+                         f"p={p_text(r['p_vs_reference'])}, adj {p_star(r['p_vs_reference_adjusted'])}")
             texts.append(f"**{text}**" if r["seen"] else text)
         lines.append(f"| {name} | " + " | ".join(texts) + " |")
     majority = {r["task"]: r["majority_rate"] for r in numbers["per_task"] if r["majority_rate"] is not None}

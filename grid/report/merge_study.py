@@ -21,8 +21,9 @@ import numpy as np
 
 from grid.config import decoding_name
 from grid.forgetting import forgetting_frame
+from grid.metrics.classification import mean_statistic
 from grid.report.comparisons import OutcomeCache
-from grid.significance import Outcomes, mcnemar_exact
+from grid.significance import Outcomes, adjust, bootstrap_diff_ci, mcnemar_exact
 from grid.store import Store
 
 N_BOOT = 2000
@@ -114,18 +115,19 @@ def _outcomes(cache: OutcomeCache, record: dict[str, Any]) -> Outcomes:
 
 def stratified_diff(pairs: list[tuple[np.ndarray, np.ndarray]], n_boot: int = N_BOOT, seed: int = 0
                     ) -> tuple[float, float, float]:
-    """Mean over tasks of (accuracy A - accuracy B), and its 95% CI from a paired bootstrap that
-    resamples each task's rows apart (the same draws for A and B). With B all-False it is the
-    mean accuracy of A and its CI."""
-    rng = np.random.default_rng(seed)
+    """Mean over tasks of (accuracy A - accuracy B), and its 95% CI from grid.significance's paired
+    bootstrap stratified by task (each task's rows resampled apart, the same draws for A and B).
+    With B all-False it is the mean accuracy of A and its CI."""
+    strata = [([a.astype(float)], [b.astype(float)]) for a, b in pairs]
     observed = float(np.mean([a.mean() - b.mean() for a, b in pairs]))
-    draws = np.zeros(n_boot)
-    for a, b in pairs:
-        idx = rng.integers(0, len(a), size=(n_boot, len(a)))
-        draws += (a[idx].mean(axis=1) - b[idx].mean(axis=1))
-    draws /= len(pairs)
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return observed, float(low), float(high)
+    low, high = bootstrap_diff_ci(mean_statistic, strata, n_boot, seed)
+    return observed, low, high
+
+
+def _aligned(a: Outcomes, b: Outcomes) -> tuple[np.ndarray, np.ndarray]:
+    """Both cells' right/wrong on the examples they share, in one order."""
+    ia, ib = a.positions(b)
+    return a.correct[ia], b.correct[ib]
 
 
 def _pairs(outs: OutcomeCache, a: Variant, b: Variant | None, tasks: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -133,9 +135,9 @@ def _pairs(outs: OutcomeCache, a: Variant, b: Variant | None, tasks: list[str]) 
     for t in tasks:
         oa = _outcomes(outs, a.cells[t])
         if b is None:
-            out.append((oa.values, np.zeros_like(oa.values)))
+            out.append((oa.correct, np.zeros_like(oa.correct)))
         else:
-            out.append(oa.align(_outcomes(outs, b.cells[t])))
+            out.append(_aligned(oa, _outcomes(outs, b.cells[t])))
     return out
 
 
@@ -164,7 +166,7 @@ def study_numbers(store: Store, records: list[dict[str, Any]]) -> dict[str, Any]
                    "accuracy": m[sub], "ci_low": m.get(f"{sub}_ci_low"), "ci_high": m.get(f"{sub}_ci_high"),
                    "majority_rate": m.get(sub.replace("/accuracy", "/majority_rate"))}
             if ref is not None and v is not ref and t in ref.cells:
-                a, b = _outcomes(outs, rec).align(_outcomes(outs, ref.cells[t]))
+                a, b = _aligned(_outcomes(outs, rec), _outcomes(outs, ref.cells[t]))
                 diff, low, high = stratified_diff([(a, b)])
                 row |= {"delta": diff, "delta_low": low, "delta_high": high,
                         "p_vs_reference": mcnemar_exact(a, b).p_value}
@@ -196,9 +198,21 @@ def study_numbers(store: Store, records: list[dict[str, Any]]) -> dict[str, Any]
                 for other, label in ((parent, "fine-tune"), (ref, "reference")):
                     if other is None or t not in other.cells:
                         continue
-                    res = mcnemar_exact(*_outcomes(outs, v.cells[t]).align(_outcomes(outs, other.cells[t])))
+                    res = mcnemar_exact(*_aligned(_outcomes(outs, v.cells[t]), _outcomes(outs, other.cells[t])))
                     merges.append({"merge": v.name, "against": label, "other": other.name, "task": t,
                                    "seen": t in v.seen, "merged": res.a, "other_accuracy": res.b,
                                    "diff": res.diff, "n10": res.n10, "n01": res.n01, "p_value": res.p_value})
+    _adjust_study(per_task, merges)
     return {"reference": reference, "tasks": tasks, "held_out": held_out, "per_task": per_task,
-            "summary": summary, "merges": merges}
+            "summary": summary, "merges": merges, "n_tests": sum("p_vs_reference" in r for r in per_task) + len(merges)}
+
+
+def _adjust_study(per_task: list[dict[str, Any]], merges: list[dict[str, Any]]) -> None:
+    """The study's McNemar tests (each variant against the reference per task, each merge against
+    its fine-tune and the reference) as one exploratory family: Benjamini-Hochberg adjusted p."""
+    tested = [r for r in per_task if "p_vs_reference" in r]
+    adjusted = adjust([r["p_vs_reference"] for r in tested] + [m["p_value"] for m in merges], "fdr_bh")
+    for r, p in zip(tested, adjusted):
+        r["p_vs_reference_adjusted"] = p
+    for m, p in zip(merges, adjusted[len(tested):]):
+        m["p_adjusted"] = p

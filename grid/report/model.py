@@ -11,11 +11,12 @@ from typing import Any
 
 import polars as pl
 
+from grid.comparisons import ComparisonSpec
 from grid.errors import GridError
-from grid.report.comparisons import Comparison, run_comparisons
+from grid.report.comparisons import Comparison, family_counts, run_comparisons
 from grid.report.merge_study import study_numbers
 from grid.report.seeds import seed_numbers
-from grid.report.table import Column, Table, build_table, cell_label
+from grid.report.table import Column, RowKey, Table, build_table, cell_label, sort_key
 from grid.store import Store
 
 INVALID = "(invalid)"
@@ -58,6 +59,7 @@ class ReportModel:
     summary: str
     table: Table
     comparisons: list[Comparison]
+    families: list[tuple[str, int, str]]  # (family, tests, correction): grid.report.comparisons.family_counts
     forgetting: list[dict[str, Any]]
     confusion: Confusion | None
     merge_study: dict[str, Any] | None
@@ -70,13 +72,15 @@ class ReportModel:
 
 def build_model(store: Store, results: str, pairs: list[tuple[str, str]] | None = None,
                 confusion_cell: str | None = None, n_boot: int = 1000, seed: int = 0,
-                default_pairs_on: bool = True) -> ReportModel:
+                default_pairs_on: bool = True, declared: tuple[ComparisonSpec, ...] = ()) -> ReportModel:
     records = store.records()
     table = build_table(records)
-    comparisons = run_comparisons(store, table, pairs, n_boot=n_boot, seed=seed, include_default=default_pairs_on)
+    comparisons = run_comparisons(store, table, pairs, n_boot=n_boot, seed=seed, include_default=default_pairs_on,
+                                  declared=declared)
     choice = choose_confusion(table, confusion_cell)
     return ReportModel(results=results, summary=summary_line(records, results), table=table,
-                       comparisons=comparisons, forgetting=forgetting_rows(table),
+                       comparisons=comparisons, families=family_counts(comparisons),
+                       forgetting=forgetting_rows(table),
                        confusion=confusion_of(store, *choice) if choice else None,
                        merge_study=study_numbers(store, records), seeds=seed_numbers(store, records),
                        shots_panels=shots_panels(table),
@@ -102,6 +106,7 @@ def to_json(model: ReportModel, plots: dict[str, str | None] | None) -> dict[str
                               for c in cols if (r, c.key) in table.entries}}
                  for r in table.rows],
         "comparisons": [c.__dict__ for c in model.comparisons],
+        "families": [{"family": f, "tests": n, "correction": how} for f, n, how in model.families],
         "confusion": model.confusion.__dict__ if model.confusion else None, "forgetting": model.forgetting,
         "merge_study": model.merge_study, **({"seeds": model.seeds} if model.seeds else {}), "plots": {k: v is not None for k, v in (plots or {}).items()},
         "n_boot": model.n_boot, "seed": model.seed,
@@ -203,17 +208,24 @@ def shots_panels(table: Table) -> list[ShotsPanel]:
     shots = sorted({r.shots for r in table.rows})
     panels = []
     for col in table.used_columns():
-        series: dict[tuple, list[tuple[int, float]]] = defaultdict(list)
+        series: dict[RowKey, list[tuple[int, float]]] = defaultdict(list)
         for r in table.rows:
             e = table.entries.get((r, col.key))
             if e is not None and e.value is not None:
-                series[(r.model, r.finetune, r.decoding, r.seed)].append((r.shots, 100 * e.value))
+                series[replace(r, shots=0)].append((r.shots, 100 * e.value))
         if len({s for pts in series.values() for s, _ in pts}) < 2:
             continue
-        lines = [(f"{model}{' FT' if ft != 'none' else ''}" + (f" {dec}" if table.show_decoding else ""), sorted(pts))
-                 for (model, ft, dec, _), pts in sorted(series.items())]
+        # one legend entry per (model, fine-tune, decoding) and seed: the row's own label, less its shots
+        lines = [(legend_label(key, table.show_seed), sorted(pts))
+                 for key, pts in sorted(series.items(), key=lambda kv: sort_key(kv[0]))]
         panels.append(ShotsPanel(col, lines, shots))
     return panels
+
+
+def legend_label(row: RowKey, show_seed: bool) -> str:
+    """A plot line's name: model, fine-tune (or lineage) and decoding, and the seed when seeds vary."""
+    label = replace(row, shots=0).label(show_decoding=row.family != "encoder", show_seed=show_seed)
+    return label.replace(" zero-shot", "", 1)
 
 
 def finetune_panels(table: Table) -> list[FinetunePanel]:
@@ -227,7 +239,7 @@ def finetune_panels(table: Table) -> list[FinetunePanel]:
             e_ft = table.entries.get((r, col.key))
             e_no = table.entries.get((replace(r, finetune="none"), col.key))
             if e_ft and e_no and e_ft.value is not None and e_no.value is not None:
-                bars.append((f"{r.model}\n{r.shots}-shot", 100 * e_no.value, 100 * e_ft.value))
+                bars.append((f"{legend_label(r, table.show_seed)}\n{r.shots}-shot", 100 * e_no.value, 100 * e_ft.value))
         if bars:
             panels.append(FinetunePanel(col, bars))
     return panels

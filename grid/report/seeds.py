@@ -5,39 +5,40 @@ for significance across random seeds; its own numbers are one run each).
 A variant is a model under one fine-tune mode, shot count and decoding, on one task; its seeds
 are its cells that differ only in `seed` (each seed its own fine-tune: train rows, initial weights
 and batch order; for untuned models, the few-shot draw). Per seed, the metric's mean over test
-examples has a 95% bootstrap CI. Across seeds: the mean of the per-seed values and their sample
+examples has the cell's own 95% CI (cell.json). Across seeds: the mean of the per-seed values and their sample
 standard deviation.
 
-Two paired tests, on the seeds both variants have (every seed scores the same test rows):
-- pooled: per-example differences A - B of every seed pooled; the difference is the mean over
-  seeds of each seed's mean difference, its CI a bootstrap that resamples each seed's examples
-  apart (the same draws for A and B), and its p-value a sign-flip permutation test (under "no
-  difference" each example's A and B are exchangeable). It uses every example of every seed, so
-  it sees small differences; it treats the seeds as fixed.
-- across seeds: a paired t-test on the per-seed mean differences (n = seeds, n - 1 degrees of
-  freedom). Seeds are the unit: it asks whether the difference holds for a new seed, and with 3
-  seeds it is weak (a t of 4.3 is needed for p < 0.05).
+Two paired tests, on the seeds both variants have (seed s against seed s; every seed scores the
+same test rows), both grid.significance's (the one implementation the report's comparisons and
+the merge study use):
+- pooled: the metric's test stratified by seed (exact McNemar on the discordant pairs summed
+  within seeds for accuracy; a paired permutation test for ROUGE), the difference the mean over
+  seeds of each seed's difference, its CI a bootstrap that resamples each seed's examples apart.
+  It uses every example of every seed, so it sees small differences; it treats the seeds as fixed.
+- across seeds: a one-sample t-test on the per-seed differences (n = seeds). Seeds are the unit:
+  it asks whether the difference holds for a new seed, and with 3 seeds it is weak (a t of 4.3 is
+  needed for p < 0.05).
 Both are given: a difference that the pooled test finds and the seed test does not is one that
 the seeds do not reliably reproduce.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from grid.config import decoding_name
-from grid.metrics.bootstrap import mean_ci
+from grid.report.comparisons import OutcomeCache
+from grid.significance import adjust_results, compare_strata, pair_by_seed, seed_t_test
 from grid.store import Store
 
 N_BOOT = 2000
 
 SEED_HEADER = ("variant", "task", "metric", "per seed [95% CI]", "mean", "SD")
-TEST_HEADER = ("A", "B", "task", "metric", "seeds", "A - B [95% CI]", "p pooled", "per-seed A - B", "p seeds")
+TEST_HEADER = ("A", "B", "task", "metric", "seeds", "A - B [95% CI]", "test", "p pooled", "p pooled adj",
+               "per-seed A - B", "p seeds")
 
 
 @dataclass
@@ -70,126 +71,60 @@ def collect(records: list[dict[str, Any]]) -> list[Variant]:
     return sorted(variants.values(), key=lambda v: (v.task, v.model, v.finetune, v.shots, v.decoding))
 
 
-# --- per-example scores -------------------------------------------------------------------------
-
-
-class Scores:
-    """Per-example scores of cells, read once from their predictions parquet: accuracy (1/0) for a
-    single-label task, ROUGE-1/2/L F-measure for a text task."""
-
-    def __init__(self, store: Store):
-        self.store = store
-        self._cache: dict[str, dict[str, tuple[list[str], np.ndarray]]] = {}
-
-    def of(self, record: dict[str, Any]) -> dict[str, tuple[list[str], np.ndarray]]:
-        cell_id = record["cell_id"]
-        if cell_id not in self._cache:
-            self._cache[cell_id] = self._read(record)
-        return self._cache[cell_id]
-
-    def _read(self, record: dict[str, Any]) -> dict[str, tuple[list[str], np.ndarray]]:
-        import pyarrow.parquet as pq
-
-        from grid.metrics.rouge import rouge_per_example
-        from grid.significance import outcomes_from_rows
-        from grid.tasks import get_task
-
-        task = get_task(record["cell"]["task"])
-        with self.store.fs.open_input_file(self.store.predictions_path(record["cell_id"])) as fh:
-            rows = pq.read_table(fh, columns=["example_id", "prediction", "gold", "invalid_reason"]).to_pylist()
-        sub = task.subtasks[0]
-        if task.is_multi or sub.type not in ("label", "text"):
-            return {}
-        if sub.type == "label":
-            out = outcomes_from_rows(rows, task.name, sub.name)
-            return {"accuracy": (out.example_ids, out.values.astype(float))}
-        ids = [str(r["example_id"]) for r in rows]
-        preds = [(json.loads(r["prediction"]) or {}).get(sub.name) if r["prediction"] else None for r in rows]
-        golds = [json.loads(r["gold"])[sub.name] for r in rows]
-        return {name: (ids, values) for name, values in rouge_per_example(golds, preds).items()}
-
-
-def _aligned(a: tuple[list[str], np.ndarray], b: tuple[list[str], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    if a[0] == b[0]:
-        return a[1], b[1]
-    pos = {e: i for i, e in enumerate(b[0])}
-    common = [(i, pos[e]) for i, e in enumerate(a[0]) if e in pos]
-    return a[1][[i for i, _ in common]], b[1][[j for _, j in common]]
-
-
-# --- statistics ---------------------------------------------------------------------------------
-
-
-def pooled_test(pairs: list[tuple[np.ndarray, np.ndarray]], seed: int = 0) -> dict[str, float]:
-    """Mean over seeds of the per-seed mean difference, its stratified bootstrap CI, and the
-    sign-flip permutation p-value of the pooled per-example differences (see the module doc)."""
-    rng = np.random.default_rng(seed)
-    diff = float(np.mean([(a - b).mean() for a, b in pairs]))
-    draws = np.zeros(N_BOOT)
-    for a, b in pairs:
-        idx = rng.integers(0, len(a), size=(N_BOOT, len(a)))
-        draws += (a[idx] - b[idx]).mean(axis=1)
-    draws /= len(pairs)
-    low, high = np.percentile(draws, [2.5, 97.5])
-    flipped = np.zeros(N_BOOT)
-    for a, b in pairs:
-        d = a - b
-        signs = rng.choice([-1.0, 1.0], size=(N_BOOT, len(d)))
-        flipped += (signs * d).mean(axis=1)
-    flipped /= len(pairs)
-    p = (1 + int(np.sum(np.abs(flipped) >= abs(diff) - 1e-12))) / (1 + N_BOOT)
-    return {"diff": diff, "ci_low": float(low), "ci_high": float(high), "p_pooled": min(1.0, p)}
-
-
-def seed_t_test(per_seed_diffs: list[float]) -> float | None:
-    """Two-sided p of a one-sample t-test of the per-seed differences against 0 (None under 2 seeds)."""
-    from scipy import stats
-
-    n = len(per_seed_diffs)
-    if n < 2:
-        return None
-    sd = float(np.std(per_seed_diffs, ddof=1))
-    if sd == 0:
-        return 0.0 if np.mean(per_seed_diffs) != 0 else 1.0
-    t = float(np.mean(per_seed_diffs)) / (sd / math.sqrt(n))
-    return float(2 * stats.t.sf(abs(t), df=n - 1))
-
-
 # --- the numbers a report shows ---------------------------------------------------------------
 
 
+def metrics_of(record: dict[str, Any]) -> tuple[str, list[str]]:
+    """The sub-task and the metrics this section reads of a cell: accuracy for a single-label
+    task, ROUGE-1/2/L for a text task; none for the rest (multi-task and tagging cells)."""
+    from grid.tasks import get_task
+
+    task = get_task(record["cell"]["task"])
+    sub = task.subtasks[0]
+    if task.is_multi or sub.type not in ("label", "text"):
+        return sub.name, []
+    return sub.name, ["accuracy"] if sub.type == "label" else ["rouge1", "rouge2", "rougeL"]
+
+
 def seed_numbers(store: Store, records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Per variant and metric: per-seed values with CIs, mean and spread; the paired tests of each
-    multi-task model against the single-task model of the same task (and against the other
-    variants that were fine-tuned on that task). None when no variant has two seeds."""
+    """Per variant and metric: per-seed values with the cell's own CI, mean and spread; the paired
+    tests of each multi-task model against the single-task model of the same task (and against
+    the other variants of that task), seed s against seed s, Benjamini-Hochberg adjusted as one
+    exploratory family. None when no variant has two seeds."""
     variants = collect(records)
     if not any(len(v.cells) > 1 for v in variants):
         return None
-    scores = Scores(store)
     rows = []
     for v in variants:
-        metrics = scores.of(next(iter(v.cells.values())))
+        sub, metrics = metrics_of(next(iter(v.cells.values())))
         for metric in metrics:
             per_seed = []
             for seed, record in sorted(v.cells.items()):
-                per_example = scores.of(record)[metric][1]
-                low, high = mean_ci(per_example, N_BOOT, seed)  # the CI every cell's metrics carry
-                value = float(per_example.mean())
-                per_seed.append({"seed": seed, "value": value, "ci_low": low, "ci_high": high})
-            values = [s["value"] for s in per_seed]
+                m = record.get("metrics") or {}
+                per_seed.append({"seed": seed, "value": m.get(f"{sub}/{metric}"),
+                                 "ci_low": m.get(f"{sub}/{metric}_ci_low"), "ci_high": m.get(f"{sub}/{metric}_ci_high")})
+            values = [s["value"] for s in per_seed if s["value"] is not None]
             rows.append({"variant": v.name, "model": v.model, "task": v.task, "metric": metric,
-                         "seen_tasks": list(v.seen_tasks), "seeds": per_seed, "mean": float(np.mean(values)),
+                         "seen_tasks": list(v.seen_tasks), "seeds": per_seed,
+                         "mean": float(np.mean(values)) if values else None,
                          "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None})
-    tests = []
+    cache = OutcomeCache(store)
+    tests, results = [], []
     for a, b in comparisons(variants):
-        seeds = sorted(set(a.cells) & set(b.cells))
-        for metric in scores.of(a.cells[seeds[0]]):
-            pairs = [_aligned(scores.of(a.cells[s])[metric], scores.of(b.cells[s])[metric]) for s in seeds]
-            result = pooled_test(pairs)
-            per_seed = [float((x - y).mean()) for x, y in pairs]
-            tests.append({"a": a.name, "b": b.name, "task": a.task, "metric": metric, "seeds": seeds,
-                          "n_per_seed": len(pairs[0][0]), "per_seed_diff": per_seed, **result,
+        pairs = pair_by_seed(a.cells, b.cells)
+        sub, metrics = metrics_of(pairs[0][1])
+        outcomes = [(cache.get(ra, sub), cache.get(rb, sub)) for _, ra, rb in pairs]
+        for metric in metrics:
+            result = compare_strata(outcomes, metric, N_BOOT, seed=0)
+            per_seed = [compare_strata([o], metric, n_resamples=0).diff for o in outcomes]
+            results.append(result)
+            tests.append({"a": a.name, "b": b.name, "task": a.task, "metric": metric, "seeds": [s for s, _, _ in pairs],
+                          "n_per_seed": result.n // len(pairs), "per_seed_diff": per_seed, "test": result.test,
+                          "diff": result.diff, "ci_low": result.ci_low, "ci_high": result.ci_high,
+                          "p_pooled": result.p_value, "p_floor": result.p_floor, "n_resamples": result.n_resamples,
                           "p_seeds": seed_t_test(per_seed)})
+    for t, r in zip(tests, adjust_results(results, "exploratory")):
+        t["p_pooled_adjusted"] = r.p_adjusted
     return {"rows": rows, "tests": tests}
 
 
@@ -224,12 +159,16 @@ def test_cells(t: dict[str, Any]) -> list[str]:
     """One paired test's cells under TEST_HEADER (differences x 100)."""
     per_seed = ", ".join(f"{100 * d:+.1f}" for d in t["per_seed_diff"])
     p_seeds = "–" if t["p_seeds"] is None else f"{t['p_seeds']:.3g}"
+    pooled = f"< 1/{t['n_resamples']}" if t.get("p_floor") else f"{t['p_pooled']:.3g}"
+    adjusted = t["p_pooled_adjusted"]
     return [t["a"], t["b"], t["task"], t["metric"], str(len(t["seeds"])),
-            f"{100 * t['diff']:+.1f} [{100 * t['ci_low']:+.1f}, {100 * t['ci_high']:+.1f}]",
-            f"{t['p_pooled']:.3g}", per_seed, p_seeds]
+            f"{100 * t['diff']:+.1f} [{100 * t['ci_low']:+.1f}, {100 * t['ci_high']:+.1f}]", t["test"],
+            pooled, f"{adjusted:.3g}" + ("*" if adjusted < 0.05 else ""), per_seed, p_seeds]
 
 
-SEEDS_NOTE = ("Each metric x 100: per seed with its 95% bootstrap CI, then the mean and the sample SD across "
-              "seeds. Paired tests (A - B x 100, on the seeds both have): pooled over seeds (bootstrap CI "
-              "stratified by seed, sign-flip permutation p) and across seeds (t-test of the per-seed "
-              "differences, seeds as the unit).")
+SEEDS_NOTE = ("Each metric x 100: per seed with the cell's own 95% CI, then the mean and the sample SD across "
+              "seeds. Paired tests (A - B x 100, seed s of A against seed s of B, on the seeds both have): "
+              "pooled over seeds (exact McNemar on the discordant pairs summed within seeds for accuracy, a "
+              "paired permutation test stratified by seed for ROUGE; bootstrap CI stratified by seed), p "
+              "adjusted by Benjamini-Hochberg over this section's tests (* adjusted p < 0.05); and across seeds "
+              "(t-test of the per-seed differences, seeds as the unit).")

@@ -68,14 +68,6 @@ def columns_for(tasks: set[str]) -> list[Column]:
     return cols
 
 
-def tuned_or_merged_models(forgetting: pl.DataFrame) -> dict[str, str]:
-    """Models whose weights were tuned or merged before their inference cells (grid.forgetting's
-    kinds made and merge), and what their not-fine-tuned rows are labelled: "merged", or
-    "grid-tuned" (a finetuned_from model)."""
-    rows = forgetting.filter(pl.col("kind").is_in(["made", "merge"])).select("model", "kind").unique().to_dicts()
-    return {r["model"]: "merged" if r["kind"] == "merge" else "grid-tuned" for r in rows}
-
-
 @dataclass(frozen=True)
 class RowKey:
     model: str
@@ -88,8 +80,13 @@ class RowKey:
     # each fine-tune's transfer has its own row; "" for a fine-tune on its own column (Table 3)
     trained_on: str = ""
 
+    # where a row's weights came from when its fine-tune mode is "none" and still they were tuned
+    # (a model the grid made, a merge, a model declared with seen_tasks): named for its lineage, so
+    # no tuned, headed or merged model reads as "w/o FT"; "" for an untuned model
+    origin: str = ""
+
     def label(self, show_decoding: bool, show_seed: bool) -> str:
-        ft = "w/ FT" if self.finetune != "none" else "w/o FT"
+        ft = "w/ FT" if self.finetune != "none" else self.origin or "w/o FT"
         if self.finetune not in ("none", "full"):
             ft = f"w/ FT ({self.finetune})"
         if self.trained_on:
@@ -110,7 +107,20 @@ def row_key(cell: dict[str, Any]) -> RowKey:
     trained_on = (cell.get("lineage") or {}).get("trained_on") or ""
     return RowKey(cell["model"], cell.get("family", ""), int(cell["shots"]), str(cell["finetune"]),
                   decoding_name(cell.get("decoding")), int(cell.get("seed", 0)),
-                  trained_on if cell["finetune"] != "none" and trained_on != cell["task"] else "")
+                  trained_on if cell["finetune"] != "none" and trained_on != cell["task"] else "", origin(cell))
+
+
+def origin(cell: dict[str, Any]) -> str:
+    """What a cell's weights are when its fine-tune mode is "none" but they saw tasks: "merged
+    (inputs tuned on a, b)" (a merge: grid.config names its source `merge:<name>`), "tuned on a, b"
+    (a model the grid made, or one declared with seen_tasks), else ""."""
+    if cell["finetune"] != "none":
+        return ""
+    lineage = cell.get("lineage") or {}
+    seen = ", ".join(lineage.get("seen_tasks") or ())
+    if str(cell.get("source", "")).startswith("merge:"):
+        return "merged" + (f" (inputs tuned on {seen})" if seen else "")
+    return f"tuned on {seen}" if seen else ""
 
 
 def sort_key(k: RowKey) -> tuple:
@@ -166,17 +176,14 @@ class Table:
     show_seed: bool
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # cell_id -> record
     forgetting: pl.DataFrame = field(default_factory=pl.DataFrame)  # grid.forgetting's frame of the records
-    made: dict[str, str] = field(default_factory=dict)  # tuned_or_merged_models
 
     def label(self, row: RowKey) -> str:
-        text = row.label(self.show_decoding, self.show_seed)
-        return f"{text} ({self.made[row.model]})" if row.model in self.made and row.finetune == "none" else text
+        return row.label(self.show_decoding, self.show_seed)
 
     def used_columns(self) -> list[Column]:
-        """The paper's columns always; other columns only when some cell fills them."""
-        paper = set(PAPER_COLUMNS)
-        return [c for c in self.columns
-                if c in paper or any((r, c.key) in self.entries for r in self.rows)]
+        """The columns some cell fills (the paper's first): a column without a cell is not shown."""
+        filled = {key for _, key in self.entries}
+        return [c for c in self.columns if c.key in filled]
 
 
 def build_table(records: list[dict[str, Any]]) -> Table:
@@ -199,7 +206,7 @@ def build_table(records: list[dict[str, Any]]) -> Table:
     forgetting = forgetting_frame(records)
     return Table(columns=cols, rows=sorted(rows, key=sort_key), entries=entries,
                  show_decoding=len(decodings) > 1, show_seed=len(seeds) > 1, records=by_id,
-                 forgetting=forgetting, made=tuned_or_merged_models(forgetting))
+                 forgetting=forgetting)
 
 
 def cell_label(record: dict[str, Any]) -> str:
