@@ -5,6 +5,10 @@
 
 Without RAY_ADDRESS it starts a local Ray (the embedded default); with one (as `ray job submit`
 sets it), it runs on that cluster. A rerun does only the cells not yet done.
+
+A run that runs cells leaves a record in the results dir, DIR/runs/<started>-<pid>.json: the commit,
+command, grid file, machine and versions it ran with, its wall time and the cells it ran
+(grid/provenance.py); a report reads them back.
 """
 
 from __future__ import annotations
@@ -12,12 +16,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from grid.errors import GridError  # noqa: E402
+
+if TYPE_CHECKING:
+    from grid.execute import RunSummary
+    from grid.store import Store
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,11 +42,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
     try:
-        return _run(args)
+        return _run(args, argv)
     except GridError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -54,13 +65,12 @@ def _scanning(results: str):
     return store
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from grid.config import load_config
     from grid.execute import data_dir_arg, execute
     from grid.plan import build_plan, validate_references
     from grid.store import Store
     from grid.tables import plan_table, print_table, search_table, status_table
-
     from grid.tasks import use_tasks_dir
 
     use_tasks_dir(args.tasks)  # before the config: its task names are checked against the catalog
@@ -90,9 +100,21 @@ def _run(args: argparse.Namespace) -> int:
         print_resources(plan, config, data_dir)
         return 0
     store = store or Store.open(args.results)
-    summary = execute(plan, config, store, data_dir, args.num_cpus)
+    run, name, clock = _start_record(store, argv, args.config)
+    try:
+        summary = execute(plan, config, store, data_dir, args.num_cpus)
+    except GridError:  # execute refuses before its first cell (a search on an object store): no run
+        store.delete_run(name)
+        raise
+    except BaseException as exc:  # a crash or Ctrl-C: the record says how the run ended
+        from grid.execute import one_line
+        from grid.provenance import finish
+
+        store.write_run(name, finish(run, clock, error=one_line(exc)))
+        raise
     cell_ids = {c.id for c in plan.cells}  # this grid's cells and their metrics, as `grid status` shows them
     records = [r for r in store.records() if r["cell_id"] in cell_ids]
+    _finish_record(store, run, name, clock, summary, records)
     print_table(*status_table(records))
     trials, searches = search_table(records)
     if searches:
@@ -104,6 +126,33 @@ def _run(args: argparse.Namespace) -> int:
         owners = sorted({f"{o.get('host')}:{o.get('pid')}" for o in summary.elsewhere.values()})
         print(f"{len(summary.elsewhere)} cells were claimed by another driver on this results dir ({', '.join(owners)})")
     return 1 if summary.failed else 0
+
+
+def _start_record(store: Store, argv: list[str], config: str) -> tuple[dict[str, Any], str, float]:
+    """The run's provenance record, written before any cell runs (a killed run keeps it, with no end)."""
+    from grid.provenance import capture, run_name
+
+    record = capture(["python", "grid/run.py", *argv], Path(config))
+    name = run_name(record)
+    store.write_run(name, record)
+    return record, name, time.perf_counter()
+
+
+def _finish_record(store: Store, record: dict[str, Any], name: str, clock: float, summary: RunSummary,
+                   records: list[dict[str, Any]]) -> None:
+    """The record completed with the run's wall time and its cells: those it ran (`failed` among
+    them), those done before it, those of them scored again, and those another driver ran meanwhile.
+    A run that changed nothing (every cell done already) drops its record: a rerun leaves no trace."""
+    from grid.provenance import finish
+
+    if not (summary.ran or summary.rescored or summary.elsewhere):
+        store.delete_run(name)
+        return
+    touched = set(summary.ran) | set(summary.elsewhere)
+    already = sorted(r["cell_id"] for r in records if r["status"] == "done" and r["cell_id"] not in touched)
+    store.write_run(name, finish(record, clock, ran=sorted(summary.ran), failed=sorted(summary.failed),
+                                 already_done=already, rescored=sorted(summary.rescored),
+                                 elsewhere=sorted(summary.elsewhere)))
 
 
 if __name__ == "__main__":
