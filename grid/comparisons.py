@@ -196,7 +196,7 @@ def check_comparisons(specs: tuple[ComparisonSpec, ...], cells: list[dict[str, A
     names = [s.name for s in specs]
     for i, spec in enumerate(specs):
         where = f"{source}: field comparisons.{i} ({spec.name})"
-        if names.count(spec.name) > 1:
+        if spec.name in names[:i]:
             raise GridError(f"{where}.name: {spec.name!r} names two comparisons")
         for group in pair_cells(spec, cells, where):
             for metric in spec.metrics:
@@ -209,3 +209,9 @@ def _show(selector: dict[str, Any]) -> str:
 
 def _describe(fields: dict[str, Any]) -> str:
     return ", ".join(f"{k} {fields[k]}" for k in ("model", "task", "shots", "finetune", "decoding", "seed"))
+
+
+def check_plan(config: Any, plan: Any, source: str) -> None:
+    """`check_comparisons` on a plan's cells (a no-op for a grid that declares none)."""
+    if config.comparisons:
+        check_comparisons(config.comparisons, [{**c.model_dump(), "id": c.id} for c in plan.cells], source)

@@ -84,6 +84,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     # A rerun on a results dir starts its resume scan now, to read beside the planning.
     store = None if args.dry_run else _scanning(args.results)
     plan = build_plan(config, data_dir)
+    from grid.comparisons import check_plan
+
+    check_plan(config, plan, args.config)  # declared comparisons pair cells of this plan, or fail now
     from grid.resources import search_budgets
     from grid.search import check_budget
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from grid.provenance import provenance_markdown
 from grid.report import seeds
 from grid.report.comparisons import Comparison, significance_note
 from grid.report.formatting import (
@@ -28,7 +29,8 @@ from grid.report.table import LEGEND, Table
 
 
 def render(model: ReportModel) -> str:
-    md = ["# Table 3 reproduced\n", model.summary + "\n", table_markdown(model.table), "", LEGEND, "",
+    md = ["# Table 3 reproduced\n", model.summary + "\n", *provenance_markdown(model.provenance), "",
+          table_markdown(model.table), "", LEGEND, "",
           "## Paired significance tests\n", significance_note(model.n_boot, model.seed) + "\n",
           comparisons_markdown(model.comparisons, model.families)]
     if model.forgetting:

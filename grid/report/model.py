@@ -13,6 +13,7 @@ import polars as pl
 
 from grid.comparisons import ComparisonSpec
 from grid.errors import GridError
+from grid.provenance import report_provenance
 from grid.report.comparisons import Comparison, family_counts, run_comparisons
 from grid.report.merge_study import study_numbers
 from grid.report.seeds import seed_numbers
@@ -68,6 +69,7 @@ class ReportModel:
     finetune_panels: list[FinetunePanel]
     n_boot: int
     seed: int
+    provenance: dict[str, Any]  # grid.provenance.report_provenance: the runs that wrote the results, cell times
 
 
 def build_model(store: Store, results: str, pairs: list[tuple[str, str]] | None = None,
@@ -84,7 +86,8 @@ def build_model(store: Store, results: str, pairs: list[tuple[str, str]] | None 
                        confusion=confusion_of(store, *choice) if choice else None,
                        merge_study=study_numbers(store, records), seeds=seed_numbers(store, records),
                        shots_panels=shots_panels(table),
-                       finetune_panels=finetune_panels(table), n_boot=n_boot, seed=seed)
+                       finetune_panels=finetune_panels(table), n_boot=n_boot, seed=seed,
+                       provenance=report_provenance(store, records))
 
 
 def summary_line(records: list[dict[str, Any]], results: str) -> str:
@@ -109,7 +112,7 @@ def to_json(model: ReportModel, plots: dict[str, str | None] | None) -> dict[str
         "families": [{"family": f, "tests": n, "correction": how} for f, n, how in model.families],
         "confusion": model.confusion.__dict__ if model.confusion else None, "forgetting": model.forgetting,
         "merge_study": model.merge_study, **({"seeds": model.seeds} if model.seeds else {}), "plots": {k: v is not None for k, v in (plots or {}).items()},
-        "n_boot": model.n_boot, "seed": model.seed,
+        "n_boot": model.n_boot, "seed": model.seed, "provenance": model.provenance,
     }
 
 

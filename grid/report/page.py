@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jinja2
 
+from grid.provenance import provenance_markdown
 from grid.report import formatting, seeds
 from grid.report.comparisons import significance_note
 from grid.report.model import ReportModel
@@ -25,6 +26,7 @@ def render(model: ReportModel, plots: dict[str, str | None] | None) -> str:
     return env.get_template("report.html.j2").render(
         m=model, table=model.table, columns=columns, groups=column_groups(columns), legend=LEGEND,
         significance_note=significance_note(model.n_boot, model.seed), plots=plots or {},
+        provenance=provenance_markdown(model.provenance),
         no_matplotlib="" if plots is not None else " (matplotlib is not installed: pip install matplotlib)",
         written=time.strftime("%Y-%m-%d %H:%M:%S"))
 

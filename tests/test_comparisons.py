@@ -1,0 +1,192 @@
+"""Declared comparisons (grid/comparisons.py, grid.report.comparisons): validated against the plan
+when a grid loads (one line naming the file, the comparison and the field), paired like with like
+(seed s with seed s, the same examples), and tested in the report with the metric's test, raw and
+family-adjusted p and a CI."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from grid.comparisons import check_plan, pair_cells
+from grid.config import load_config
+from grid.errors import GridError
+from grid.plan import build_plan
+from grid.report import write_report
+from grid.significance import adjust
+from grid.store import Store
+from tests.conftest import DATA
+from tests.test_seeds_report import N, add
+
+TINY = {"name": "tiny", "source": "tiny:llama", "family": "decoder", "prompt_format": "chat"}
+ENC = {"name": "enc", "source": "tiny:bert", "family": "encoder"}
+
+
+def grid_file(tmp_path: Path, comparisons: list, **overrides) -> Path:
+    grid = {"name": "c", "models": [TINY], "tasks": ["fpb-sentiment", "dialogsum"], "shots": [0, 5],
+            "finetune": ["none", "lora"], "seeds": [0, 1], "decoding": {"mode": "free", "max_new_tokens": 8},
+            "limits": {"test": 12, "train": 16}, "comparisons": comparisons, **overrides}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def check(path: Path) -> None:
+    config = load_config(path)
+    check_plan(config, build_plan(config, DATA), str(path))
+
+
+FIVE_VS_ZERO = {"name": "five-vs-zero", "question": "Does five-shot help the untuned model?",
+                "a": {"shots": 5, "finetune": "none"}, "b": {"shots": 0, "finetune": "none"},
+                "metrics": ["accuracy"], "family": "primary"}
+
+
+def test_a_valid_declaration_pairs_seed_with_seed_on_the_same_task(tmp_path):
+    path = grid_file(tmp_path, [FIVE_VS_ZERO | {"a": {"shots": 5, "finetune": "none", "task": "fpb-sentiment"},
+                                               "b": {"shots": 0, "finetune": "none", "task": "fpb-sentiment"}}])
+    check(path)
+    config = load_config(path)
+    cells = [{**c.model_dump(), "id": c.id} for c in build_plan(config, DATA).cells]
+    (group,) = pair_cells(config.comparisons[0], cells, "x")
+    assert [(p.seed, p.a["seed"], p.b["seed"]) for p in group.pairs] == [(0, 0, 0), (1, 1, 1)]
+    assert all(p.a["shots"] == 5 and p.b["shots"] == 0 and p.a["task"] == p.b["task"] for p in group.pairs)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"a": {"shots": 5, "model": "nope"}}, r"comparisons\.0 \(five-vs-zero\)\.a: \{model: nope, shots: 5\} matches no "),
+    ({"a": {"task": "fpb-sentiment", "shots": 5}, "b": {"task": "dialogsum", "shots": 0}},
+     r"comparisons\.0 \(five-vs-zero\)\.a/b: pairs cells scored on different examples \(task fpb-sentiment vs dialogsum\)"),
+    ({"metrics": ["accuracy"]},  # dialogsum is a summary: accuracy is not its metric (seed003's fault)
+     r"comparisons\.0 \(five-vs-zero\)\.metrics: accuracy does not apply to dialogsum \(sub-task summary: rouge1"),
+    ({"b": {"finetune": "none"}},
+     r"comparisons\.0 \(five-vs-zero\)\.b: 2 cells of B pair with one cell of A .*; name shots in b"),
+])
+def test_a_bad_declaration_fails_at_load_naming_the_comparison_and_field(tmp_path, change, message):
+    with pytest.raises(GridError, match=message) as err:
+        check(grid_file(tmp_path, [FIVE_VS_ZERO | change]))
+    assert str(err.value).startswith(str(tmp_path / "grid.yaml"))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"a": {"seed": 0}}, r"field comparisons\.0\.a: .*cannot name a seed"),
+    ({"a": {"temperature": 0}}, r"field comparisons\.0\.a: .*unknown key 'temperature'"),
+    ({"metrics": ["f1"]}, r"field comparisons\.0\.metrics: .*unknown metric 'f1'"),
+    ({"family": "tertiary"}, r"field comparisons\.0\.family"),
+])
+def test_a_malformed_declaration_fails_when_the_grid_loads(tmp_path, change, message):
+    with pytest.raises(GridError, match=message):
+        load_config(grid_file(tmp_path, [FIVE_VS_ZERO | change]))
+
+
+def test_two_comparisons_cannot_share_a_name(tmp_path):
+    rouge = FIVE_VS_ZERO | {"metrics": ["rougeL"], "a": {"shots": 5, "finetune": "none", "task": "dialogsum"},
+                            "b": {"shots": 0, "finetune": "none", "task": "dialogsum"}}
+    with pytest.raises(GridError, match=r"comparisons\.1 \(five-vs-zero\)\.name: 'five-vs-zero' names two"):
+        check(grid_file(tmp_path, [rouge, rouge]))
+
+
+# --- in the report ---------------------------------------------------------------------------
+
+
+DECLARED = [
+    {"name": "shared-vs-single", "question": "Does the shared body classify as well as the single-task one?",
+     "a": {"model": "shared", "task": "sst2"}, "b": {"model": "single", "task": "sst2"},
+     "metrics": ["accuracy", "macro_f1"], "family": "primary"},
+    {"name": "shared-vs-single-summaries", "question": "Does the shared body summarize as well?",
+     "a": {"model": "shared", "task": "dialogsum"}, "b": {"model": "single-sum", "task": "dialogsum"},
+     "metrics": ["rougeL", "rouge2"], "family": "primary"},
+    {"name": "seed-mates", "question": "Is the other single-task model's sentiment any different?",
+     "a": {"model": "single"}, "b": {"model": "other"}, "metrics": ["accuracy"], "family": "secondary"},
+]
+
+
+@pytest.fixture
+def declared_results(tmp_path):
+    """sst2 at 3 seeds: shared right on 80/85/90%, single on 60/62/64%, other like single; dialogsum:
+    shared's summaries are the gold, single-sum's the first five words."""
+    store = Store.open(tmp_path / "results")
+    golds = ["positive" if i % 2 else "negative" for i in range(N)]
+    flip = {"positive": "negative", "negative": "positive"}
+    texts = [f"person {i} asks about the train to town number {i}" for i in range(N)]
+    for seed, (p_shared, p_single) in enumerate([(0.80, 0.60), (0.85, 0.62), (0.90, 0.64)]):
+        for model, p in (("shared", p_shared), ("single", p_single), ("other", p_single)):
+            right = [i < round(p * N) for i in range(N)]
+            random.Random(f"{model}{seed}").shuffle(right)
+            add(store, model, "sst2", seed, [g if r else flip[g] for g, r in zip(golds, right)], golds, [])
+        add(store, "shared", "dialogsum", seed, texts, texts, [], "free")
+        add(store, "single-sum", "dialogsum", seed, [" ".join(t.split()[:5]) for t in texts], texts, [], "free")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"comparisons": DECLARED}))
+    return tmp_path, grid
+
+
+def test_the_report_tests_each_declared_comparison(declared_results):
+    root, grid = declared_results
+    paths = write_report(root / "results", root / "out", n_boot=200, grid=grid)
+    data = json.loads(Path(paths[2]).read_text())
+    comps = {(c["name"], c["metric"]): c for c in data["comparisons"]}
+    assert set(comps) == {("shared-vs-single", "accuracy"), ("shared-vs-single", "macro_f1"),
+                          ("shared-vs-single-summaries", "rougeL"), ("shared-vs-single-summaries", "rouge2"),
+                          ("seed-mates", "accuracy")}  # declared: no default pairs beside them
+    assert all(c["seeds"] == [0, 1, 2] and c["error"] is None for c in comps.values())
+    tests = {k: c["result"]["test"] for k, c in comps.items()}
+    assert tests[("shared-vs-single", "accuracy")] == "mcnemar-exact"
+    assert tests[("shared-vs-single", "macro_f1")] == tests[("shared-vs-single-summaries", "rougeL")] == "paired-permutation"
+    assert data["families"] == [{"family": "primary", "tests": 4, "correction": "Holm"},
+                                {"family": "secondary", "tests": 1, "correction": "Benjamini-Hochberg"}]
+    primary = [c for c in data["comparisons"] if c["family"] == "primary"]
+    assert [c["result"]["p_adjusted"] for c in primary] == pytest.approx(adjust([c["result"]["p_value"] for c in primary], "holm"))
+    acc = comps[("shared-vs-single", "accuracy")]
+    assert acc["result"]["ci_low"] < acc["result"]["diff"] < acc["result"]["ci_high"]
+    assert acc["result"]["strata"] == 3 and len(acc["per_seed_diff"]) == 3 and acc["p_seeds"] is not None
+    assert np.mean(acc["per_seed_diff"]) == pytest.approx(acc["result"]["diff"])
+    md = Path(paths[0]).read_text()
+    assert "Tests per family: primary 4 (Holm); secondary 1 (Benjamini-Hochberg)." in md
+    assert "- **shared-vs-single** (primary): Does the shared body classify as well as the single-task one?" in md
+    row = next(line for line in md.splitlines() if line.startswith("| primary | shared-vs-single | sst2 sentiment/accuracy"))
+    assert "mcnemar-exact" in row and "s0 +" in row and "t-test p" in row and row.endswith("* |")
+
+
+def test_a_declared_comparison_that_pairs_nothing_shows_its_error(declared_results):
+    root, grid = declared_results
+    grid.write_text(yaml.safe_dump({"comparisons": [DECLARED[0] | {"b": {"model": "absent"}}]}))
+    data = json.loads(Path(write_report(root / "results", root / "out", n_boot=50, grid=grid)[2]).read_text())
+    (comp,) = data["comparisons"]
+    assert comp["result"] is None and "matches no inference cell" in comp["error"]
+
+
+def test_a_grid_with_declared_comparisons_runs_and_reports_them(tmp_path):
+    """End to end on a real local Ray: the grid runs, and `grid report` finds its comparisons in
+    the run's record (no --grid), tests them, and writes the provenance beside them."""
+    from tests.conftest import run_cli
+
+    grid = {"name": "declared", "models": [TINY], "tasks": ["fpb-sentiment"], "shots": [0, 5],
+            "decoding": {"mode": "constrained"}, "limits": {"test": 12}, "text_budget": 32,
+            "inference": {"batch_size": 4}, "comparisons": [FIVE_VS_ZERO | {"metrics": ["accuracy", "macro_f1"]}]}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    run = run_cli("grid/run.py", str(path), "--results", str(tmp_path / "r"), "--num-cpus", "2")
+    assert run.returncode == 0, run.stderr
+    report = run_cli("-m", "grid", "report", str(tmp_path / "r"), "--out", str(tmp_path / "out"), "--n-boot", "200")
+    assert report.returncode == 0, report.stderr
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [(c["name"], c["metric"], c["family"]) for c in data["comparisons"]] == [
+        ("five-vs-zero", "accuracy", "primary"), ("five-vs-zero", "macro_f1", "primary")]
+    for c in data["comparisons"]:
+        assert c["error"] is None and c["result"]["n"] == 12 and c["result"]["p_adjusted"] >= c["result"]["p_value"]
+    assert data["comparisons"][1]["result"]["ci_low"] is not None
+    (record,) = data["provenance"]["runs"]
+    assert record["grid_path"] == str(path) and record["cells"]["ran"] == 2
+    md = (tmp_path / "out" / "table3.md").read_text()
+    assert "**Provenance**" in md and "| primary | five-vs-zero | fpb-sentiment sentiment/accuracy |" in md
+    bad = dict(grid, comparisons=[FIVE_VS_ZERO | {"a": {"shots": 5, "model": "nope"}}])
+    path.write_text(yaml.safe_dump(bad))
+    refused = run_cli("grid/run.py", str(path), "--results", str(tmp_path / "r2"), "--dry-run")
+    assert refused.returncode == 2 and "comparisons.0 (five-vs-zero).a:" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
