@@ -373,14 +373,19 @@ def test_html_renders_in_headless_chromium(rich, tmp_path):
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     t = _table(dom.stdout, "table3")
-    body = [r for r in t.rows[2:]]
+    body, majority = t.rows[2:-1], t.rows[-1]
     labels = [r[0] for r in body]
     assert labels == ["roberta-base w/ FT", "llama3-8b five-shot w/o FT", "llama3-8b zero-shot w/o FT",
                       "llama3-8b five-shot w/ FT", "llama3-8b zero-shot w/ FT", "merge-ties zero-shot merged (inputs tuned on massive-intent, massive-slots)",
                       "gpt-4o five-shot w/o FT", "gpt-4o zero-shot w/o FT"]
     assert t.rows[1] == [c.head for c in PAPER_COLUMNS]
     assert all(len(r) == 1 + len(PAPER_COLUMNS) for r in body)
-    assert all(re.fullmatch(r"\d+\.\d \[\d+\.\d, \d+\.\d\] inv \d+\.\d%", c) for c in body[0][1:])
+    # accuracy columns: value [CI] mF1 macro-F1 inv invalid%; slot columns: no macro-F1
+    assert all(re.fullmatch(r"\d+\.\d \[\d+\.\d, \d+\.\d\]( mF1 \d+\.\d)? inv \d+\.\d%", c) for c in body[0][1:])
+    assert sum(" mF1 " in c for c in body[0][1:]) == 6
+    # the last row: each accuracy column's majority-class rate, as the cells' records give it
+    assert majority[0] == "majority-class rate" and majority[6] == "–" and majority[8] == "–"
+    assert all(re.fullmatch(r"\d+\.\d", m) for i, m in enumerate(majority[1:], 1) if i not in (6, 8))
     data = json.loads(Path(paths[2]).read_text())
     by_label = {r["label"]: r for r in data["rows"]}
     for row in body:

@@ -70,6 +70,9 @@ def table_markdown(table: Table) -> str:
             e = table.entries.get((r, c.key))
             cells.append(_escape(e.text()) if e else "–")
         lines.append("| " + " | ".join(cells) + " |")
+    majority = [table.majority(c) for c in cols]
+    if any(m is not None for m in majority):
+        lines.append("| majority-class rate | " + " | ".join("–" if m is None else f"{100 * m:.1f}" for m in majority) + " |")
     return "\n".join(lines)
 
 
@@ -121,7 +124,8 @@ def merge_study_markdown(numbers: dict[str, Any]) -> list[str]:
         md += [f"| {s['variant']} | {with_ci(s.get('held_out'))} | {with_ci(s['held_out_vs_parent'], True)} | "
                f"{with_ci(s.get('held_out_vs_multi'), True)} |" for s in recovered]
     md += ["", "### Per task\n",
-           "Accuracy [95% CI] (majority-class rate of the rows), and the difference from the reference "
+           "Accuracy [95% CI] and macro-F1 (mF1; the majority-class rate of the rows in the last row), and the "
+           "difference from the reference "
            "[paired bootstrap CI], exact McNemar p, then p adjusted by Benjamini-Hochberg over the study's "
            f"{numbers.get('n_tests', 0)} tests (* adjusted p < 0.05). Seen tasks are in bold.\n"]
     md += _per_task_table(numbers)
@@ -151,6 +155,8 @@ def _per_task_table(numbers: dict[str, Any]) -> list[str]:
                 texts.append("–")
                 continue
             text = f"{pct(r['accuracy'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}]"
+            if r.get("macro_f1") is not None:
+                text += f" mF1 {pct(r['macro_f1'])}"
             if "delta" in r:
                 text += (f"<br>{100 * r['delta']:+.1f} [{100 * r['delta_low']:+.1f}, {100 * r['delta_high']:+.1f}] "
                          f"p={p_text(r['p_vs_reference'])}, adj {p_star(r['p_vs_reference_adjusted'])}")

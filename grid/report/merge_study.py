@@ -164,7 +164,8 @@ def study_numbers(store: Store, records: list[dict[str, Any]]) -> dict[str, Any]
             sub = next(k for k in m if k.endswith("/accuracy") and k.count("/") == 1)
             row = {"variant": v.name, "task": t, "seen": t in v.seen, "cell_id": rec["cell_id"],
                    "accuracy": m[sub], "ci_low": m.get(f"{sub}_ci_low"), "ci_high": m.get(f"{sub}_ci_high"),
-                   "majority_rate": m.get(sub.replace("/accuracy", "/majority_rate"))}
+                   "majority_rate": m.get(sub.replace("/accuracy", "/majority_rate")),
+                   "macro_f1": m.get(sub.replace("/accuracy", "/macro_f1"))}
             if ref is not None and v is not ref and t in ref.cells:
                 a, b = _aligned(_outcomes(outs, rec), _outcomes(outs, ref.cells[t]))
                 diff, low, high = stratified_diff([(a, b)])

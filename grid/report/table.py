@@ -15,10 +15,14 @@ from grid.config import decoding_name
 from grid.errors import GridError
 from grid.forgetting import forgetting_frame
 
-LEGEND = ("Each entry: the cell's metric in percent (accuracy; F1 for slot filling) from its cell.json, "
-          "[95% percentile bootstrap CI], and inv = share of invalid answers (for consolidated cells, of "
-          "that sub-task). – : no such cell; failed: the cell failed (hover for the error). "
-          "Dual = one single-task cell per column; consolidated = one multi-task cell answering both.")
+LEGEND = ("Each entry: the cell's metric in percent (accuracy; F1 for slot filling; ROUGE-L for summaries) "
+          "from its cell.json with its 95% CI (exact Clopper-Pearson for accuracy, percentile bootstrap "
+          "otherwise); mF1 = macro-F1 over the gold labels (a model that answers one label for every row "
+          "has accuracy = that label's share and a low mF1); inv = share of invalid answers (for "
+          "consolidated cells, of that sub-task). The last row: the majority-class rate of each "
+          "column's rows, the accuracy of always answering the commonest label. – : no such cell; "
+          "failed: the cell failed (hover for the error). Dual = one single-task cell per column; "
+          "consolidated = one multi-task cell answering both.")
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,7 @@ class Entry:
     invalid_rate: float | None = None
     n: int | None = None
     error: str | None = None
+    macro_f1: float | None = None  # accuracy columns: the cell's macro-F1 (skill beside a default answer)
 
     def text(self) -> str:
         if self.status != "done":
@@ -149,6 +154,8 @@ class Entry:
         out = f"{100 * self.value:.1f}"
         if self.ci_low is not None and self.ci_high is not None and not math.isnan(self.ci_low):
             out += f" [{100 * self.ci_low:.1f}, {100 * self.ci_high:.1f}]"
+        if self.macro_f1 is not None:
+            out += f" mF1 {100 * self.macro_f1:.1f}"
         if self.invalid_rate is not None:
             out += f" inv {100 * self.invalid_rate:.1f}%"
         return out
@@ -160,7 +167,8 @@ def entry_of(record: dict[str, Any], col: Column) -> Entry:
     value = m.get(key)
     inv = m.get(f"{col.subtask}/invalid_rate", m.get("invalid_rate"))
     n = m.get("n", record.get("n_examples"))
-    return Entry(cell_id=record["cell_id"], status=record["status"],
+    f1 = m.get(f"{col.subtask}/macro_f1") if col.metric == "accuracy" else None
+    return Entry(cell_id=record["cell_id"], status=record["status"], macro_f1=f1 if isinstance(f1, (int, float)) else None,
                  value=float(value) if isinstance(value, (int, float)) else None,
                  ci_low=m.get(f"{key}_ci_low"), ci_high=m.get(f"{key}_ci_high"),
                  invalid_rate=float(inv) if isinstance(inv, (int, float)) else None,
@@ -179,6 +187,17 @@ class Table:
 
     def label(self, row: RowKey) -> str:
         return row.label(self.show_decoding, self.show_seed)
+
+    def majority(self, col: Column) -> float | None:
+        """The column's majority-class rate (accuracy columns): the same rows for every cell of a
+        task, so any done cell's record gives it."""
+        if col.metric != "accuracy":
+            return None
+        for (_, key), e in self.entries.items():
+            rate = (self.records.get(e.cell_id) or {}).get("metrics", {}).get(f"{col.subtask}/majority_rate")
+            if key == col.key and e.status == "done" and isinstance(rate, (int, float)):
+                return float(rate)
+        return None
 
     def used_columns(self) -> list[Column]:
         """The columns some cell fills (the paper's first): a column without a cell is not shown."""
