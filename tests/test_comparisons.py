@@ -6,7 +6,6 @@ family-adjusted p and a CI."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,8 @@ from grid.errors import GridError
 from grid.plan import build_plan
 from grid.report import write_report
 from grid.significance import adjust
-from grid.store import Store
 from tests.conftest import DATA
-from tests.test_seeds_report import N, add
+from tests.test_seeds_report import seeded_results
 
 TINY = {"name": "tiny", "source": "tiny:llama", "family": "decoder", "prompt_format": "chat"}
 ENC = {"name": "enc", "source": "tiny:bert", "family": "encoder"}
@@ -108,19 +106,8 @@ DECLARED = [
 
 @pytest.fixture
 def declared_results(tmp_path):
-    """sst2 at 3 seeds: shared right on 80/85/90%, single on 60/62/64%, other like single; dialogsum:
-    shared's summaries are the gold, single-sum's the first five words."""
-    store = Store.open(tmp_path / "results")
-    golds = ["positive" if i % 2 else "negative" for i in range(N)]
-    flip = {"positive": "negative", "negative": "positive"}
-    texts = [f"person {i} asks about the train to town number {i}" for i in range(N)]
-    for seed, (p_shared, p_single) in enumerate([(0.80, 0.60), (0.85, 0.62), (0.90, 0.64)]):
-        for model, p in (("shared", p_shared), ("single", p_single), ("other", p_single)):
-            right = [i < round(p * N) for i in range(N)]
-            random.Random(f"{model}{seed}").shuffle(right)
-            add(store, model, "sst2", seed, [g if r else flip[g] for g, r in zip(golds, right)], golds, [])
-        add(store, "shared", "dialogsum", seed, texts, texts, [], "free")
-        add(store, "single-sum", "dialogsum", seed, [" ".join(t.split()[:5]) for t in texts], texts, [], "free")
+    """tests.test_seeds_report's results at 3 seeds, with 'other', a second model like 'single'."""
+    seeded_results(tmp_path / "results", others=("other",))
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({"comparisons": DECLARED}))
     return tmp_path, grid

@@ -42,16 +42,17 @@ def add(store: Store, model: str, task: str, seed: int, answers: list, golds: li
     return cell.id
 
 
-@pytest.fixture
-def results(tmp_path):
-    """sst2: 'shared' right on 80/85/90% per seed, 'single' on 60/62/64%; dialogsum: the shared
-    model's summaries are the gold, the single one's half of the words."""
-    store = Store.open(tmp_path / "results")
+def seeded_results(path, others: tuple[str, ...] = ()) -> tuple[Store, dict]:
+    """sst2 at seeds 0-2: 'shared' right on 80/85/90% per seed, 'single' (and each of `others`,
+    seen tasks none) on 60/62/64%; dialogsum: the shared model's summaries are the gold,
+    'single-sum''s the first five words. Returns the store and each sst2 cell's right/wrong."""
+    store = Store.open(path)
     golds = ["positive" if i % 2 else "negative" for i in range(N)]
     flip = {"positive": "negative", "negative": "positive"}
     truth = {}
     for seed, (p_shared, p_single) in enumerate([(0.80, 0.60), (0.85, 0.62), (0.90, 0.64)]):
-        for model, p, seen in (("shared", p_shared, ["sst2", "dialogsum"]), ("single", p_single, ["sst2"])):
+        models = [("shared", p_shared, ["sst2", "dialogsum"]), ("single", p_single, ["sst2"])]
+        for model, p, seen in models + [(o, p_single, []) for o in others]:
             right = [i < round(p * N) for i in range(N)]
             random.Random(f"{model}{seed}").shuffle(right)
             add(store, model, "sst2", seed, [g if r else flip[g] for g, r in zip(golds, right)], golds, seen)
@@ -60,6 +61,11 @@ def results(tmp_path):
         add(store, "shared", "dialogsum", seed, texts, texts, ["sst2", "dialogsum"], "free")
         add(store, "single-sum", "dialogsum", seed, [" ".join(t.split()[:5]) for t in texts], texts, ["dialogsum"], "free")
     return store, truth
+
+
+@pytest.fixture
+def results(tmp_path):
+    return seeded_results(tmp_path / "results")
 
 
 def test_per_seed_values_mean_and_sd(results):
