@@ -1,4 +1,4 @@
-"""`python -m grid COMMAND`: tasks, prompt, score, run, status (and report).
+"""`python -m grid COMMAND`: tasks, prompt, score, run, status, compare, publish (and report).
 
 Every bad input ends in one line `error: ...` naming the file, row or field, and exit code 2.
 """
@@ -140,12 +140,25 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     r.set_defaults(fn=cmd_run)
 
+    pub = sub.add_parser("publish", help="copy what a report needs (cell.json, predictions, runs) to commit beside it")
+    pub.add_argument("results")
+    pub.add_argument("dest", help="an empty folder, e.g. reports/<study>/results")
+    pub.set_defaults(fn=cmd_publish)
+
     from grid.report import add_arguments as report_arguments
 
     rep = sub.add_parser("report", help="Table 3, plots and significance tests from a results dir")
     report_arguments(rep)
     rep.set_defaults(fn=cmd_report)
     return p
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from grid.publish import publish
+
+    cells, size = publish(args.results, args.dest)
+    print(f"{cells} cells ({size / 2**20:.2f} MB) in {args.dest}")
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

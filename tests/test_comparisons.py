@@ -177,3 +177,39 @@ def test_a_grid_with_declared_comparisons_runs_and_reports_them(tmp_path):
     refused = run_cli("grid/run.py", str(path), "--results", str(tmp_path / "r2"), "--dry-run")
     assert refused.returncode == 2 and "comparisons.0 (five-vs-zero).a:" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_a_malformed_grid_for_the_report_is_one_line_and_writes_nothing(declared_results, capsys):
+    from grid.__main__ import main
+
+    root, grid = declared_results
+    grid.write_text(yaml.safe_dump({"comparisons": [DECLARED[0] | {"metrics": ["f1"]}]}))
+    code = main(["report", str(root / "results"), "--out", str(root / "out"), "--grid", str(grid)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {grid}: field comparisons.0.metrics") and err.count("\n") == 1
+    assert not (root / "out").exists()
+
+
+def test_published_results_rebuild_the_same_report(declared_results, tmp_path):
+    """`grid publish` keeps what a report reads (cell.json, predictions, runs) and no model; the
+    report built from the copy has the same numbers as the one built from the results dir."""
+    from grid.publish import publish
+
+    root, grid = declared_results
+    source = root / "results"
+    (source / "cells" / "x-finetune" / "model").mkdir(parents=True)  # a fine-tune's model: never copied
+    (source / "cells" / "x-finetune" / "model" / "weights.safetensors").write_bytes(b"0" * 1000)
+    (source / "cells" / "x-finetune" / "cell.json").write_text(json.dumps(
+        {"cell_id": "x-finetune", "status": "done", "cell": {"kind": "finetune", "model": "m", "task": "sst2",
+                                                            "shots": 0, "finetune": "lora", "seed": 0}}))
+    cells, size = publish(str(source), str(tmp_path / "published"))
+    assert cells == 16 and 0 < size < 2**20
+    copied = {p.relative_to(tmp_path / "published").as_posix() for p in (tmp_path / "published").rglob("*") if p.is_file()}
+    assert "cells/x-finetune/cell.json" in copied and not any("model" in p for p in copied)
+    assert sum(p.endswith("predictions.parquet") for p in copied) == 15
+    a = json.loads(Path(write_report(source, root / "a", n_boot=100, grid=grid)[2]).read_text())
+    b = json.loads(Path(write_report(tmp_path / "published", root / "b", n_boot=100, grid=grid)[2]).read_text())
+    for key in ("rows", "comparisons", "families", "seeds", "provenance"):
+        assert a[key] == b[key], key
+    with pytest.raises(GridError, match="already holds cells"):
+        publish(str(source), str(tmp_path / "published"))
