@@ -250,7 +250,8 @@ def test_score_keys(massive):
         "n", "invalid_rate",
         "intent/invalid_rate", "intent/accuracy", "intent/accuracy_ci_low",
         "intent/accuracy_ci_high", "intent/majority_rate", "intent/macro_f1", "intent/macro_f1_ci_low",
-        "intent/macro_f1_ci_high",
+        "intent/macro_f1_ci_high", "intent/balanced_accuracy", "intent/balanced_accuracy_ci_low",
+        "intent/balanced_accuracy_ci_high",
         "slots/invalid_rate", "slots/slot_f1", "slots/slot_f1_ci_low", "slots/slot_f1_ci_high",
         "exact_match", "exact_match_ci_low", "exact_match_ci_high",
     ]
@@ -270,8 +271,11 @@ def test_perfect_and_empty_answers(massive):
     rows = rows[:500]
     perfect = [parse_answer(format_answer(task, r), task, labels, len(r["words"])) for r in rows]
     got = score(task, rows, perfect, n_boot=100)
-    for key in ("intent/accuracy", "intent/macro_f1", "slots/slot_f1", "exact_match"):
+    for key in ("intent/macro_f1", "intent/balanced_accuracy", "slots/slot_f1"):  # bootstrap CIs
         assert got[key] == 1.0 and got[key + "_ci_low"] == 1.0, key
+    for key in ("intent/accuracy", "exact_match"):  # exact CIs: 500 of 500 is not proof of 100%
+        assert got[key] == got[key + "_ci_high"] == 1.0, key
+        assert got[key + "_ci_low"] == pytest.approx(0.025 ** (1 / 500)), key  # Clopper-Pearson at k = n
     assert got["invalid_rate"] == 0.0
     empty = [parse_answer("", task, labels, len(r["words"])) for r in rows]
     got = score(task, rows, empty, n_boot=100)

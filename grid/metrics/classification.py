@@ -1,11 +1,14 @@
-"""Label metrics: accuracy, macro F1 over the gold label set, exact match.
+"""Label metrics: accuracy, macro F1 and balanced accuracy over the gold label set, exact match.
 
 A prediction is a label or None (an invalid answer); None is simply wrong. Macro F1 averages the
 per-class F1 over the labels that occur in the gold answers (sklearn's
 `f1_score(gold, pred, labels=sorted(set(gold)), average="macro", zero_division=0)`); a predicted
 label outside that set, or None, is a miss for its gold class and counts for no class of its own.
-In a bootstrap resample the average is over the labels that occur in that resample's gold.
-The `*_statistic` functions take resampled per-example arrays for bootstrap CIs.
+Balanced accuracy is the mean recall over the same gold classes (sklearn's
+`balanced_accuracy_score(gold, pred)`, None read as a label no gold has): a model that answers
+one label everywhere gets 1/K whatever that label's share of the gold, where its accuracy is
+that share. In a bootstrap resample the averages are over the labels that occur in that
+resample's gold. The `*_statistic` functions take resampled per-example arrays for bootstrap CIs.
 """
 
 from __future__ import annotations
@@ -46,14 +49,11 @@ def class_indices(golds: Sequence[str], preds: Sequence[str | None]
     return gold_ids, pred_ids, classes
 
 
-def macro_f1_statistic(gold_ids: np.ndarray, pred_ids: np.ndarray, k: int) -> np.ndarray:
-    """Macro F1 from class ids of shape (..., n) -> (...); vectorized over leading axes.
-
-    Averages over the classes among 0..k-1 that occur in that row's gold ids (for the full sample,
-    all k; a bootstrap resample may miss a rare class, which then does not count as F1 0).
-    Per class F1 = 2 tp / (2 tp + fp + fn), which equals sklearn's 2PR / (P + R) with
-    zero_division=0. Predicted id k means "outside the gold label set or invalid".
-    """
+def _class_counts(gold_ids: np.ndarray, pred_ids: np.ndarray, k: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
+    """Per row of class ids (..., n): true positives, gold counts and predicted counts of the
+    classes 0..k-1, each (rows, k), and the leading shape. Predicted id k (outside the gold label
+    set, or invalid) counts for no class."""
     gold_ids = np.asarray(gold_ids)
     pred_ids = np.asarray(pred_ids)
     batch = gold_ids.shape[:-1]
@@ -66,14 +66,41 @@ def macro_f1_statistic(gold_ids: np.ndarray, pred_ids: np.ndarray, k: int) -> np
     pred_count = np.bincount((p + offsets).ravel(), minlength=rows * width).reshape(rows, width)
     hit = np.where(g == p, g, k)  # correct predictions, by class (misses go to the spare class)
     tp = np.bincount((hit + offsets).ravel(), minlength=rows * width).reshape(rows, width)
-    tp, gold_count, pred_count = tp[:, :k], gold_count[:, :k], pred_count[:, :k]
+    return tp[:, :k], gold_count[:, :k], pred_count[:, :k], batch
+
+
+def _mean_over_present(per_class: np.ndarray, gold_count: np.ndarray, batch: tuple) -> np.ndarray:
+    """Each row's mean of a per-class value over the classes its gold has (a resample may miss a
+    rare class, which then does not count as 0)."""
+    present = gold_count > 0
+    n_present = present.sum(axis=1)
+    out = np.divide(np.where(present, per_class, 0.0).sum(axis=1), n_present,
+                    out=np.zeros(len(per_class)), where=n_present > 0)
+    return out.reshape(batch) if batch else out[0]
+
+
+def macro_f1_statistic(gold_ids: np.ndarray, pred_ids: np.ndarray, k: int) -> np.ndarray:
+    """Macro F1 from class ids of shape (..., n) -> (...); vectorized over leading axes.
+
+    Averages over the classes among 0..k-1 that occur in that row's gold ids (for the full sample,
+    all k). Per class F1 = 2 tp / (2 tp + fp + fn), which equals sklearn's 2PR / (P + R) with
+    zero_division=0. Predicted id k means "outside the gold label set or invalid".
+    """
+    tp, gold_count, pred_count, batch = _class_counts(gold_ids, pred_ids, k)
     denom = (gold_count + pred_count).astype(np.float64)  # = 2 tp + fp + fn
     f1 = np.divide(2.0 * tp, denom, out=np.zeros_like(denom), where=denom != 0)
-    present = gold_count > 0  # a resample may miss a class: average over its own gold labels
-    n_present = present.sum(axis=1)
-    out = np.divide(np.where(present, f1, 0.0).sum(axis=1), n_present,
-                    out=np.zeros(rows), where=n_present > 0)
-    return out.reshape(batch) if batch else out[0]
+    return _mean_over_present(f1, gold_count, batch)
+
+
+def balanced_accuracy_statistic(gold_ids: np.ndarray, pred_ids: np.ndarray, k: int) -> np.ndarray:
+    """Balanced accuracy (mean per-class recall) from class ids of shape (..., n) -> (...).
+
+    Recall of class c = tp / (its gold count), averaged over the classes that occur in that row's
+    gold ids, as `macro_f1_statistic` averages F1.
+    """
+    tp, gold_count, _, batch = _class_counts(gold_ids, pred_ids, k)
+    recall = np.divide(tp, gold_count, out=np.zeros(tp.shape), where=gold_count != 0)
+    return _mean_over_present(recall, gold_count, batch)
 
 
 def macro_f1(golds: Sequence[str], preds: Sequence[str | None]) -> float:
@@ -82,6 +109,14 @@ def macro_f1(golds: Sequence[str], preds: Sequence[str | None]) -> float:
         return float("nan")
     gold_ids, pred_ids, classes = class_indices(golds, preds)
     return float(macro_f1_statistic(gold_ids, pred_ids, len(classes)))
+
+
+def balanced_accuracy(golds: Sequence[str], preds: Sequence[str | None]) -> float:
+    """Mean recall over the labels that occur in the gold answers; None is a miss."""
+    if not len(golds):
+        return float("nan")
+    gold_ids, pred_ids, classes = class_indices(golds, preds)
+    return float(balanced_accuracy_statistic(gold_ids, pred_ids, len(classes)))
 
 
 def exact_match(correct_by_subtask: Sequence[Sequence[bool]]) -> float:

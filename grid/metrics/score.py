@@ -2,7 +2,10 @@
 
 `score(task, golds, parsed)` applies each metric the task lists to the sub-tasks of the matching
 type: accuracy and macro_f1 to `label` sub-tasks, slot_f1 to `word_tags`, rouge to `text`, and
-exact_match (every sub-task right) to the whole task. Keys:
+exact_match (every sub-task right) to the whole task. Label sub-tasks also always get balanced
+accuracy, and, given the examples' label log-probs (`label_logprobs`, grid.metrics.label_scores),
+the gold label's mean log-prob and the Brier score: derived metrics, not listed by tasks, so no
+task file (and no stored cell's `scored_with`) changes for them. Keys:
 
     n                                 examples scored
     invalid_rate                      share of examples with any invalid sub-task
@@ -10,10 +13,14 @@ exact_match (every sub-task right) to the whole task. Keys:
     <sub>/accuracy, <sub>/macro_f1    label sub-tasks
     <sub>/majority_rate               label sub-tasks: the accuracy of always answering the most
                                       frequent gold label of these rows (the floor to beat)
+    <sub>/balanced_accuracy           label sub-tasks: mean recall over the gold labels
+    <sub>/gold_logprob, <sub>/brier   label sub-tasks whose every example has label log-probs
     <sub>/slot_f1                     word_tags sub-tasks (MASSIVE's official slot F1)
     <sub>/rouge1, /rouge2, /rougeL    text sub-tasks
     exact_match                       when the task lists it
-    <metric key>_ci_low, _ci_high     95% percentile bootstrap CI of each metric (not for rates)
+    <metric key>_ci_low, _ci_high     95% CI of each metric (not for rates): exact Clopper-Pearson
+                                      for proportions (accuracy, exact_match; grid.metrics.proportion),
+                                      percentile bootstrap for the rest
 
 What counts as right: a label when the answer is valid and equals the gold; word tags when the
 predicted tags, padded with "Other" or cut to the gold length (MASSIVE's exact match), equal the
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 
@@ -32,11 +40,14 @@ from grid.errors import GridError
 from grid.metrics.bootstrap import DEFAULT_N_BOOT, bootstrap_ci
 from grid.metrics.classification import (
     all_correct,
+    balanced_accuracy_statistic,
     class_indices,
     label_correct,
     macro_f1_statistic,
     mean_statistic,
 )
+from grid.metrics.label_scores import LabelLogprobs, label_score_terms
+from grid.metrics.proportion import proportion_ci
 from grid.metrics.rouge import ROUGE_TYPES, references, rouge_per_example
 from grid.metrics.slots import pad_or_cut, slot_f1_and_counts, slot_f1_statistic
 from grid.parsing import Parsed, gold_value
@@ -110,9 +121,16 @@ def _put(out: dict[str, float], key: str, value: float, ci: tuple[float, float] 
 
 
 def score(task: TaskDef, golds: list[dict[str, object]], parsed: list[dict[str, Parsed]],
-          seed: int = 0, n_boot: int = DEFAULT_N_BOOT) -> dict[str, float]:
-    """The task's metrics over parsed answers, flat keys (module docstring); n_boot=0: no CIs."""
+          seed: int = 0, n_boot: int = DEFAULT_N_BOOT,
+          label_logprobs: Sequence[LabelLogprobs | None] | None = None) -> dict[str, float]:
+    """The task's metrics over parsed answers, flat keys (module docstring); n_boot=0: no CIs.
+
+    `label_logprobs`: per example, its label log-probs by sub-task (None where it has none); a
+    sub-task gets gold_logprob and brier only when every example has them (else they would be
+    scored on other examples than its accuracy)."""
     _check(task, golds, parsed)
+    if label_logprobs is not None and len(label_logprobs) != len(golds):
+        raise GridError(f"task {task.name}: {len(golds)} gold rows but {len(label_logprobs)} label log-prob rows")
     n = len(golds)
     if n == 0:
         raise GridError(f"task {task.name}: no examples to score")
@@ -126,6 +144,9 @@ def score(task: TaskDef, golds: list[dict[str, object]], parsed: list[dict[str, 
     def ci(statistic, *arrays) -> tuple[float, float] | None:
         return bootstrap_ci(statistic, arrays, n_boot=n_boot, seed=seed) if n_boot > 0 else None
 
+    def exact(right: np.ndarray) -> tuple[float, float] | None:
+        return proportion_ci(right) if n_boot > 0 else None
+
     out: dict[str, float] = {"n": float(n)}
     invalid = {s.name: np.array([not row[s.name].valid for row in parsed]) for s in task.subtasks}
     out["invalid_rate"] = float(np.logical_or.reduce(list(invalid.values())).mean())
@@ -138,16 +159,23 @@ def score(task: TaskDef, golds: list[dict[str, object]], parsed: list[dict[str, 
         right = _subtask_correct(sub, golds, parsed)
         correct.append(right)
         if sub.type == "label":
+            gold_labels = _gold_labels(sub, golds)
             if "accuracy" in task.metrics:
-                _put(out, f"{name}/accuracy", right.mean(), ci(mean_statistic, right))
-                gold_counts = Counter(_gold_labels(sub, golds))
-                out[f"{name}/majority_rate"] = gold_counts.most_common(1)[0][1] / n
+                _put(out, f"{name}/accuracy", right.mean(), exact(right))
+                out[f"{name}/majority_rate"] = Counter(gold_labels).most_common(1)[0][1] / n
+            gold_ids, pred_ids, classes = class_indices(gold_labels, [_pred_label(p) for p in answers])
+            k = len(classes)
             if "macro_f1" in task.metrics:
-                gold_ids, pred_ids, classes = class_indices(
-                    _gold_labels(sub, golds), [_pred_label(p) for p in answers])
-                k = len(classes)
                 _put(out, f"{name}/macro_f1", macro_f1_statistic(gold_ids, pred_ids, k),
-                     ci(lambda g, p: macro_f1_statistic(g, p, k), gold_ids, pred_ids))
+                     ci(partial(macro_f1_statistic, k=k), gold_ids, pred_ids))
+            _put(out, f"{name}/balanced_accuracy", balanced_accuracy_statistic(gold_ids, pred_ids, k),
+                 ci(partial(balanced_accuracy_statistic, k=k), gold_ids, pred_ids))
+            if label_logprobs is not None and all(row and name in row for row in label_logprobs):
+                gold_lp, brier = label_score_terms(gold_labels, [row[name] for row in label_logprobs])
+                asked = gold_lp[~np.isnan(gold_lp)]
+                if len(asked):
+                    _put(out, f"{name}/gold_logprob", asked.mean(), ci(mean_statistic, asked))
+                _put(out, f"{name}/brier", brier.mean(), ci(mean_statistic, brier))
         elif sub.type == "word_tags":
             if "slot_f1" in task.metrics:
                 f1, counts = slot_f1_and_counts(_gold_tags(sub, golds),
@@ -162,5 +190,5 @@ def score(task: TaskDef, golds: list[dict[str, object]], parsed: list[dict[str, 
 
     if "exact_match" in task.metrics:
         rows = all_correct(correct)
-        _put(out, "exact_match", rows.mean(), ci(mean_statistic, rows))
+        _put(out, "exact_match", rows.mean(), exact(rows))
     return out
