@@ -22,6 +22,15 @@ text). `delta` = score - reference score on every task (on a seen task it is the
 `forgetting` = delta on unseen tasks only. `headline` marks the one score per cell that a
 per-model summary averages (`grid status`): its first accuracy, else slot F1, else ROUGE-L.
 
+Skill under the argmax. When an untuned model answers one label for (almost) every row, its
+accuracy only says which label that is: a tuned model that moves its default from one label to
+another moves accuracy by the two labels' shares, whatever it learned or forgot (the merge
+study's fincausal, 95% one label). So each row also carries the sub-task's SKILL_METRICS where
+the cell has them: macro-F1 and balanced accuracy (a constant answer gets 1/K of each class
+whichever label it is) and the mean log-prob of the gold label (which moves under a fixed
+argmax; constrained score decoding only), with `<metric>_delta` (minus the reference cell's, null
+when either lacks it) and `<metric>_forgetting` (that delta on unseen tasks).
+
 Kind of weights (`kind`): merge (the cell depends on a merge cell), fine-tune (fine-tuned in its
 own chain: finetune is not none), made (not fine-tuned in its own chain, yet its weights saw
 tasks: a `finetuned_from` model, or one declared with `seen_tasks`), reference (the model is its
@@ -41,12 +50,15 @@ from grid.config import decoding_name
 
 # Headline metrics of a sub-task, in the order a cell's one summary score is chosen.
 HEADLINE_METRICS = ("accuracy", "slot_f1", "rougeL")
+# Metrics of a sub-task whose difference from the reference shows skill a default answer hides.
+SKILL_METRICS = ("macro_f1", "balanced_accuracy", "gold_logprob")
 
 SCHEMA: dict[str, Any] = {
     "cell_id": pl.String, "weights": pl.String, "kind": pl.String, "model": pl.String, "finetune": pl.String,
     "trained_on": pl.String, "task": pl.String, "subtask": pl.String, "metric": pl.String, "shots": pl.Int64,
     "seed": pl.Int64, "decoding": pl.String, "seen_tasks": pl.List(pl.String), "seen": pl.Boolean,
     "score": pl.Float64, "headline": pl.Boolean, "reference": pl.String,
+    **{metric: pl.Float64 for metric in SKILL_METRICS},
 }
 REFERENCE_KEYS = ["reference", "task", "subtask", "metric", "shots", "seed", "decoding"]
 
@@ -97,9 +109,10 @@ def _reference_seen_tasks(records: list[dict[str, Any]]) -> dict[str, set[str]]:
 
 def forgetting_frame(records: list[dict[str, Any]], reference: str | None = None) -> pl.DataFrame:
     """One row per finished inference cell and scored sub-task, in the records' order, with the
-    columns of SCHEMA and reference_cell, reference_score, delta, forgetting (see the module's
-    docstring for the rule). `reference` names one reference model for every cell instead of the
-    one each cell's lineage declares."""
+    columns of SCHEMA and reference_cell, reference_score, delta, forgetting, and per skill metric
+    `<metric>_delta` and `<metric>_forgetting` (see the module's docstring for the rule).
+    `reference` names one reference model for every cell instead of the one each cell's lineage
+    declares."""
     kind_of = {r["cell_id"]: r["cell"]["kind"] for r in records}
     model_seen = _reference_seen_tasks(records)
     rows = []
@@ -117,14 +130,26 @@ def forgetting_frame(records: list[dict[str, Any]], reference: str | None = None
                 "model": c["model"], "finetune": c["finetune"], "trained_on": trained_on, "task": c["task"],
                 "shots": c["shots"], "seed": c["seed"], "decoding": decoding_name(c.get("decoding")),
                 "seen_tasks": seen, "seen": c["task"] in seen, "reference": ref_name}
-        for subtask, metric, score, headline in headline_scores(r.get("metrics")):
-            rows.append(cell | {"subtask": subtask, "metric": metric, "score": score, "headline": headline})
+        metrics = r.get("metrics") or {}
+        for subtask, metric, score, headline in headline_scores(metrics):
+            skill = {m: _number(metrics.get(f"{subtask}/{m}")) for m in SKILL_METRICS}
+            rows.append(cell | {"subtask": subtask, "metric": metric, "score": score, "headline": headline} | skill)
     frame = pl.DataFrame(rows, schema=SCHEMA)
     references = (frame.filter(pl.col("finetune") == "none")
                   .select(pl.col("model").alias("reference"), *REFERENCE_KEYS[1:],
-                          pl.col("cell_id").alias("reference_cell"), pl.col("score").alias("reference_score"))
+                          pl.col("cell_id").alias("reference_cell"), pl.col("score").alias("reference_score"),
+                          *[pl.col(m).alias(f"reference_{m}") for m in SKILL_METRICS])
                   .sort("reference_cell")
                   .unique(REFERENCE_KEYS, keep="first", maintain_order=True))
+    deltas = [(pl.col(m) - pl.col(f"reference_{m}")).alias(f"{m}_delta") for m in SKILL_METRICS]
     return (frame.join(references, on=REFERENCE_KEYS, how="left", maintain_order="left")
-            .with_columns((pl.col("score") - pl.col("reference_score")).alias("delta"))
-            .with_columns(pl.when(~pl.col("seen")).then(pl.col("delta")).alias("forgetting")))
+            .with_columns((pl.col("score") - pl.col("reference_score")).alias("delta"), *deltas)
+            .with_columns(pl.when(~pl.col("seen")).then(pl.col("delta")).alias("forgetting"),
+                          *[pl.when(~pl.col("seen")).then(pl.col(f"{m}_delta")).alias(f"{m}_forgetting")
+                            for m in SKILL_METRICS])
+            .drop([f"reference_{m}" for m in SKILL_METRICS]))
+
+
+def _number(value: Any) -> float | None:
+    """A metric's value, None when the cell has none (or it is not a number)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

@@ -149,6 +149,34 @@ def test_reference_per_family():
     assert got["b-inst"] is None
 
 
+def test_skill_deltas_move_where_a_flipped_default_answer_hides_them():
+    """The reference answers the 95% label everywhere; a tuned model answers the 5% label
+    everywhere. Accuracy says it lost 90 points; balanced accuracy (1/2 both) says it lost no
+    skill, and the gold label's log-prob says it gained some. A cell without label log-probs (a
+    greedy or free decoding) has no gold_logprob delta; a seen task no skill forgetting."""
+    ref = {"causal/accuracy": 0.95, "causal/macro_f1": 0.487, "causal/balanced_accuracy": 0.5,
+           "causal/gold_logprob": -0.8}
+    flipped = {"causal/accuracy": 0.05, "causal/macro_f1": 0.048, "causal/balanced_accuracy": 0.5,
+               "causal/gold_logprob": -0.7}
+    records = [infer("r", "inst", "fincausal", ref), infer("t", "inst", "fincausal", flipped, finetune="lora",
+                                                           seen=["sst2"], trained_on="sst2"),
+               infer("s", "inst", "fincausal", flipped, finetune="lora", seen=["fincausal"], trained_on="fincausal"),
+               infer("g", "inst", "fincausal", {k: v for k, v in flipped.items() if "logprob" not in k},
+                     finetune="lora", seen=["sst2"], trained_on="sst2")]
+    df = forgetting_frame(records)
+    row = by(df, cell_id="t")
+    assert row["forgetting"] == pytest.approx(-0.9)
+    assert row["balanced_accuracy"] == 0.5 and row["balanced_accuracy_forgetting"] == pytest.approx(0.0)
+    assert row["macro_f1_delta"] == row["macro_f1_forgetting"] == pytest.approx(0.048 - 0.487)
+    assert row["gold_logprob_delta"] == row["gold_logprob_forgetting"] == pytest.approx(0.1)
+    seen = by(df, cell_id="s")
+    assert seen["gold_logprob_delta"] == pytest.approx(0.1) and seen["gold_logprob_forgetting"] is None
+    greedy = by(df, cell_id="g")
+    assert greedy["gold_logprob"] is None and greedy["gold_logprob_delta"] is None
+    assert greedy["balanced_accuracy_delta"] == pytest.approx(0.0)
+    assert by(df, cell_id="r")["gold_logprob_forgetting"] == 0
+
+
 def test_status_table_averages_headline_scores_per_weights():
     table, line = forgetting_table(STUDY)
     rows = {r["weights"]: r for r in table.to_dicts()}
