@@ -33,6 +33,7 @@ from grid.claims import Claims
 from grid.config import GridConfig
 from grid.data import label_sets, load_split
 from grid.errors import GridError
+from grid.metrics.label_scores import label_logprobs_column, stored_label_logprobs
 from grid.metrics.score import score
 from grid.parsing import parse_answer
 from grid.plan import Cell, Plan
@@ -141,7 +142,9 @@ def finish_cell(store: Store, prepared: PreparedCell, results: list[dict[str, An
 
     The cells of a model stream through its actors together, so a cell has no wall time of its
     own: `seconds` is the model's time on its chunks (their latencies summed), `started_at` the
-    start of its model's stream."""
+    start of its model's stream. Answers with label scores (constrained score decoding) keep
+    them in column `label_logprobs` as grid.metrics.label_scores stores them (null in other
+    rows), and the cell is scored from what is stored, so that re-scoring it gives the same."""
     cell = prepared.cell
     seconds = sum(r.get("latency_s") or 0.0 for r in results)
     errors = [r["error"] for r in results if r.get("error")]
@@ -154,7 +157,8 @@ def finish_cell(store: Store, prepared: PreparedCell, results: list[dict[str, An
     golds = [gold_of(task, r) for r in prepared.rows]
     parsed = [parse_answer(res["raw_output"], task, labels, len(r["words"]))
               for res, r in zip(results, prepared.rows)]
-    metrics = score(task, golds, parsed, seed=cell.seed)
+    label_logprobs = [stored_label_logprobs(task, res.get("label_logprobs"), g) for res, g in zip(results, golds)]
+    metrics = score(task, golds, parsed, seed=cell.seed, label_logprobs=label_logprobs)
     table = pa.table({
         "cell_id": [cell.id] * len(results),
         "example_id": [r["example_id"] for r in prepared.rows],
@@ -170,6 +174,7 @@ def finish_cell(store: Store, prepared: PreparedCell, results: list[dict[str, An
         "latency_s": pa.array([res.get("latency_s") for res in results], pa.float64()),
         "cost_usd": pa.array([res.get("cost_usd") for res in results], pa.float64()),
         "cached": pa.array([bool(res.get("cached")) for res in results], pa.bool_()),
+        "label_logprobs": pa.array([None if lp is None else json.dumps(lp) for lp in label_logprobs], pa.string()),
     })
     store.write_predictions(cell.id, table)
     usage = cell_usage(results)
@@ -229,8 +234,9 @@ def model_spec(cell: Cell, store: Store, config: GridConfig) -> dict[str, Any]:
 
 def rescore_stale(plan: Plan, store: Store, data_dir: str | None, states: list[CellState]) -> list[str]:
     """Finished inference cells whose task's metrics changed since they were scored: their stored
-    raw answers are parsed and scored again (the model is not run; a metric is not an input of
-    the answers, so it is not in the cell id). Returns their ids."""
+    raw answers are parsed and scored again, with their label log-probs where the file has them
+    (the model is not run; a metric is not an input of the answers, so it is not in the cell id).
+    Returns their ids."""
     import pyarrow.parquet as pq
 
     by_id = {s.cell_id: s for s in states}
@@ -248,10 +254,11 @@ def rescore_stale(plan: Plan, store: Store, data_dir: str | None, states: list[C
         rows = {r["example_id"]: r for r in _test_rows(cell.task, data_dir, cell.limits["test"], cell.limits["seed"])}
         labels = label_sets(task, data_dir)
         with store.fs.open_input_file(store.predictions_path(cell.id)) as fh:
-            answers = pq.read_table(fh, columns=["example_id", "raw_output"]).to_pylist()
+            table = pq.read_table(fh)
+        answers = table.select(["example_id", "raw_output"]).to_pylist()
         golds = [gold_of(task, rows[a["example_id"]]) for a in answers]
         parsed = [parse_answer(a["raw_output"], task, labels, len(rows[a["example_id"]]["words"])) for a in answers]
-        metrics = score(task, golds, parsed, seed=cell.seed)
+        metrics = score(task, golds, parsed, seed=cell.seed, label_logprobs=label_logprobs_column(table))
         store.write_cell(cell.id, {**record, "metrics": metrics, "scored_with": list(task.metrics)})
         log.info("re-scored %s with %s (was %s)", cell.label(), ", ".join(task.metrics), ", ".join(state.scored_with))
         redone.append(cell.id)

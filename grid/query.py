@@ -75,12 +75,19 @@ def forgetting(results: str | Path | Store) -> pl.LazyFrame:
 
 
 def predictions(results: str | Path | Store) -> pl.LazyFrame:
-    """Every prediction of every finished inference cell (join with `cells` on cell_id)."""
+    """Every prediction of every finished inference cell (join with `cells` on cell_id).
+
+    Files written before column `label_logprobs` existed read it as null, so a results dir that
+    holds cells of both ages scans as one frame."""
     store = results if isinstance(results, Store) else Store.open(results, create=False)
     paths = [store.predictions_path(r["cell_id"]) for r in store.records()
              if r["status"] == "done" and r["cell"]["kind"] == "infer"]
     if not paths:
         return pl.LazyFrame(schema={"cell_id": pl.Utf8, "example_id": pl.Utf8, "raw_output": pl.Utf8,
-                                    "prediction": pl.Utf8, "gold": pl.Utf8, "valid": pl.Boolean})
+                                    "prediction": pl.Utf8, "gold": pl.Utf8, "valid": pl.Boolean,
+                                    "label_logprobs": pl.Utf8})
     prefix = "" if store.is_local else store.uri.split("://")[0] + "://"
-    return pl.scan_parquet([prefix + p for p in paths])
+    uris = [prefix + p for p in paths]
+    schema = dict(pl.scan_parquet(uris[0]).collect_schema())
+    schema.setdefault("label_logprobs", pl.Utf8)
+    return pl.scan_parquet(uris, schema=schema, missing_columns="insert")

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 
 from grid.data import label_sets, load_split
 from grid.errors import GridError
+from grid.metrics.label_scores import label_logprobs_column
 from grid.metrics.score import score
 from grid.parsing import parse_answer
 from grid.prompting import gold_of
@@ -22,8 +23,9 @@ def score_parquet(path: str | Path, task_name: str, data_dir: str | None = None,
     """Metrics of the answers in a parquet, gold taken from the task by `example_id`.
 
     A grid's own predictions file holds the model's text in `raw_output` and the parsed answer
-    as JSON in `prediction`: its `raw_output` is parsed again, so the metrics equal the cell's.
-    Any other file's `prediction` is the raw answer text."""
+    as JSON in `prediction`: its `raw_output` is parsed again, and its `label_logprobs` (where
+    the file has them) scored too, so the metrics equal the cell's. Any other file's
+    `prediction` is the raw answer text."""
     task = get_task(task_name)
     path = Path(path)
     if not path.is_file():
@@ -47,4 +49,4 @@ def score_parquet(path: str | Path, task_name: str, data_dir: str | None = None,
         parsed.append(parse_answer("" if raw is None else str(raw), task, labels, len(row["words"])))
     if not golds:
         raise GridError(f"{path}: no rows")
-    return score(task, golds, parsed)
+    return score(task, golds, parsed, label_logprobs=label_logprobs_column(table))

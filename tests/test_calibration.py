@@ -51,12 +51,13 @@ def test_contextual_calibration_corrects_a_constant_bias():
     # By hand, truth B: p = (0.2, 0.075, 0.0125) / 0.2875 = (0.695652, 0.260870, 0.043478);
     # p_cf = mean of the rows = (0.8, 0.15, 0.05); p / p_cf = (0.869565, 1.739130, 0.869565),
     # sum 3.478261; q = (0.25, 0.5, 0.25).
-    assert calibrate(log_scores(RAW["B"]), cf, "contextual") == pytest.approx([0.25, 0.5, 0.25], abs=1e-9)
+    assert calibrate(log_scores(RAW["B"]), cf, "contextual") == pytest.approx(  # log q
+        [math.log(0.25), math.log(0.5), math.log(0.25)], abs=1e-9)
     # Truth C with other content-free rows: p = (0.2, 0.0375, 0.025) / 0.2625 = (0.761905, 0.142857,
     # 0.095238); p_cf = ((0.6 + 0.9) / 2, (0.3 + 0.05) / 2, (0.1 + 0.05) / 2) = (0.75, 0.175, 0.075);
     # p / p_cf = (1.015873, 0.816327, 1.269841), sum 3.102041; q = (0.327485, 0.263158, 0.409357).
     other = [log_scores([0.6, 0.3, 0.1]), log_scores([0.9, 0.05, 0.05])]
-    assert calibrate(log_scores(RAW["C"]), other, "contextual") == pytest.approx(
+    assert [math.exp(x) for x in calibrate(log_scores(RAW["C"]), other, "contextual")] == pytest.approx(
         [0.327485, 0.263158, 0.409357], abs=1e-6)
 
 
@@ -72,8 +73,8 @@ def test_pmi_corrects_a_constant_bias():
 
 def test_contextual_survives_a_label_the_content_free_prompts_never_pick():
     """A prior probability that underflows in linear space (exp(-800)) does not divide by zero."""
-    q = calibrate([-1.0, -2.0, -3.0], [[0.0, -800.0, -1.0]], "contextual")
-    assert argmax(q) == 1 and sum(q) == pytest.approx(1.0)
+    log_q = calibrate([-1.0, -2.0, -3.0], [[0.0, -800.0, -1.0]], "contextual")
+    assert argmax(log_q) == 1 and sum(math.exp(x) for x in log_q) == pytest.approx(1.0)
 
 
 # --- end to end on the tiny decoder ------------------------------------------------------------

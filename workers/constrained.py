@@ -18,12 +18,13 @@ Two strategies (`decoding["strategy"]`, default "score"):
   key/value cache reused by every candidate of a choice, and the candidates scored together in
   one forward pass as a token trie (tree attention: shared first tokens run once, leaves not
   run at all); the prefix that all prompts of a cell share (instruction and label list) is
-  run once per cell and kept for its next chunks. A chunk of a label task takes three forward
-  passes in all: its prompts, then the tries of all its examples as one batch, in two steps
-  that skip every label which cannot win (`_best_labels`: a label's log-prob is at most its
-  first token's). Calibrated and length-normalized scoring need every label's score and score
-  them all in one trie pass. (lm-eval scores labels without EOS; the benchmark scores both
-  sides with it.)
+  run once per cell and kept for its next chunks. A chunk of a label task takes two forward
+  passes in all: its prompts, then the tries of all its examples as one batch. Every label is
+  scored, not only those that could win, because the answers keep them (below): with a few
+  labels that costs nothing measurable, with MASSIVE's 60 intents the trie outweighs the
+  prompts' own tokens once their shared prefix is cached (five-shot SmolLM2 on one CPU thread:
+  1.6x the time of scoring only the labels whose first token could still win). (lm-eval
+  scores labels without EOS; the benchmark scores both sides with it.)
 - **greedy**: the model's greedy path restricted, at every step, to tokens that keep the text a
   prefix of a valid answer (a character trie walked token by token, so any tokenization of a
   label is allowed, not just the canonical one). Whenever free greedy decoding writes a valid
@@ -47,6 +48,15 @@ text. `pmi` (Holtzman et al. 2021): each score minus the label's log-prob after 
 alone (`Label:`, in the same prompt format). The requests carry those prompts
 (`calibration_prompts`, grid.execute); each distinct one runs once per chunk (a zero-shot
 cell's are the same for every example), in two more forward passes per chunk-sized batch.
+
+**Label log-probs.** Strategy score answers carry `label_logprobs`, {sub-task: {label: log-prob}}
+for each label sub-task it chose: the log-softmax over the labels of the scores the answer is
+the argmax of. Those are the labels' log-likelihoods (EOS included; per token when
+length-normalized), or their calibrated values when calibration is on (contextual: log q(y|x);
+pmi: log P(y|x) - log P(y|premise), normalized over the labels), so the argmax of the log-probs
+is the answer. In a multi-task answer a label choice's log-probs are conditional on the choices
+made before it. An untuned model may give every example the same answer; these show how much
+it prefers the gold label all the same (grid.metrics.label_scores). Greedy answers have none.
 """
 
 from __future__ import annotations
@@ -325,26 +335,29 @@ def _best(scores: list[float]) -> int:
 
 
 def _score_choice(model: Any, state: _State, candidates: list[list[int]],
-                  length_normalized: bool, need_next: bool = True) -> tuple[int, _State]:
-    """The best candidate (token lists continuing `state`) and the state after it (if
-    `need_next`). The state's cache is used up."""
+                  length_normalized: bool, need_next: bool = True) -> tuple[int, _State, list[float]]:
+    """The best candidate (token lists continuing `state`), the state after it (if
+    `need_next`) and every candidate's score. The state's cache is used up."""
     (scores,), out, paths, slot, logp = _score_trie(model, state.cache, [state.length], [state.logprobs],
                                                     candidates, length_normalized, need_next)
     best, past = _best(scores), state.length
     if not need_next:
-        return best, _State(state.cache, past, state.logprobs)  # the answer is complete
+        return best, _State(state.cache, past, state.logprobs), scores  # the answer is complete
     keep = torch.tensor(list(range(past)) + [past + j for j in paths[best]], device=model.device)
     cache = _map_cache(out.past_key_values, lambda t: t.index_select(2, keep))
-    return best, _State(cache, past + len(paths[best]), logp[0, slot[paths[best][-1]]])
+    return best, _State(cache, past + len(paths[best]), logp[0, slot[paths[best][-1]]]), scores
 
 
 def _score_answer(model: Any, encode, program: Program, state: _State, lead: str, eos: int,
-                  length_normalized: bool) -> tuple[list[int], int]:
-    """Choose every choice of the program in turn. Returns the picks and the answer's token count.
+                  length_normalized: bool, label_choices: frozenset[str] = frozenset()
+                  ) -> tuple[list[int], int, dict[str, dict[str, float]]]:
+    """Choose every choice of the program in turn. Returns the picks, the answer's token count
+    and, for each choice named in `label_choices` (the label sub-tasks), its labels' log-probs.
 
     Fixed scaffolding (`{"task1": "`) is forced as text; each candidate is scored with the fixed
     text that follows it, and EOS after the last choice; a whitespace-only lead joins the labels.
     """
+    label_logprobs: dict[str, dict[str, float]] = {}
     picks: list[int] = []
     n_tokens = 0
     pending = lead  # fixed text not yet fed
@@ -363,14 +376,16 @@ def _score_answer(model: Any, encode, program: Program, state: _State, lead: str
         after = program[i + 1].text if i + 1 < len(program) and isinstance(program[i + 1], Fixed) else ""
         last = i + (2 if after else 1) >= len(program)
         candidates = [encode(pending + opt + after) + ([eos] if last else []) for opt in seg.options]
-        index, state = _score_choice(model, state, candidates, length_normalized, need_next=not last)
+        index, state, scores = _score_choice(model, state, candidates, length_normalized, need_next=not last)
+        if seg.name in label_choices:
+            label_logprobs[seg.name] = dict(zip(seg.values, _log_softmax(scores)))
         picks.append(index)
         n_tokens += len(candidates[index])
         pending = ""
         i += 2 if after else 1
     if pending.strip():  # a program without choices (word tags of an empty input): nothing to ask
         n_tokens += len(encode(pending))
-    return picks, n_tokens
+    return picks, n_tokens, label_logprobs
 
 
 # --- strategy "greedy": a character automaton walked token by token -------------------------
@@ -580,10 +595,11 @@ def calibrate(scores: Sequence[float], cf_scores: Sequence[Sequence[float]], met
     """One example's label scores corrected for the model's prior over the labels; the answer is
     their argmax. `cf_scores`: the scores of the same labels after each calibration prompt.
 
-    - contextual: the calibrated distribution q(y|x) = p(y|x) / p_cf(y), normalized over the
-      labels, where p = softmax(scores) and p_cf is the mean of softmax(row) over the rows
-      (Zhao et al.'s W = diag(p_cf)^-1, b = 0). Computed in log space, so that a label the
-      content-free prompts never pick does not divide by an underflowed zero.
+    - contextual: log q(y|x), the calibrated distribution q(y|x) = p(y|x) / p_cf(y) normalized
+      over the labels, where p = softmax(scores) and p_cf is the mean of softmax(row) over the
+      rows (Zhao et al.'s W = diag(p_cf)^-1, b = 0). In log space, so that a label the
+      content-free prompts never pick does not divide by an underflowed zero, nor does a label
+      q gives almost nothing underflow to log 0.
     - pmi: scores minus the domain premise's (its one row): log P(y|x) - log P(y|premise).
     """
     if method == "pmi":
@@ -592,7 +608,7 @@ def calibrate(scores: Sequence[float], cf_scores: Sequence[Sequence[float]], met
     if method == "contextual":
         rows = [_log_softmax(row) for row in cf_scores]
         log_prior = [_logsumexp(col) - math.log(len(rows)) for col in zip(*rows)]
-        return [math.exp(x) for x in _log_softmax([s - c for s, c in zip(scores, log_prior)])]
+        return _log_softmax([s - c for s, c in zip(scores, log_prior)])
     raise ValueError(f"unknown calibration {method!r}")
 
 
@@ -625,55 +641,14 @@ def _label_scores(model: Any, prompts: list[list[int]], candidates: list[list[in
     return scores
 
 
-def _best_labels(model: Any, prompts: list[list[int]], candidates: list[list[int]], pad: int) -> list[int]:
-    """Each prompt's highest-scoring candidate (sum of log-probs, the first of equal scores), as
-    `_label_scores` would pick it, without scoring every candidate.
-
-    A candidate's log-prob is at most that of its first token, which the prompt pass already
-    gives. So: score the candidates that begin with some prompt's likeliest first token (one trie
-    pass), then only those whose first token alone still reaches a prompt's best score so far
-    (a second pass). An instruction-tuned model puts most of its mass on a few first tokens, so
-    of 60 labels a handful are scored; a flat model falls back to scoring nearly all of them.
-    """
-    cache, first = _prefill_batch(model, prompts, pad)
-    lengths, batch = [len(p) for p in prompts], len(prompts)
-    heads = torch.tensor([c[0] for c in candidates], device=first[0].device)
-    bound = [row[heads].tolist() for row in first]  # a candidate's score is at most its first token's
-    scores = [[-math.inf] * len(candidates) for _ in range(batch)]
-
-    def run(which: list[int]) -> None:
-        # a new cache over the prompts' tensors: the pass appends its nodes there, not to `cache`
-        got, *_ = _score_trie(model, _map_cache(cache, lambda t: t), lengths, first,
-                              [candidates[c] for c in which], False, need_next=False)
-        for b in range(batch):
-            for c, value in zip(which, got[b]):
-                scores[b][c] = value
-
-    likeliest = {candidates[_best(row)][0] for row in bound}
-    probe = [c for c, cand in enumerate(candidates) if cand[0] in likeliest]
-    run(probe)
-    tried, best = set(probe), [max(row) for row in scores]
-    rest = [c for c in range(len(candidates))
-            if c not in tried and any(bound[b][c] >= best[b] for b in range(batch))]
-    if rest:
-        run(rest)
-    return [_best(row) for row in scores]
-
-
 def _score_labels_batch(model: Any, encode, items: list[dict[str, Any]], prompts: list[list[int]],
                         calibration_prompts: list[list[list[int]]], choice: Choice, lead: str, eos: int,
                         pad: int) -> list[dict[str, Any]]:
-    """Label tasks (one choice, the same labels for every item): the whole chunk in three forward
-    passes, or two when every label's score is needed. The calibration prompts of calibrated items take two more per chunk-sized batch of
+    """Label tasks (one choice, the same labels for every item): the whole chunk in two forward
+    passes. The calibration prompts of calibrated items take two more per chunk-sized batch of
     distinct ones (a zero-shot cell's are the same for every example: run once)."""
     candidates = _label_candidates(encode, choice.options, lead, eos)
     lengths = [len(c) for c in candidates]
-    if not any(cal for cal in calibration_prompts) and not any(
-            (it.get("decoding") or {}).get("length_normalized") for it in items):
-        # only the argmax of plain sums is wanted: no need to score every label
-        return [{"raw_output": choice.options[best], "n_prompt_tokens": len(prompt),
-                 "n_output_tokens": len(candidates[best])}
-                for prompt, best in zip(prompts, _best_labels(model, prompts, candidates, pad))]
     scores = _label_scores(model, prompts, candidates, pad)
     distinct = list(dict.fromkeys(tuple(p) for ps in calibration_prompts for p in ps))
     cf: dict[tuple[int, ...], list[float]] = {}
@@ -690,7 +665,8 @@ def _score_labels_batch(model: Any, encode, items: list[dict[str, Any]], prompts
                               decoding["calibration"])
         best = _best(final)
         answers.append({"raw_output": choice.options[best], "n_prompt_tokens": len(prompt),
-                        "n_output_tokens": len(candidates[best])})
+                        "n_output_tokens": len(candidates[best]),
+                        "label_logprobs": {choice.name: dict(zip(choice.values, _log_softmax(final)))}})
     return answers
 
 
@@ -732,13 +708,15 @@ def constrained_answers(model: Any, tokenizer: Any, items: list[dict[str, Any]],
                              "a single-label task and a chat template whose answer lead is whitespace")
         states = prefill(model, prompts, pad)
         for item, prompt, state, program, lead in zip(items, prompts, states, programs, leads):
+            answer: dict[str, Any] = {"n_prompt_tokens": len(prompt)}
             if strategy == "score":
-                picks, n_out = _score_answer(
+                label_choices = frozenset(s.name for s in get_task(item["task"]).subtasks if s.type == "label")
+                picks, answer["n_output_tokens"], answer["label_logprobs"] = _score_answer(
                     model, encode, program, state, lead, eos,
-                    bool((item.get("decoding") or {}).get("length_normalized")))
-                text = render_answer(program, picks)
+                    bool((item.get("decoding") or {}).get("length_normalized")), label_choices)
+                answer["raw_output"] = render_answer(program, picks)
             else:
-                text, n_out = _greedy_answer(model, _vocab(tokenizer), program, state, eos)
-                text = text.strip()
-            answers.append({"raw_output": text, "n_prompt_tokens": len(prompt), "n_output_tokens": n_out})
+                text, answer["n_output_tokens"] = _greedy_answer(model, _vocab(tokenizer), program, state, eos)
+                answer["raw_output"] = text.strip()
+            answers.append(answer)
     return answers
