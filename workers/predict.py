@@ -7,7 +7,9 @@ uninterrupted run, so their predictions are equal to the last bit.
 
 A backend turns a list of requests into answers. Each request carries `prompt` (text for local
 models), `messages` (for chat APIs), `text`/`words` (for encoders), and the decoding options;
-each answer has `raw_output`, `n_prompt_tokens`, `n_output_tokens`.
+each answer has `raw_output`, `n_prompt_tokens`, `n_output_tokens`, and where the backend
+scores every label of a label sub-task (constrained score decoding, encoder and decoder heads)
+`label_logprobs` ({sub-task: {label: log-prob}}, grid.metrics.label_scores keeps them).
 """
 
 from __future__ import annotations
@@ -51,14 +53,14 @@ def make_backend(spec: dict[str, Any]) -> Backend:
 
 
 class _EncoderBackend:
-    """Encoders answer from their heads, in the canonical answer format."""
+    """Encoders answer from their heads, in the canonical answer format, with their label heads'
+    log-probs."""
 
     def __init__(self, predictor: Any):
         self.predictor = predictor
 
     def generate(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        answers = self.predictor.predict(items)
-        return [{"raw_output": a, "n_prompt_tokens": None, "n_output_tokens": None} for a in answers]
+        return [{**a, "n_prompt_tokens": None, "n_output_tokens": None} for a in self.predictor.answers(items)]
 
 
 class Predictor:
