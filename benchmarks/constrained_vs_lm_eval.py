@@ -49,7 +49,7 @@ from benchmarks.common import Timings, claim, ratio, write_figures  # noqa: E402
 TASK = "massive-intent"
 
 
-def prepare(source: str, tokenizer, n: int, shots: int, seed: int):
+def prepare(source: str, tokenizer, n: int, shots: int, seed: int, label_logprobs: bool = False):
     from grid.config import GridConfig
     from grid.execute import data_dir_arg, prepare_cell
     from grid.plan import build_plan
@@ -58,7 +58,7 @@ def prepare(source: str, tokenizer, n: int, shots: int, seed: int):
     cfg = GridConfig.model_validate({
         "name": "bench", "models": [{"name": "m", "source": source, "family": "decoder", "prompt_format": "chat"}],
         "tasks": [TASK], "shots": [shots], "seeds": [seed], "limits": {"test": n, "seed": seed},
-        "decoding": {"mode": "constrained"}})
+        "decoding": {"mode": "constrained", "label_logprobs": label_logprobs}})
     (cell,) = build_plan(cfg, data).cells
     return prepare_cell(cell, data, tokenizer)
 
@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep-label-logprobs", action="store_true",
+                    help="score every label and keep its log-prob (the grid's default); without it, the "
+                         "pruned search (decoding label_logprobs: false) the committed figures measured")
     args = ap.parse_args(argv)
     started = time.time()
 
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     backend = TransformersBackend(resolve(args.model), device="cpu")
     tok = backend.tokenizer
-    prepared = prepare(args.model, tok, args.n, args.shots, args.seed)
+    prepared = prepare(args.model, tok, args.n, args.shots, args.seed, args.keep_label_logprobs)
     n = len(prepared.items)
     prompts = [it["prompt"] for it in prepared.items]
     lens = [len(tok.encode(p, add_special_tokens=False)) for p in prompts]

@@ -94,6 +94,19 @@ class Decoding(Strict):
         "bias toward some labels; contextual: divide each label's probability by its mean probability "
         "on content-free inputs (N/A, [MASK], empty; Zhao et al. 2021); pmi: subtract each label's "
         "log-prob after the answer cue alone (domain-conditional PMI, Holtzman et al. 2021)")
+    label_logprobs: bool = Field(
+        default=True, description="constrained score only: keep every label's log-prob in the predictions "
+        "(gold log-prob, Brier, skill under a default answer); false scores only the labels that can win "
+        "(faster with many labels; no calibration or length normalization) and keeps none")
+
+    @field_validator("label_logprobs")
+    @classmethod
+    def _pruned_needs_plain_scores(cls, value: bool, info: ValidationInfo) -> bool:
+        """Pruning finds the argmax of summed log-probs only: a correction or a per-token mean needs all."""
+        if not value and (info.data.get("length_normalized") or info.data.get("calibration") != "none"):
+            raise ValueError("label_logprobs false scores only the labels that can win by their summed "
+                             "log-prob; length_normalized and calibration need every label's score")
+        return value
 
     @field_validator("calibration")
     @classmethod
@@ -110,6 +123,8 @@ class Decoding(Strict):
         data = handler(self)
         if self.calibration == "none":
             data.pop("calibration", None)
+        if self.label_logprobs:  # the default (the same answers either way): old ids kept
+            data.pop("label_logprobs", None)
         return data
 
 

@@ -309,3 +309,45 @@ def test_kept_prefix_gives_the_scores_of_a_fresh_one(tiny):
         _, fresh = constrained._prefill_batch(model, prompts[3:], tok.pad_token_id)
     for a, b in zip(reused, fresh):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("layers", ["llama", "mistral", "mixed"])
+def test_pruned_label_search_picks_the_full_argmax(tiny, layers):
+    """Branch and bound over the label trie (decoding label_logprobs: false) picks what scoring
+    every label picks, on random models with peaked (large weights) and flat (tiny llama) label
+    distributions, with labels that are prefixes of others and sliding windows shorter than the
+    prompts."""
+    model, tok = tiny
+    if layers != "llama":
+        model = sliding_model(layers, len(tok))
+    (prepared,) = cells_items(tok, ["massive-intent"], [5], 6)
+    prompts = [tok.encode(it["prompt"], add_special_tokens=False) for it in prepared.items]
+    labels = list(prepared.items[0]["labels"]["intent"]) + ["alarm", "alarm_q"]
+    cands = [tok.encode(" " + label, add_special_tokens=False) + [tok.eos_token_id] for label in labels]
+    with torch.inference_mode():
+        full = constrained._label_scores(model, prompts, cands, tok.pad_token_id)
+        pruned = constrained._best_labels(model, prompts, cands, tok.pad_token_id)
+    assert pruned == [constrained._best(row) for row in full]
+
+
+def test_without_label_logprobs_the_answers_are_the_same(tiny):
+    """label_logprobs: false takes the pruned path: the same answers, no log-probs kept."""
+    model, tok = tiny
+    (prepared,) = cells_items(tok, ["massive-intent"], [0], 6)
+    kept = constrained_answers(model, tok, prepared.items)
+    items = [{**it, "decoding": {**it["decoding"], "label_logprobs": False}} for it in prepared.items]
+    pruned = constrained_answers(model, tok, items)
+    assert [a["raw_output"] for a in pruned] == [a["raw_output"] for a in kept]
+    assert all("label_logprobs" not in a for a in pruned) and all(a["label_logprobs"] for a in kept)
+
+
+def test_label_logprobs_false_refuses_what_needs_every_score():
+    from pydantic import ValidationError
+
+    from grid.config import Decoding
+
+    assert "label_logprobs" not in Decoding(mode="constrained").model_dump()  # the default keeps old cell ids
+    assert Decoding(mode="constrained", label_logprobs=False).model_dump()["label_logprobs"] is False
+    for bad in ({"length_normalized": True}, {"calibration": "pmi"}):
+        with pytest.raises(ValidationError, match="needs? every label's score"):
+            Decoding(mode="constrained", label_logprobs=False, **bad)

@@ -319,10 +319,10 @@ def test_smoke_like_results_without_merges_or_matplotlib(tmp_path, monkeypatch):
     page = Path(paths[1]).read_text()
     assert "No merge cells" in page and "matplotlib is not installed" in page
     t = _table(page, "table3")
-    assert len(t.rows) == 3 and t.rows[2][0] == "tiny zero-shot w/o FT"
+    assert len(t.rows) == 4 and t.rows[2][0] == "tiny zero-shot w/o FT" and t.rows[3][0] == "majority-class rate"
     # only the column a cell fills; 0 of N right has the exact (Clopper-Pearson) interval, not [0.0, 0.0]
     high = stats.binomtest(0, N).proportion_ci(method="exact").high
-    assert t.rows[2][1:] == [f"0.0 [0.0, {100 * high:.1f}] inv 100.0%"]
+    assert t.rows[2][1:] == [f"0.0 [0.0, {100 * high:.1f}] mF1 0.0 inv 100.0%"]
 
 
 def test_cli_report(tmp_path):

@@ -642,14 +642,62 @@ def _label_scores(model: Any, prompts: list[list[int]], candidates: list[list[in
     return scores
 
 
+def _argmax_only(decoding: dict[str, Any]) -> bool:
+    """Only the answer is wanted: the label log-probs are not kept, the scores are plain sums."""
+    return (decoding.get("label_logprobs") is False and not decoding.get("length_normalized")
+            and decoding.get("calibration", "none") == "none")
+
+
+def _best_labels(model: Any, prompts: list[list[int]], candidates: list[list[int]], pad: int) -> list[int]:
+    """Each prompt's highest-scoring candidate (sum of log-probs, the first of equal scores), as
+    `_label_scores` would pick it, without scoring every candidate.
+
+    A candidate's log-prob is at most that of its first token, which the prompt pass already
+    gives. So: score the candidates that begin with some prompt's likeliest first token (one trie
+    pass), then only those whose first token alone still reaches a prompt's best score so far
+    (a second pass). An instruction-tuned model puts most of its mass on a few first tokens, so
+    of 60 labels a handful are scored; a flat model falls back to scoring nearly all of them.
+    """
+    cache, first = _prefill_batch(model, prompts, pad)
+    lengths, batch = [len(p) for p in prompts], len(prompts)
+    heads = torch.tensor([c[0] for c in candidates], device=first[0].device)
+    bound = [row[heads].tolist() for row in first]  # a candidate's score is at most its first token's
+    scores = [[-math.inf] * len(candidates) for _ in range(batch)]
+
+    def run(which: list[int]) -> None:
+        # a new cache over the prompts' tensors: the pass appends its nodes there, not to `cache`
+        got, *_ = _score_trie(model, _map_cache(cache, lambda t: t), lengths, first,
+                              [candidates[c] for c in which], False, need_next=False)
+        for b in range(batch):
+            for c, value in zip(which, got[b]):
+                scores[b][c] = value
+
+    likeliest = {candidates[_best(row)][0] for row in bound}
+    probe = [c for c, cand in enumerate(candidates) if cand[0] in likeliest]
+    run(probe)
+    tried, best = set(probe), [max(row) for row in scores]
+    rest = [c for c in range(len(candidates))
+            if c not in tried and any(bound[b][c] >= best[b] for b in range(batch))]
+    if rest:
+        run(rest)
+    return [_best(row) for row in scores]
+
+
 def _score_labels_batch(model: Any, encode, items: list[dict[str, Any]], prompts: list[list[int]],
                         calibration_prompts: list[list[list[int]]], choice: Choice, lead: str, eos: int,
                         pad: int) -> list[dict[str, Any]]:
     """Label tasks (one choice, the same labels for every item): the whole chunk in two forward
-    passes. The calibration prompts of calibrated items take two more per chunk-sized batch of
-    distinct ones (a zero-shot cell's are the same for every example: run once)."""
+    passes, every label scored and its log-prob kept. The calibration prompts of calibrated items
+    take two more per chunk-sized batch of distinct ones (a zero-shot cell's are the same for
+    every example: run once). Items whose decoding sets `label_logprobs: false` (plain sums, no
+    calibration) keep only the answer, found in three passes that skip every label that cannot
+    win (`_best_labels`)."""
     candidates = _label_candidates(encode, choice.options, lead, eos)
     lengths = [len(c) for c in candidates]
+    if all(_argmax_only(it.get("decoding") or {}) for it in items):
+        return [{"raw_output": choice.options[best], "n_prompt_tokens": len(prompt),
+                 "n_output_tokens": len(candidates[best])}
+                for prompt, best in zip(prompts, _best_labels(model, prompts, candidates, pad))]
     scores = _label_scores(model, prompts, candidates, pad)
     distinct = list(dict.fromkeys(tuple(p) for ps in calibration_prompts for p in ps))
     cf: dict[tuple[int, ...], list[float]] = {}
