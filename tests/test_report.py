@@ -297,6 +297,14 @@ def test_merges_seen_and_unseen(rich):
         key = next(c["key"] for c in data["columns"] if c["title"] == r["column"])
         assert r["reference"] == ref[key]["value"]
         assert r["delta"] == pytest.approx(r["score"] - r["reference"])
+        # skill beside accuracy: macro-F1's difference from the same reference cell's (no label scores here)
+        ref_f1 = next(rec for rec in Store.open(root / "results").records()
+                      if rec["cell_id"] == ref[key]["cell_id"])["metrics"][key.split("/")[1] + "/macro_f1"]
+        mine = next(rec for rec in Store.open(root / "results").records() if rec["cell_id"] == r["cell_id"])
+        assert r["macro_f1_delta"] == pytest.approx(mine["metrics"][key.split("/")[1] + "/macro_f1"] - ref_f1)
+        assert r["gold_logprob_delta"] is None
+    md = Path(paths[0]).read_text()
+    assert "| Δ macro-F1 | Δ balanced acc. | Δ gold log-prob |" in md
     assert data["plots"]["forgetting"] is True
 
 

@@ -61,6 +61,14 @@ def reference_text(row: dict[str, Any]) -> str:
     return "–" if row["reference"] is None else f"{100 * row['reference']:.1f} ({row['reference_model']})"
 
 
+def skill_delta_text(row: dict[str, Any], metric: str) -> str:
+    """A forgetting row's difference in a skill metric: points for rates, nats for gold log-prob."""
+    value = row.get(f"{metric}_delta")
+    if value is None:
+        return "–"
+    return f"{value:+.2f}" if metric == "gold_logprob" else f"{100 * value:+.1f}"
+
+
 def delta_text(row: dict[str, Any]) -> str:
     return "–" if row["delta"] is None else f"{100 * row['delta']:+.1f}"
 

@@ -19,6 +19,7 @@ from grid.report.formatting import (
     raw_p_text,
     reference_text,
     seeds_text,
+    skill_delta_text,
     summary_cells,
     test_text,
     with_ci,
@@ -98,11 +99,17 @@ def comparisons_markdown(comps: list[Comparison], families: list[tuple[str, int,
 
 
 def forgetting_markdown(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| Merged model | Column | Seen | Score | Shots | Reference | Difference |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["Difference = score minus the reference's; beside it the same for macro-F1 and balanced accuracy "
+             "(points) and the gold label's mean log-prob (nats), which move when a model's skill changes "
+             "while it answers the same default label (– where a cell has no label scores).", "",
+             "| Merged model | Column | Seen | Score | Shots | Reference | Difference | Δ macro-F1 | Δ balanced acc. "
+             "| Δ gold log-prob |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['column']} | {'seen' if r['seen'] else 'unseen'} | "
-                     f"{100 * r['score']:.1f} | {r['shots']} | {reference_text(r)} | {delta_text(r)} |")
+                     f"{100 * r['score']:.1f} | {r['shots']} | {reference_text(r)} | {delta_text(r)} | "
+                     f"{skill_delta_text(r, 'macro_f1')} | {skill_delta_text(r, 'balanced_accuracy')} | "
+                     f"{skill_delta_text(r, 'gold_logprob')} |")
     return lines
 
 

@@ -13,6 +13,7 @@ import polars as pl
 
 from grid.comparisons import ComparisonSpec
 from grid.errors import GridError
+from grid.forgetting import SKILL_METRICS
 from grid.provenance import report_provenance
 from grid.report.comparisons import Comparison, family_counts, run_comparisons
 from grid.report.merge_study import study_numbers
@@ -134,7 +135,8 @@ def forgetting_rows(table: Table) -> list[dict[str, Any]]:
             .select("cell_id", "model", "column", "task", "shots", "seen", "score", "reference_cell",
                     pl.when(found).then(pl.col("reference")).alias("reference_model"),
                     pl.when(found).then(pl.lit("declared reference")).alias("reference_kind"),  # report.json's field
-                    pl.col("reference_score").alias("reference"), "delta")
+                    pl.col("reference_score").alias("reference"), "delta",
+                    *[f"{m}_delta" for m in SKILL_METRICS])
             .sort("model", "shots", ~pl.col("seen"), "column", maintain_order=True))
     return rows.to_dicts()
 
