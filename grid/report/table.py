@@ -97,7 +97,7 @@ class RowKey:
             ft += f" on {self.trained_on}"
         shots = "five-shot" if self.shots == 5 else "zero-shot" if self.shots == 0 else f"{self.shots}-shot"
         parts = [self.model, shots if self.family != "encoder" else "", ft]
-        if show_decoding:
+        if show_decoding and self.decoding != "-":  # an encoder has no decoding to name
             parts.append(self.decoding)
         if show_seed:
             parts.append(f"seed {self.seed}")
