@@ -18,8 +18,9 @@ from grid.errors import GridError
 from grid.plan import build_plan
 from grid.report import write_report
 from grid.significance import adjust
+from grid.store import Store
 from tests.conftest import DATA
-from tests.test_seeds_report import seeded_results
+from tests.test_seeds_report import N, seeded_results
 
 TINY = {"name": "tiny", "source": "tiny:llama", "family": "decoder", "prompt_format": "chat"}
 ENC = {"name": "enc", "source": "tiny:bert", "family": "encoder"}
@@ -213,3 +214,38 @@ def test_published_results_rebuild_the_same_report(declared_results, tmp_path):
         assert a[key] == b[key], key
     with pytest.raises(GridError, match="already holds cells"):
         publish(str(source), str(tmp_path / "published"))
+
+
+# --- seed003's two faults, on small data ------------------------------------------------------
+
+
+def test_a_summary_column_is_tested_on_rouge_not_mcnemar(tmp_path):
+    """seed003's table ran McNemar on DialogSum's "accuracy" (n10 = n01 = 0, p = 1) while ROUGE-2
+    fell: the default 5-shot vs 0-shot pair of a text column is now a ROUGE-L permutation test."""
+    from tests.test_seeds_report import add
+
+    store = Store.open(tmp_path / "results")
+    texts = [f"person {i} asks about the train to town number {i}" for i in range(N)]
+    add(store, "m", "dialogsum", 0, texts, texts, [], "free", shots=0)
+    add(store, "m", "dialogsum", 0, [" ".join(t.split()[:4]) for t in texts], texts, [], "free", shots=5)
+    data = json.loads(Path(write_report(tmp_path / "results", tmp_path / "out", n_boot=200)[2]).read_text())
+    (comp,) = data["comparisons"]
+    assert comp["name"] == "5-shot vs 0-shot" and comp["metric"] == "rougeL"
+    assert comp["result"]["test"] == "paired-permutation" and comp["result"]["diff"] < -0.3
+    assert comp["result"]["p_floor"] and "< 1/200" in Path(tmp_path / "out" / "table3.md").read_text()
+
+
+def test_llm_vs_encoder_pairs_never_cross_seeds(tmp_path):
+    """seed003's table paired every SmolLM2 seed with every MiniLM seed (16 of 24 rows across
+    seeds): the default pairs now hold seed s against seed s only."""
+    from tests.test_seeds_report import add
+
+    store = Store.open(tmp_path / "results")
+    golds = ["positive" if i % 2 else "negative" for i in range(N)]
+    for seed in (0, 1, 2):
+        add(store, "llm", "sst2", seed, golds[::-1], golds, [], "constrained")
+        add(store, "enc", "sst2", seed, golds, golds, ["sst2"], None, finetune="full", family="encoder")
+    data = json.loads(Path(write_report(tmp_path / "results", tmp_path / "out", n_boot=50)[2]).read_text())
+    pairs = [c for c in data["comparisons"] if c["name"] == "LLM vs encoder"]
+    seeds = {r["cell_id"]: r["cell"]["seed"] for r in Store.open(tmp_path / "results").records()}
+    assert len(pairs) == 3 and all(seeds[c["a"]] == seeds[c["b"]] for c in pairs)

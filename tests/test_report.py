@@ -454,3 +454,23 @@ def test_each_fine_tune_evaluated_on_other_tasks_has_its_own_row(tmp_path):
 
     pairs = [(kind, table.entries[(a, ca.key)].cell_id) for kind, ca, cb, a, b in default_pairs(table)]
     assert pairs == [("fine-tuned vs not", own)]
+
+
+def test_rows_are_named_from_lineage_and_each_legend_entry_is_one_combination(tmp_path):
+    """A model the grid tuned, or one with a classification head, is never "w/o FT"; each plot line
+    names its model, fine-tune and decoding (two decodings of one model are two entries)."""
+    from grid.report.model import shots_panels
+
+    store = Store.open(tmp_path / "res")
+    seen = {"seen_tasks": ["massive-intent", "20ng-7"], "reference": None, "trained_on": None}
+    add_cell(store, "multi", "decoder", "massive-intent", 0, "none", 0.5, lineage=seen, decoding="head")
+    for shots in (0, 5):
+        for decoding in ("constrained", "free"):
+            add_cell(store, "m", "decoder", "massive-intent", shots, "none", 0.3 + shots / 50, decoding=decoding)
+    table = build_table(store.records())
+    labels = {table.label(r) for r in table.rows}
+    assert "multi zero-shot tuned on massive-intent, 20ng-7 head" in labels
+    assert not any("w/o FT" in label for label in labels if label.startswith("multi"))
+    (panel,) = shots_panels(table)
+    names = [name for name, _ in panel.series]
+    assert names == ["m w/o FT constrained", "m w/o FT free", "multi tuned on massive-intent, 20ng-7 head"]

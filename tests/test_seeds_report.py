@@ -24,10 +24,10 @@ N = 120
 
 
 def add(store: Store, model: str, task: str, seed: int, answers: list, golds: list, seen: list[str],
-        decoding: str = "head") -> str:
-    cell = Cell(kind="infer", model=model, source=f"hub/{model}", weights="main", family="decoder", backend="transformers",
-                prompt_format="chat", task=task, data_fp="fp", template_fp=None, shots=0, finetune="none",
-                seed=seed, decoding={"mode": decoding}, text_budget=None, sampler="random",
+        decoding: str | None = "head", shots: int = 0, finetune: str = "none", family: str = "decoder") -> str:
+    cell = Cell(kind="infer", model=model, source=f"hub/{model}", weights="main", family=family, backend="transformers",
+                prompt_format="chat", task=task, data_fp="fp", template_fp=None, shots=shots, finetune=finetune,
+                seed=seed, decoding={"mode": decoding} if decoding else None, text_budget=None, sampler="random",
                 limits={"test": None, "train": None, "seed": 0}, recipe=None,
                 lineage={"seen_tasks": seen, "reference": None, "trained_on": None})
     sub = "sentiment" if task == "sst2" else "summary"
