@@ -13,8 +13,8 @@ one value or a list of them ("any of"); a decoding is named as tables name it (`
 `constrained+pmi`). A cell of A is paired with the cell of B that equals it on every field that
 neither selector names, and always on the seed: seed s of A against seed s of B, never across
 seeds, so a selector cannot name a seed. Naming `family` or `backend` frees `model` too (they
-are the model's), and naming `finetune` frees `trained_on`. A pair must be scored on the same examples: the same task, data and test
-rows. Metrics are a sub-task's (`accuracy`, `macro_f1`, `balanced_accuracy`, `slot_f1`,
+are the model's), and naming `finetune` frees `trained_on`. A pair must be scored on the same
+examples: the same task, data and test rows. Metrics are a sub-task's (`accuracy`, `macro_f1`, `balanced_accuracy`, `slot_f1`,
 `rouge1`, `rouge2`, `rougeL`; `exact_match` of a whole multi-task), unqualified for every
 sub-task it applies to, or `intent/accuracy` for one.
 

@@ -266,13 +266,19 @@ def test_multi_task_answers_keep_their_label_choices_only(tiny):
         task = get_task(task_name)
         labels = label_sets(task)
         for answer, row in zip(constrained_answers(model, tok, prepared.items), prepared.rows):
-            assert list(answer["label_logprobs"]) == label_subs
-            parsed = parse_answer(answer["raw_output"], task, labels, len(row["words"]))
-            for sub in label_subs:
-                got = answer["label_logprobs"][sub]
-                assert list(got) == list(labels[sub])
-                assert sum(math.exp(v) for v in got.values()) == pytest.approx(1.0, abs=1e-9)
-                assert argmax_label(got) == parsed[sub].value
+            check_label_logprobs(answer, row, task, labels, label_subs, 1e-9)
+
+
+def check_label_logprobs(answer: dict, row: dict, task, labels: dict, label_subs: list[str], tol: float) -> None:
+    """An answer's label log-probs: one distribution per label sub-task over its whole label set,
+    in the label set's order, whose argmax is the label the answer parses to."""
+    assert list(answer["label_logprobs"]) == label_subs
+    parsed = parse_answer(answer["raw_output"], task, labels, len(row["words"]))
+    for sub in label_subs:
+        got = answer["label_logprobs"][sub]
+        assert list(got) == list(labels[sub])
+        assert sum(math.exp(v) for v in got.values()) == pytest.approx(1.0, abs=tol)
+        assert argmax_label(got) == parsed[sub].value
 
 
 def test_greedy_answers_have_no_label_log_probs(tiny):
@@ -405,10 +411,4 @@ def test_encoder_answers_keep_each_label_heads_log_softmax(tmp_path):
         assert [a["raw_output"] for a in answers] == predictor.predict(rows)
         label_subs = [s.name for s in task.subtasks if s.type == "label"]
         for answer, row in zip(answers, rows):
-            assert list(answer["label_logprobs"]) == label_subs
-            parsed = parse_answer(answer["raw_output"], task, labels, len(row["words"]))
-            for sub in label_subs:
-                got = answer["label_logprobs"][sub]
-                assert list(got) == list(labels[sub])
-                assert sum(math.exp(v) for v in got.values()) == pytest.approx(1.0, abs=1e-6)
-                assert argmax_label(got) == parsed[sub].value
+            check_label_logprobs(answer, row, task, labels, label_subs, 1e-6)
