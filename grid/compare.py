@@ -6,10 +6,15 @@ For a refactor, an upgrade of a library, or another machine: which cell ids only
 which cells' statuses differ, and, for the cells both finished, each example whose raw output or
 parsed prediction differs and each metric that moved. Exit status 0 when everything is equal, 1
 when something differs (so a script can gate on it). Timing fields are not compared.
+
+Metrics are equal within a relative 1e-6 (`same_number`): the ones read from label log-probs
+(gold log-prob, Brier) move in their last digits with how examples shared a padded batch, which a
+killed and rerun grid, or another Ray schedule, changes without changing any answer.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,13 @@ def _answers(store: Store, cell_id: str) -> dict[str, tuple[Any, Any]]:
     return {r["example_id"]: (r["raw_output"], r["prediction"]) for r in rows}
 
 
+def same_number(a: Any, b: Any) -> bool:
+    """Equal, or two floats within a relative 1e-6 (module docstring)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+    return a == b
+
+
 def _numbers(metrics: dict[str, Any] | None) -> dict[str, Any]:
     """The metrics that are results, not timings or throughput."""
     skip = ("seconds", "_per_s")
@@ -62,7 +74,7 @@ def compare(a: str | Path, b: str | Path) -> Difference:
             if changed:
                 diff.answers[cid] = changed
         mx, my = _numbers(x.get("metrics")), _numbers(y.get("metrics"))
-        moved = {k: (mx.get(k), my.get(k)) for k in set(mx) | set(my) if mx.get(k) != my.get(k)}
+        moved = {k: (mx.get(k), my.get(k)) for k in set(mx) | set(my) if not same_number(mx.get(k), my.get(k))}
         if moved:
             diff.metrics[cid] = moved
     return diff

@@ -45,3 +45,12 @@ def test_every_kind_of_difference_is_named(tmp_path):
     assert diff.answers == {"c1": 1} and diff.metrics == {"c1": {"label/accuracy": (0.5, 1.0)}}
     proc = run_cli("-m", "grid", "compare", str(tmp_path / "a"), str(tmp_path / "b"))
     assert proc.returncode == 1 and "c1: 1 examples answered differently" in proc.stdout
+
+
+def test_log_prob_metrics_equal_within_their_last_digits():
+    """A rerun batches examples otherwise: log-prob metrics move in the 8th digit, answers do not."""
+    from grid.compare import same_number
+
+    assert same_number(-3.6083321571350098, -3.608332157135011)
+    assert not same_number(-3.6083, -3.6084) and not same_number(0.5, 1.0)
+    assert same_number(None, None) and not same_number(1.0, None) and same_number(3, 3)
