@@ -7,8 +7,8 @@ which cells' statuses differ, and, for the cells both finished, each example who
 parsed prediction differs and each metric that moved. Exit status 0 when everything is equal, 1
 when something differs (so a script can gate on it). Timing fields are not compared.
 
-Metrics are equal within a relative 1e-5 or an absolute 1e-6 (`same_number`): the ones read from label log-probs
-(gold log-prob, Brier) move in their last digits with how examples shared a padded batch (up to
+Metrics are equal within a relative 1e-5 or an absolute 1e-6 (`same_number`): the ones read
+from label log-probs (gold log-prob, Brier) move in their last digits with how examples shared a padded batch (up to
 1e-6 nats per label on the tiny Llama), which a killed and rerun grid, or another Ray schedule,
 changes without changing any answer.
 """
