@@ -10,7 +10,9 @@ when something differs (so a script can gate on it). Timing fields are not compa
 Metrics are equal within a relative 1e-5 or an absolute 1e-6 (`same_number`): the ones read
 from label log-probs (gold log-prob, Brier) move in their last digits with how examples shared a padded batch (up to
 1e-6 nats per label on the tiny Llama), which a killed and rerun grid, or another Ray schedule,
-changes without changing any answer.
+changes without changing any answer. A fine-tune resumed from another step than its counterpart
+is compared without the figures of the steps each run executed (RUN_STATS): its model is checked
+through its inference cells' answers.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ def _answers(store: Store, cell_id: str) -> dict[str, tuple[Any, Any]]:
     return {r["example_id"]: (r["raw_output"], r["prediction"]) for r in rows}
 
 
+# A fine-tune's figures of the steps one run executed: after a kill the rerun resumes from a
+# checkpoint and runs (and averages over) fewer steps, though its model is the same.
+RUN_STATS = frozenset({"resumed_from_step", "steps_run", "first_loss", "train_loss", "epoch_losses",
+                       "nonpad_tokens", "padding_share"})
+
+
 def same_number(a: Any, b: Any) -> bool:
     """Equal, or two floats within a relative 1e-5 or an absolute 1e-6 (module docstring)."""
     if isinstance(a, float) and isinstance(b, float):
@@ -75,6 +83,8 @@ def compare(a: str | Path, b: str | Path) -> Difference:
             if changed:
                 diff.answers[cid] = changed
         mx, my = _numbers(x.get("metrics")), _numbers(y.get("metrics"))
+        if mx.get("resumed_from_step") != my.get("resumed_from_step"):  # the same model, other steps run
+            mx, my = ({k: v for k, v in m.items() if k not in RUN_STATS} for m in (mx, my))
         moved = {k: (mx.get(k), my.get(k)) for k in set(mx) | set(my) if not same_number(mx.get(k), my.get(k))}
         if moved:
             diff.metrics[cid] = moved

@@ -54,3 +54,19 @@ def test_log_prob_metrics_equal_within_their_last_digits():
     assert same_number(-3.6083321571350098, -3.608332157135011)
     assert not same_number(-3.6083, -3.6084) and not same_number(0.5, 1.0)
     assert same_number(None, None) and not same_number(1.0, None) and same_number(3, 3)
+
+
+def test_a_resumed_fine_tune_is_compared_without_its_run_figures(tmp_path):
+    """After a kill the rerun resumes from a checkpoint: it ran and averaged other steps (as
+    benchmarks/kill_at_random.py found); its other numbers are still compared."""
+    a, b = Store.open(tmp_path / "a"), Store.open(tmp_path / "b")
+    cell = {"kind": "finetune"}
+    base = {"steps": 10, "world_size": 1}
+    a.write_cell("ft", {"cell_id": "ft", "status": "done", "cell": cell, "metrics": base | {
+        "resumed_from_step": 0, "steps_run": 10, "train_loss": 7.35, "first_loss": 7.73}})
+    b.write_cell("ft", {"cell_id": "ft", "status": "done", "cell": cell, "metrics": base | {
+        "resumed_from_step": 4, "steps_run": 6, "train_loss": 7.33, "first_loss": 7.35}})
+    assert compare(tmp_path / "a", tmp_path / "b").equal
+    b.write_cell("ft", {"cell_id": "ft", "status": "done", "cell": cell, "metrics": base | {
+        "resumed_from_step": 0, "steps_run": 10, "train_loss": 7.33, "first_loss": 7.73}})
+    assert compare(tmp_path / "a", tmp_path / "b").metrics == {"ft": {"train_loss": (7.35, 7.33)}}
