@@ -13,8 +13,6 @@ from __future__ import annotations
 import posixpath
 import sys
 
-import pyarrow.fs as pafs
-
 from grid.errors import GridError
 from grid.store import PREDICTIONS_FILE, RUNS_DIR, Store
 
@@ -34,15 +32,13 @@ def publish(results: str, dest: str) -> tuple[int, int]:
         if record["cell"].get("kind") == "infer" and record["status"] == "done":
             with source.fs.open_input_stream(source.predictions_path(cid)) as fh:
                 blob = fh.read()
-            target._atomic_write(posixpath.join(target.cell_dir(cid), PREDICTIONS_FILE), blob)
+            target.write_file(f"cells/{cid}/{PREDICTIONS_FILE}", blob)
             written += len(blob)
         target.write_cell(cid, record)
         written += target.fs.get_file_info(posixpath.join(target.cell_dir(cid), "cell.json")).size
-    runs = pafs.FileSelector(posixpath.join(source.root, RUNS_DIR), allow_not_found=True)
-    for info in source.fs.get_file_info(runs):
-        if info.type == pafs.FileType.File and info.base_name.endswith(".json"):  # not a write in progress
-            with source.fs.open_input_stream(info.path) as fh:
-                target._atomic_write(posixpath.join(target.root, RUNS_DIR, info.base_name), fh.read())
+    for info in source.run_files():
+        with source.fs.open_input_stream(info.path) as fh:
+            target.write_file(f"{RUNS_DIR}/{info.base_name}", fh.read())
     if written > MAX_BYTES:
         print(f"note: {dest} holds {written / 2**20:.1f} MB, over the {MAX_BYTES // 2**20} MB a committed study "
               f"should keep", file=sys.stderr)

@@ -116,11 +116,11 @@ def mcnemar_strata(strata: Sequence[tuple[Sequence[bool] | np.ndarray, Sequence[
     n01 = sum(int(np.sum(~a & b)) for a, b in pairs)
     d = n10 + n01
     p = 1.0 if d == 0 else float(binomtest(n10, d, 0.5).pvalue)
-    a_val, b_val = _mean_over_strata(mean_statistic, [([a.astype(float)], [b.astype(float)]) for a, b in pairs])
+    as_float = [([a.astype(float)], [b.astype(float)]) for a, b in pairs]
+    a_val, b_val = _mean_over_strata(mean_statistic, as_float)
     low = high = None
     if n_resamples and all(len(a) for a, _ in pairs):
-        low, high = bootstrap_diff_ci(mean_statistic, [([a.astype(float)], [b.astype(float)]) for a, b in pairs],
-                                  n_resamples, seed)
+        low, high = bootstrap_diff_ci(mean_statistic, as_float, n_resamples, seed)
     return TestResult(test="mcnemar-exact", metric=metric, n=sum(len(a) for a, _ in pairs), a=a_val, b=b_val,
                       diff=a_val - b_val, p_value=min(1.0, p), ci_low=low, ci_high=high, n10=n10, n01=n01,
                       n_resamples=n_resamples or None, seed=seed if n_resamples else None, strata=len(pairs))
@@ -343,6 +343,13 @@ def compare_strata(pairs: Sequence[tuple[Outcomes, Outcomes]], metric: str, n_re
 
     strata = [([np.full(len(x[0]), s), *x], [np.full(len(y[0]), s), *y]) for s, (_, x, y) in enumerate(arrays)]
     return paired_permutation(statistic, strata, metric, n_resamples, seed)
+
+
+def per_seed_differences(pairs: Sequence[tuple[Outcomes, Outcomes]], metric: str) -> tuple[list[float], float | None]:
+    """Each stratum's (seed's) difference A - B in the metric, and the t-test of those differences
+    (`seed_t_test`): the across-seeds view beside the pooled test."""
+    diffs = [compare_strata([pair], metric, n_resamples=0).diff for pair in pairs]
+    return diffs, seed_t_test(diffs)
 
 
 def compare(a: Outcomes, b: Outcomes, metric: str, n_resamples: int = DEFAULT_N_BOOT, seed: int = 0) -> TestResult:

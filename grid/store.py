@@ -134,6 +134,11 @@ class Store:
             out.write(data)
         self.fs.move(tmp, path)
 
+    def write_file(self, relative: str, data: bytes) -> None:
+        """Any file under the results dir (`cells/<id>/predictions.parquet`, `runs/<name>.json`),
+        written whole or not at all: a copy of another results dir's file keeps its bytes."""
+        self._atomic_write(posixpath.join(self.root, relative), data)
+
     def write_predictions(self, cell_id: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
@@ -228,14 +233,17 @@ class Store:
     def predictions_path(self, cell_id: str) -> str:
         return posixpath.join(self.cell_dir(cell_id), PREDICTIONS_FILE)
 
+    def run_files(self) -> list[pafs.FileInfo]:
+        """The run records' files in runs/ (not the temporary files of writes in progress)."""
+        selector = pafs.FileSelector(posixpath.join(self.root, RUNS_DIR), allow_not_found=True)
+        return [info for info in self.fs.get_file_info(selector)
+                if info.type == pafs.FileType.File and info.base_name.endswith(".json")]
+
     def runs(self) -> list[dict[str, Any]]:
         """Every run record in runs/, oldest first (by start, then name); none for a results dir
         written before runs/ existed."""
-        selector = pafs.FileSelector(posixpath.join(self.root, RUNS_DIR), allow_not_found=True)
         found = []
-        for info in self.fs.get_file_info(selector):
-            if info.type != pafs.FileType.File or not info.base_name.endswith(".json"):
-                continue  # a temporary file of a write in progress
+        for info in self.run_files():
             with self.fs.open_input_stream(info.path) as fh:
                 try:
                     record = json.loads(fh.read())

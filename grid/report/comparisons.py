@@ -21,7 +21,8 @@ from typing import Any
 from grid.comparisons import ComparisonSpec, Group, metric_columns, pair_cells
 from grid.errors import GridError
 from grid.report.table import Column, RowKey, Table, cell_label, sort_key
-from grid.significance import FAMILY_METHOD, METHOD_NAME, Outcomes, adjust_results, compare_strata, seed_t_test
+from grid.significance import (FAMILY_METHOD, METHOD_NAME, Outcomes, adjust_results, compare_strata,
+                               per_seed_differences)
 from grid.store import Store
 
 FAMILIES = ("primary", "secondary", "exploratory")
@@ -155,8 +156,7 @@ def _test(comp: Comparison, records: list[tuple[dict[str, Any], dict[str, Any]]]
         if result.n == 0:
             raise GridError("the cells share no example")
         if len(records) > 1:
-            comp.per_seed_diff = [compare_strata([pair], comp.metric, n_resamples=0).diff for pair in outcomes]
-            comp.p_seeds = seed_t_test(comp.per_seed_diff)
+            comp.per_seed_diff, comp.p_seeds = per_seed_differences(outcomes, comp.metric)
         comp.result = result.as_dict()
     except (GridError, OSError, ValueError, KeyError) as exc:
         comp.error = str(exc)
@@ -216,7 +216,8 @@ def _pair_comparison(table: Table, cache: OutcomeCache, family: str, name: str, 
     ra, rb = table.records[a_id], table.records[b_id]
     title = ca.title if ca == cb else f"{ca.title} vs {cb.title}"
     comp = Comparison(family, name, title, a_id, b_id, cell_label(ra), cell_label(rb), metric=ca.metric,
-                      a_cells=[a_id], b_cells=[b_id], seeds=sorted({ra["cell"].get("seed", 0), rb["cell"].get("seed", 0)}))
+                      a_cells=[a_id], b_cells=[b_id],
+                      seeds=sorted({ra["cell"].get("seed", 0), rb["cell"].get("seed", 0)}))
     return _test(comp, [(ra, rb)], ca.subtask, cb.subtask, cache, n_boot, seed)
 
 

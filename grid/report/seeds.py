@@ -31,7 +31,7 @@ import numpy as np
 
 from grid.config import decoding_name
 from grid.report.comparisons import OutcomeCache
-from grid.significance import adjust_results, compare_strata, pair_by_seed, seed_t_test
+from grid.significance import adjust_results, compare_strata, pair_by_seed, per_seed_differences
 from grid.store import Store
 
 N_BOOT = 2000
@@ -101,8 +101,9 @@ def seed_numbers(store: Store, records: list[dict[str, Any]]) -> dict[str, Any] 
             per_seed = []
             for seed, record in sorted(v.cells.items()):
                 m = record.get("metrics") or {}
-                per_seed.append({"seed": seed, "value": m.get(f"{sub}/{metric}"),
-                                 "ci_low": m.get(f"{sub}/{metric}_ci_low"), "ci_high": m.get(f"{sub}/{metric}_ci_high")})
+                key = f"{sub}/{metric}"
+                per_seed.append({"seed": seed, "value": m.get(key), "ci_low": m.get(f"{key}_ci_low"),
+                                 "ci_high": m.get(f"{key}_ci_high")})
             values = [s["value"] for s in per_seed if s["value"] is not None]
             rows.append({"variant": v.name, "model": v.model, "task": v.task, "metric": metric,
                          "seen_tasks": list(v.seen_tasks), "seeds": per_seed,
@@ -116,13 +117,13 @@ def seed_numbers(store: Store, records: list[dict[str, Any]]) -> dict[str, Any] 
         outcomes = [(cache.get(ra, sub), cache.get(rb, sub)) for _, ra, rb in pairs]
         for metric in metrics:
             result = compare_strata(outcomes, metric, N_BOOT, seed=0)
-            per_seed = [compare_strata([o], metric, n_resamples=0).diff for o in outcomes]
+            per_seed, p_seeds = per_seed_differences(outcomes, metric)
             results.append(result)
             tests.append({"a": a.name, "b": b.name, "task": a.task, "metric": metric, "seeds": [s for s, _, _ in pairs],
                           "n_per_seed": result.n // len(pairs), "per_seed_diff": per_seed, "test": result.test,
                           "diff": result.diff, "ci_low": result.ci_low, "ci_high": result.ci_high,
                           "p_pooled": result.p_value, "p_floor": result.p_floor, "n_resamples": result.n_resamples,
-                          "p_seeds": seed_t_test(per_seed)})
+                          "p_seeds": p_seeds})
     for t, r in zip(tests, adjust_results(results, "exploratory")):
         t["p_pooled_adjusted"] = r.p_adjusted
     return {"rows": rows, "tests": tests}
