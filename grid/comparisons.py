@@ -10,13 +10,18 @@
 
 A and B are selectors over inference cells: each key a cell field (SELECTOR_KEYS), each value
 one value or a list of them ("any of"); a decoding is named as tables name it (`constrained`,
-`constrained+pmi`). A cell of A is paired with the cell of B that equals it on every field that
-neither selector names, and always on the seed: seed s of A against seed s of B, never across
-seeds, so a selector cannot name a seed. Naming `family` or `backend` frees `model` too (they
-are the model's), and naming `finetune` frees `trained_on`. A pair must be scored on the same
-examples: the same task, data and test rows. Metrics are a sub-task's (`accuracy`, `macro_f1`, `balanced_accuracy`, `slot_f1`,
-`rouge1`, `rouge2`, `rougeL`; `exact_match` of a whole multi-task), unqualified for every
-sub-task it applies to, or `intent/accuracy` for one.
+`constrained+pmi`). A cell of A is paired with the cell of B that equals it on every field the
+selectors do not name differently (a key named alike on both sides only narrows both, e.g.
+`task: [20ng-7, 20ng-20]`), and always on the seed: seed s of A against seed s of B, never across
+seeds, so a selector cannot name a seed. Naming `family` or `backend` differently frees `model`
+too (they are the model's), and naming `finetune` or `task` differently frees `trained_on`.
+
+A pair must be scored on the same examples: the same test rows of the same data, so A and B may
+name two tasks only where both read one source (`a: {task: 20ng-multi}`, `b: {task: 20ng-20}`:
+the consolidated model against the dual one, on a sub-task both have, `label/accuracy`). Metrics
+are a sub-task's (`accuracy`, `macro_f1`, `balanced_accuracy`, `slot_f1`, `rouge1`, `rouge2`,
+`rougeL`; `exact_match` of a whole multi-task), unqualified for every sub-task it applies to, or
+`intent/accuracy` for one.
 
 Everything here is plain data over cell dicts (a plan's cells, or the `cell` of each cell.json),
 so the grid's load (`check_comparisons`, before any work) and the report pair cells alike. The
@@ -90,10 +95,12 @@ def matches(selector: dict[str, Any], fields: dict[str, Any]) -> bool:
 
 
 def free_keys(spec: ComparisonSpec) -> set[str]:
-    """The fields A and B may differ on: those either selector names (family and backend free the
-    model; the fine-tune mode frees the task a fine-tune was trained on, which an untuned cell lacks)."""
-    named = set(spec.a) | set(spec.b)
-    if "finetune" in named:
+    """The fields A and B may differ on: those the selectors name differently (a key both name
+    alike only filters, e.g. `task: [20ng-7, 20ng-20]` on both sides; family and backend free the
+    model; the fine-tune mode frees the task a fine-tune was trained on, which an untuned cell lacks,
+    and so does the task: each side's fine-tune is its own task's)."""
+    named = {k for k in set(spec.a) | set(spec.b) if spec.a.get(k) != spec.b.get(k)}
+    if named & {"finetune", "task"}:
         named.add("trained_on")
     if named & {"family", "backend"}:
         named.add("model")
@@ -121,6 +128,11 @@ class Group:
     @property
     def task(self) -> str:
         return self.pairs[0].a["task"]
+
+    @property
+    def task_b(self) -> str:
+        """B's task: A's, or another task on the same rows (a multi-task against its single task)."""
+        return self.pairs[0].b["task"]
 
 
 def pair_cells(spec: ComparisonSpec, cells: list[dict[str, Any]], where: str) -> list[Group]:
@@ -159,16 +171,38 @@ def pair_cells(spec: ComparisonSpec, cells: list[dict[str, Any]], where: str) ->
 
 
 def _same_examples(a: dict[str, Any], b: dict[str, Any], where: str) -> None:
-    """Cells of a pair must be scored on the same examples: task, data and test rows."""
+    """Cells of a pair must be scored on the same examples: the same task's rows (or two tasks that
+    read the same data, e.g. 20ng-multi against 20ng-20), the same test sample and text budget."""
+    from grid.tasks import get_task
+
     if a["task"] != b["task"]:
-        raise GridError(f"{where}.a/b: pairs cells scored on different examples (task {a['task']} vs {b['task']})")
-    for key in ("data_fp", "limits", "text_budget"):
+        if get_task(a["task"]).data != get_task(b["task"]).data:
+            raise GridError(f"{where}.a/b: pairs cells scored on different examples (task {a['task']} vs "
+                            f"{b['task']}, which read different data)")
+    elif a.get("data_fp") != b.get("data_fp"):
+        raise GridError(f"{where}.a/b: pairs cells scored on different examples (data_fp {a.get('data_fp')} "
+                        f"vs {b.get('data_fp')}, task {a['task']})")
+    for key in ("limits", "text_budget"):
         va, vb = a.get(key), b.get(key)
-        if key == "limits":
-            va, vb = (va or {}).get("test"), (vb or {}).get("test")
+        if key == "limits":  # the test sample: its size, seed and stratification (train rows do not count)
+            va, vb = ({k: v for k, v in (x or {}).items() if k != "train"} for x in (va, vb))
         if va != vb:
             raise GridError(f"{where}.a/b: pairs cells scored on different examples ({key} {va} vs {vb}, "
                             f"task {a['task']})")
+
+
+def pair_metric_columns(metric: str, task_a: str, task_b: str, where: str) -> list[tuple[str, str]]:
+    """`metric_columns` on both sides of a pair: one list, the same (sub-task, metric) on A's task
+    and on B's, else a GridError asking for the sub-task to be named."""
+    columns = metric_columns(metric, task_a, where)
+    if task_b != task_a:
+        other = metric_columns(metric, task_b, where)
+        if sorted(other) != sorted(columns):
+            show = ", ".join(f"{sub}/{name}" for sub, name in other)
+            raise GridError(f"{where}.metrics: {metric} means {', '.join(f'{s}/{n}' for s, n in columns)} on "
+                            f"{task_a} but {show} on {task_b}; name one sub-task both have, e.g. "
+                            f"{other[0][0]}/{other[0][1]}")
+    return columns
 
 
 def metric_columns(metric: str, task_name: str, where: str) -> list[tuple[str, str]]:
@@ -203,7 +237,7 @@ def check_comparisons(specs: tuple[ComparisonSpec, ...], cells: list[dict[str, A
             raise GridError(f"{where}.name: {spec.name!r} names two comparisons")
         for group in pair_cells(spec, cells, where):
             for metric in spec.metrics:
-                metric_columns(metric, group.task, where)
+                pair_metric_columns(metric, group.task, group.task_b, where)
 
 
 def _show(selector: dict[str, Any]) -> str:

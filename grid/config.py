@@ -58,6 +58,9 @@ class ModelSpec(Strict):
     prompt_format: PromptFormat = "chat"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     hparams: dict[str, Any] = Field(default_factory=dict, description="fine-tune overrides")
+    train_limit: int | None = Field(default=None, gt=0, description="train rows per task for this model's "
+                                    "fine-tunes, over the recipe's and limits.train (e.g. an encoder trained on "
+                                    "exactly the rows a decoder saw)")
     resources: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the recipe's resources for this model's "
         "fine-tunes, e.g. {zero_offload: optimizer} for a 70B model")
@@ -156,11 +159,21 @@ class Recipe(Strict):
 
 
 class Limits(Strict):
-    """Seeded subsamples of the splits (the same rows for every cell), for smoke runs."""
+    """Seeded subsamples of the splits (the same rows for every cell), for smoke runs and studies."""
 
     test: int | None = Field(default=None, gt=0)
     train: int | None = Field(default=None, gt=0)
     seed: int = 0
+    stratify: bool = Field(default=False, description="the test sample keeps each label's share of the split "
+                           "(grid.data.sample_test_rows); else a plain random sample")
+
+    @model_serializer(mode="wrap")
+    def _without_default_stratify(self, handler: Any) -> dict[str, Any]:
+        """Cell ids hash this dict: limits that do not stratify keep the ids they had before."""
+        data = handler(self)
+        if not self.stratify:
+            data.pop("stratify", None)
+        return data
 
 
 class Inference(Strict):
@@ -365,6 +378,8 @@ class GridConfig(Strict):
         recipe = self.recipe(model.family, mode)
         out = recipe.model_dump()
         out["hparams"] = {**recipe.hparams, **model.hparams, **(hparams or {})}
+        if model.train_limit is not None:
+            out["train_limit"] = model.train_limit
         if model.resources:
             out["resources"] = Resources(**{**out["resources"], **model.resources}).model_dump()
         return out

@@ -177,6 +177,47 @@ def _stratified_split(
     return ds.select(chosen)
 
 
+def label_fields(task: TaskDef) -> list[str]:
+    """The task's data fields that hold one label per row (not word tags, not reference texts):
+    every such field of the source, used by its sub-tasks or not, so the tasks that share a source
+    (20ng-7, 20ng-20, 20ng-multi) see the same strata."""
+    return [name for name, f in task.data.fields.items() if f.annotation is None and f.references is None]
+
+
+def sample_test_rows(task: TaskDef, test: datasets.Dataset, limit: int | None, seed: int,
+                stratify: bool = False) -> list[int]:
+    """Which test rows a cell scores (`limits.test`, `limits.seed`, `limits.stratify`), in file
+    order: all of them, a seeded random sample, or a seeded sample that keeps each stratum's share
+    of the split (strata: the rows' `label_fields`; a task without any is sampled at random).
+
+    Stratified, each stratum gets its proportional share of `limit`, rounded by largest remainder
+    (ties to the larger stratum, then the earlier key), so the sample's majority rate is the split's
+    to within one row; the rows within a stratum are a seeded shuffle's first. A sample depends on
+    the rows, the fields and the seed only: every cell and every task of one source gets the same."""
+    n = len(test)
+    if limit is None or limit >= n:
+        return list(range(n))
+    fields = label_fields(task) if stratify else []
+    if not fields:
+        return sorted(random.Random(seed).sample(range(n), limit))
+    strata: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for i, key in enumerate(zip(*(test[f] for f in fields))):
+        strata[tuple(str(k) for k in key)].append(i)
+    keys = sorted(strata)
+    quotas = {k: limit * len(strata[k]) / n for k in keys}
+    take = {k: int(quotas[k]) for k in keys}
+    by_remainder = sorted(keys, key=lambda k: (-(quotas[k] - take[k]), -len(strata[k]), keys.index(k)))
+    for k in by_remainder[: limit - sum(take.values())]:
+        take[k] += 1
+    rng = random.Random(seed)
+    chosen: list[int] = []
+    for k in keys:
+        idx = list(strata[k])
+        rng.shuffle(idx)
+        chosen += idx[: take[k]]
+    return sorted(chosen)
+
+
 @cache
 def _split_rows(task: TaskDef, split: str, data_dir: Path | None) -> tuple[datasets.Dataset, str]:
     """A split's normalized rows and the source's name: read directly, or cut from `all` rows."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import time
 import traceback
@@ -31,7 +30,7 @@ import pyarrow as pa
 
 from grid.claims import Claims
 from grid.config import GridConfig
-from grid.data import label_sets, load_split
+from grid.data import label_sets, load_split, sample_test_rows
 from grid.errors import GridError
 from grid.metrics.label_scores import label_logprobs_column, stored_label_logprobs
 from grid.metrics.score import score
@@ -57,13 +56,6 @@ class RunSummary:
     rescored: list[str] = field(default_factory=list)  # done cells scored again (their metrics changed)
 
 
-def subsample_indices(n: int, limit: int | None, seed: int) -> list[int]:
-    """The same seeded subset of rows for every cell (in the split's order)."""
-    if limit is None or limit >= n:
-        return list(range(n))
-    return sorted(random.Random(seed).sample(range(n), limit))
-
-
 def cell_record(cell: Cell, status: str, **extra: Any) -> dict[str, Any]:
     """A cell.json: the cell, its status, and what its run gives (metrics, error, `seconds` of
     work, `started_at` / `finished_at` wall clock)."""
@@ -82,10 +74,18 @@ class PreparedCell:
 
 
 @lru_cache(maxsize=64)
-def _test_rows(task_name: str, data_dir: str | None, limit: int | None, seed: int) -> list[dict[str, Any]]:
-    """The (subsampled) test rows of a task, read once per run however many cells use them."""
-    test = load_split(get_task(task_name), "test", data_dir)
-    return test.select(subsample_indices(len(test), limit, seed)).to_list()
+def _test_rows(task_name: str, data_dir: str | None, limits: tuple[tuple[str, Any], ...]) -> list[dict[str, Any]]:
+    """The (sampled) test rows of a task under a cell's `limits` (as sorted items, to cache), read
+    once per run however many cells use them."""
+    lim = dict(limits)
+    task = get_task(task_name)
+    test = load_split(task, "test", data_dir)
+    return test.select(sample_test_rows(task, test, lim["test"], lim["seed"], lim.get("stratify", False))).to_list()
+
+
+def test_rows(cell: Cell, data_dir: str | None) -> list[dict[str, Any]]:
+    """The test rows an inference cell scores: its task's split, sampled by its limits."""
+    return _test_rows(cell.task, data_dir, tuple(sorted(cell.limits.items())))
 
 
 _BUILDERS: dict[tuple, PromptBuilder] = {}
@@ -109,7 +109,7 @@ def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCe
     A calibrated decoding's request also carries `calibration_prompts`, in the same format as
     its prompt: the prompts whose label scores correct the prompt's (workers.constrained)."""
     task = get_task(cell.task)
-    rows = _test_rows(cell.task, data_dir, cell.limits["test"], cell.limits["seed"])
+    rows = test_rows(cell, data_dir)
     labels = label_sets(task, data_dir)
     if cell.family == "encoder":
         items = [{"example_id": r["example_id"], "text": r["text"], "words": r["words"]} for r in rows]
@@ -251,7 +251,7 @@ def rescore_stale(plan: Plan, store: Store, data_dir: str | None, states: list[C
         record = store.read_cell(cell.id)  # the whole record, rewritten with the new metrics
         if record is None:  # removed since the scan
             continue
-        rows = {r["example_id"]: r for r in _test_rows(cell.task, data_dir, cell.limits["test"], cell.limits["seed"])}
+        rows = {r["example_id"]: r for r in test_rows(cell, data_dir)}
         labels = label_sets(task, data_dir)
         with store.fs.open_input_file(store.predictions_path(cell.id)) as fh:
             table = pq.read_table(fh)

@@ -127,14 +127,14 @@ def test_ids_are_the_sha256_of_the_fields_json_on_every_committed_grid():
 def test_a_metrics_change_rescores_the_stored_answers_without_running_the_model(tmp_path):
     import pyarrow as pa
 
-    from grid.execute import _test_rows, rescore_stale
+    from grid.execute import rescore_stale, test_rows
     from grid.store import Store
 
     raw = {"name": "t", "models": [{"name": "m", "source": "tiny:llama", "family": "decoder"}],
            "tasks": ["fpb-sentiment"], "limits": {"test": 12}}
     (cell,) = build_plan(GridConfig.model_validate(raw)).cells
     store = Store.open(tmp_path / "r")
-    rows = _test_rows(cell.task, None, 12, 0)
+    rows = test_rows(cell, None)
     store.write_predictions(cell.id, pa.table({"example_id": [r["example_id"] for r in rows],
                                                "raw_output": ["positive"] * len(rows)}))
     parquet = (tmp_path / "r" / "cells" / cell.id / "predictions.parquet").read_bytes()

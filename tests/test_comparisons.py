@@ -59,7 +59,8 @@ def test_a_valid_declaration_pairs_seed_with_seed_on_the_same_task(tmp_path):
 @pytest.mark.parametrize("change,message", [
     ({"a": {"shots": 5, "model": "nope"}}, r"comparisons\.0 \(five-vs-zero\)\.a: \{model: nope, shots: 5\} matches no "),
     ({"a": {"task": "fpb-sentiment", "shots": 5}, "b": {"task": "dialogsum", "shots": 0}},
-     r"comparisons\.0 \(five-vs-zero\)\.a/b: pairs cells scored on different examples \(task fpb-sentiment vs dialogsum\)"),
+     r"comparisons\.0 \(five-vs-zero\)\.a/b: pairs cells scored on different examples \(task fpb-sentiment vs dialogsum, "
+     r"which read different data\)"),
     ({"metrics": ["accuracy"]},  # dialogsum is a summary: accuracy is not its metric (seed003's fault)
      r"comparisons\.0 \(five-vs-zero\)\.metrics: accuracy does not apply to dialogsum \(sub-task summary: rouge1"),
     ({"b": {"finetune": "none"}},
@@ -81,6 +82,41 @@ def test_a_bad_declaration_fails_at_load_naming_the_comparison_and_field(tmp_pat
 def test_a_malformed_declaration_fails_when_the_grid_loads(tmp_path, change, message):
     with pytest.raises(GridError, match=message):
         load_config(grid_file(tmp_path, [FIVE_VS_ZERO | change]))
+
+
+CONSOLIDATED = {"name": "consolidated-vs-dual", "question": "Does one model of both 20NG label sets match the two?",
+                "a": {"task": "20ng-multi"}, "b": {"task": "20ng-20"}, "metrics": ["label/accuracy"]}
+
+
+def consolidation_grid(tmp_path: Path, comparison: dict) -> Path:
+    return grid_file(tmp_path, [comparison], tasks=["20ng-7", "20ng-20", "20ng-multi"], finetune=["full"],
+                     shots=[0], decoding={"mode": "constrained"},
+                     limits={"test": 40, "train": 16, "stratify": True})
+
+
+def test_a_multi_task_pairs_with_its_single_task_on_the_same_rows(tmp_path):
+    """The consolidated-vs-dual question of seed 002: two tasks of one source, the same test rows."""
+    path = consolidation_grid(tmp_path, CONSOLIDATED)
+    check(path)
+    config = load_config(path)
+    cells = [{**c.model_dump(), "id": c.id} for c in build_plan(config, DATA).cells]
+    (group,) = pair_cells(config.comparisons[0], cells, "x")
+    assert (group.task, group.task_b) == ("20ng-multi", "20ng-20")
+    assert [p.a["lineage"]["trained_on"] for p in group.pairs] == ["20ng-multi"] * 2
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"metrics": ["accuracy"]}, r"\.metrics: accuracy means root/accuracy, label/accuracy on 20ng-multi but "
+                                r"label/accuracy on 20ng-20; name one sub-task both have, e\.g\. label/accuracy"),
+    ({"b": {"task": "fpb-sentiment"}}, r"task 20ng-multi vs fpb-sentiment, which read different data"),
+])
+def test_two_tasks_pair_only_on_one_source_and_a_sub_task_both_have(tmp_path, change, message):
+    raw = yaml.safe_load(consolidation_grid(tmp_path, CONSOLIDATED | change).read_text())
+    if "fpb-sentiment" not in raw["tasks"]:
+        raw["tasks"].append("fpb-sentiment")
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(GridError, match=message):
+        check(tmp_path / "grid.yaml")
 
 
 def test_two_comparisons_cannot_share_a_name(tmp_path):

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from grid.comparisons import ComparisonSpec, Group, metric_columns, pair_cells
+from grid.comparisons import ComparisonSpec, Group, pair_cells, pair_metric_columns
 from grid.errors import GridError
 from grid.report.table import Column, RowKey, Table, cell_label, sort_key
 from grid.significance import (FAMILY_METHOD, METHOD_NAME, Outcomes, adjust_results, compare_strata,
@@ -175,7 +175,7 @@ def _declared(store: Store, table: Table, cache: OutcomeCache, spec: ComparisonS
     for group in groups:
         for metric in spec.metrics:
             try:
-                columns = metric_columns(metric, group.task, f"comparison {spec.name}")
+                columns = pair_metric_columns(metric, group.task, group.task_b, f"comparison {spec.name}")
             except GridError as exc:
                 out.append(_group_comparison(spec, group, metric, exc))
                 continue
@@ -189,7 +189,8 @@ def _declared(store: Store, table: Table, cache: OutcomeCache, spec: ComparisonS
 def _group_comparison(spec: ComparisonSpec, group: Group, metric: str, error: Exception | None,
                       subtask: str = "") -> Comparison:
     first = group.pairs[0]
-    column = f"{group.task} {subtask}/{metric}" if subtask and subtask != "*" else f"{group.task} {metric}"
+    task = group.task if group.task_b == group.task else f"{group.task} vs {group.task_b}"
+    column = f"{task} {subtask}/{metric}" if subtask and subtask != "*" else f"{task} {metric}"
     return Comparison(spec.family, spec.name, column, first.a["id"], first.b["id"], _label(first.a),
                       _label(first.b), metric=metric, question=spec.question,
                       a_cells=[p.a["id"] for p in group.pairs], b_cells=[p.b["id"] for p in group.pairs],
