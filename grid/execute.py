@@ -394,7 +394,8 @@ def run_merge_cell(cell: Cell, store: Store) -> dict[str, Any]:
         paths = {key: fetch(store.cell_uri(ref["cell"], "model")) if "cell" in ref else resolve(ref["source"])
                  for key, ref in recipe["inputs"].items()}
         with staging(store.cell_uri(cell.id, "model")) as folder:
-            result = merge(substitute(recipe["mergekit"], paths), folder, where=f"merge {cell.model}")
+            result = merge(substitute(recipe["mergekit"], paths), folder, where=f"merge {cell.model}",
+                           random_seed=recipe.get("random_seed", 0))
     except Exception as exc:  # noqa: BLE001 - recorded, and the grid goes on
         error = f"{type(exc).__name__}: {exc}".splitlines()[0]
         log.error("merge %s failed: %s\n%s", cell.model, error, traceback.format_exc(limit=3))

@@ -46,6 +46,9 @@ DECODER_HPARAMS: dict[str, Any] = TRAINING_HPARAMS | {  # workers/train_decoder.
     "heads": [],                  # tasks classified by a linear head on the prompt's last token
                                   # instead of answered in text (seed 003's shared body)
     "loss_weights": {},           # with heads: each task's weight in the loss (default 1)
+    "head_norm": "none",          # standardize: each head reads its features standardized by the
+                                  # untuned body's mean and std on its train rows (LabelHead)
+    "head_lr": None,              # the heads' learning rate (default lr)
 }
 
 ENCODER_HPARAMS: dict[str, Any] = TRAINING_HPARAMS | {  # workers/train_encoder.py

@@ -104,6 +104,20 @@ class MergeSpec(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     prompt_format: Literal["chat", "inst", "plain"] | None = Field(
         default=None, description="default: that of the first grid model it merges")
+    random_seed: int = Field(default=0, ge=0, description="the seed of DARE's random drop masks (mergekit's "
+                             "random_seed); one merge per seed shows how much the masks move a result")
+
+    @model_validator(mode="after")
+    def _seeded_only_when_random(self) -> "MergeSpec":
+        if not self.random_seed:
+            return self
+        try:
+            method = self.method or (load_recipe(self.recipe).get("merge_method") if self.recipe else None)
+        except GridError as exc:  # a ValueError, so that the error names the grid file and the field
+            raise ValueError(str(exc)) from None
+        if method != "dare_ties":
+            raise ValueError(f"random_seed: {method} draws no random mask; only dare_ties takes a seed")
+        return self
 
     @model_validator(mode="after")
     def _shape(self) -> "MergeSpec":

@@ -408,13 +408,15 @@ def _merge_cells(config: GridConfig, finetunes: dict[str, Cell], made: Made,
             else:
                 inputs[key] = {"cell": cell_id}
             seen = _union(seen, ref_seen)
-        weights = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:12]
+        # The merged weights follow the config and, for DARE, the masks' seed (0 keeps the ids it had).
+        seeded = {"random_seed": spec.random_seed} if spec.random_seed else {}
+        weights = hashlib.sha256(json.dumps(template | seeded, sort_keys=True).encode()).hexdigest()[:12]
         spec_model = config.model(spec.name)
         cell = Cell(
             kind="merge", model=spec.name, source=spec_model.source, weights=weights, family="decoder",
             backend="transformers", prompt_format=spec_model.prompt_format, task="-", data_fp="-",
             template_fp=None, shots=0, finetune="none", seed=0, decoding=None, text_budget=None,
-            sampler=config.sampler, limits={}, recipe={"mergekit": template, "inputs": inputs},
+            sampler=config.sampler, limits={}, recipe={"mergekit": template, "inputs": inputs, **seeded},
             lineage={"seen_tasks": seen, "inputs": described, "method": template.get("merge_method"),
                      "recipe": spec.recipe},
         )

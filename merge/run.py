@@ -49,8 +49,9 @@ def materialize_adapter(path: str, workdir: Path) -> str:
     return str(out)
 
 
-def merge(cfg: dict[str, Any], out_dir: str | Path, where: str = "merge config") -> dict[str, Any]:
-    """Validate, then merge into `out_dir`; returns {seconds, config} (the resolved mergekit config)."""
+def merge(cfg: dict[str, Any], out_dir: str | Path, where: str = "merge config", random_seed: int = 0) -> dict[str, Any]:
+    """Validate, then merge into `out_dir`; returns {seconds, config} (the resolved mergekit config).
+    `random_seed` seeds the randomized methods (DARE's drop masks)."""
     import torch
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
@@ -73,7 +74,7 @@ def merge(cfg: dict[str, Any], out_dir: str | Path, where: str = "merge config")
             config = validate(resolved, where)
         root.setLevel(max(level, logging.WARNING))  # mergekit logs its every step at INFO on the root logger
         run_merge(config, str(tmp), MergeOptions(cuda=False, device="cpu", copy_tokenizer=True,
-                                                 write_model_card=False, quiet=True, random_seed=0))
+                                                 write_model_card=False, quiet=True, random_seed=random_seed))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     finally:

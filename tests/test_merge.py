@@ -104,6 +104,19 @@ def test_recipes_merge_load_and_generate(ckpts, tmp_path, recipe):
     assert torch.isfinite(next(model.parameters())).all()
 
 
+def test_dare_masks_follow_the_merge_seed(ckpts, tmp_path):
+    """DARE drops a random share of each delta: one seed, one mask (a rerun is the same model);
+    another seed, another mask, which is what a study averages over."""
+    cfg = {"merge_method": "dare_ties", "base_model": str(ckpts["base"]), "dtype": "float32",
+           "models": [{"model": str(ckpts["a"]), "parameters": {"weight": 1.0, "density": 0.5}},
+                      {"model": str(ckpts["b"]), "parameters": {"weight": 1.0, "density": 0.5}}]}
+    for name, seed in (("s1", 1), ("s1-again", 1), ("s2", 2)):
+        merge(cfg, tmp_path / name, random_seed=seed)
+    s1, again, s2 = (_tensors(tmp_path / n) for n in ("s1", "s1-again", "s2"))
+    assert all(torch.equal(s1[k], again[k]) for k in s1)
+    assert any(not torch.equal(s1[k], s2[k]) for k in s1)
+
+
 def test_cli_dry_run_and_merge(ckpts, tmp_path, capsys):
     binds = ["--bind", f"base={ckpts['base']}", "--bind", f"instruct={ckpts['a']}", "--bind", f"finetuned={ckpts['b']}"]
     assert merge_main(["merge/task_arithmetic.yaml", str(tmp_path / "o"), *binds, "--dry-run"]) == 0
@@ -191,6 +204,11 @@ def test_typed_spec_rejects_what_the_method_does_not_take():
         MergeSpec(name="m", method="ties", models=[{"model": "a", "weight": 1.0}])
     with pytest.raises(ValueError, match="no binding"):
         MergeSpec(name="m", recipe="merge/task_arithmetic.yaml", bind={"base": {"model": "b"}})
+    with pytest.raises(ValueError, match="random_seed: ties draws no random mask; only dare_ties takes a seed"):
+        MergeSpec(name="m", method="ties", base={"model": "b"}, models=[{"model": "a", "weight": 1.0}], random_seed=1)
+    seeded = MergeSpec(name="m", method="dare_ties", base={"model": "b"},
+                       models=[{"model": "a", "weight": 1.0, "density": 0.5}], random_seed=2)
+    assert seeded.random_seed == 2
 
 
 def test_every_recipe_in_merge_is_valid():
@@ -246,6 +264,16 @@ def test_plan_has_merge_cells_after_their_inputs(tmp_path):
     other = _plan(tmp_path, GRID.replace("WEIGHT", "0.5"))
     changed = {c.id for c in plan.cells} ^ {c.id for c in other.cells}
     assert len(changed) == 2 * (1 + 2)  # the merge cell and its two inference cells, both plans
+
+
+def test_a_dare_merge_per_mask_seed_is_its_own_model(tmp_path):
+    dare = GRID.replace("method: task_arithmetic", "method: dare_ties").replace("WEIGHT", "1.0")
+    seeded = dare.replace("    method: dare_ties", "    method: dare_ties\n    random_seed: 3")
+    plain, other = (_plan(tmp_path, text) for text in (dare, seeded))
+    (m0,), (m3,) = ([c for c in p.cells if c.kind == "merge"] for p in (plain, other))
+    assert "random_seed" not in m0.recipe and m3.recipe["random_seed"] == 3
+    assert m0.weights != m3.weights and m0.id != m3.id
+    assert {c.id for c in plain.cells if c.model != "merged"} == {c.id for c in other.cells if c.model != "merged"}
 
 
 def test_mixed_finetune_is_one_cell_on_all_its_tasks(tmp_path):

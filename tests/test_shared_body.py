@@ -74,16 +74,76 @@ def test_a_head_for_a_task_the_model_is_not_tuned_on_fails_at_load(tmp_path):
 # --- Ray Train and the grid ------------------------------------------------------------------
 
 
-def shared_job(tiny: str, out, max_steps: int):
+def shared_job(tiny: str, out, max_steps: int, **hparams):
     from grid.jobs import FinetuneJob
 
     return FinetuneJob(model=tiny, family="decoder", task="sst2", mix_with=("dialogsum",), mode="lora",
                        prompt_format="chat", text_budget=48, train_limit=24, output_dir=str(out),
                        hparams={"heads": ["sst2"], "max_steps": max_steps, "batch_size": 8, "lr": 0.01,
-                                "checkpoint_every_steps": 4, "log_every_steps": 0, "max_length": 512})
+                                "checkpoint_every_steps": 4, "log_every_steps": 0, "max_length": 512, **hparams})
+
+
+def test_a_standardized_head_reads_zero_mean_unit_variance_features_and_trains_at_its_own_rate(tmp_path):
+    """head_norm: standardize fixes each head's mean and scale from the untuned body's states on its
+    train rows; head_lr gives the heads their own optimizer group. No Ray: the pieces the loop calls."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from grid.jobs import DECODER_HPARAMS
+    from workers.models import resolve
+    from workers.train_decoder import build_examples, head_labels, head_param_groups, load_model, standardize_heads
+
+    tiny = resolve("tiny:llama")
+    job = shared_job(tiny, tmp_path, 4, head_norm="standardize", head_lr=0.05)
+    hp = DECODER_HPARAMS | job.hparams
+    heads = head_labels(job, hp)
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    examples, _ = build_examples(job, tokenizer, 512, heads)
+    model = load_model(job, hp, heads)
+    stats = standardize_heads(model, examples, tokenizer.pad_token_id or 0, torch.device("cpu"), batch_size=5)
+    assert set(stats) == {"sst2"} and stats["sst2"]["state_norm"] > 0
+    from workers.train_decoder import collate
+
+    rows = [e for e in examples if e.task == 0]
+    with torch.no_grad():
+        states = model.last_states(collate(rows, tokenizer.pad_token_id or 0))
+        head = model.heads["sst2"]
+        z = (states - head.mean) * head.scale
+    assert torch.allclose(z.mean(0), torch.zeros_like(z[0]), atol=1e-4)
+    assert torch.allclose(z.std(0), torch.ones_like(z[0]), atol=1e-3)
+    body, head_group = head_param_groups(model, hp)
+    assert head_group["lr"] == 0.05 and body["lr"] == 0.01
+    assert {id(p) for p in head_group["params"]} == {id(p) for p in model.heads.parameters()}
+    assert not {id(p) for p in body["params"]} & {id(p) for p in head_group["params"]}
+
+
+def test_a_head_saved_as_a_bare_linear_layer_still_loads(tmp_path):
+    import json
+
+    import torch
+
+    from workers.decoder_heads import HEADS_FILE, HEADS_META, load_heads
+
+    linear = torch.nn.Linear(6, 2)
+    torch.save({"sst2.weight": linear.weight.detach(), "sst2.bias": linear.bias.detach()}, tmp_path / HEADS_FILE)
+    (tmp_path / HEADS_META).write_text(json.dumps({"heads": {"sst2": {"labels": ["negative", "positive"]}}}))
+    head, labels = load_heads(tmp_path)["sst2"]
+    x = torch.randn(3, 6)
+    assert labels == ["negative", "positive"] and torch.allclose(head(x), linear(x))
+
+
+def test_a_bad_head_norm_is_named():
+    from grid.errors import GridError
+    from grid.jobs import DECODER_HPARAMS
+    from workers.train_decoder import head_labels
+
+    job = shared_job("unused", "/tmp/unused", 4, head_norm="layer")
+    with pytest.raises(GridError, match="head_norm 'layer' is none or standardize"):
+        head_labels(job, DECODER_HPARAMS | job.hparams)
 
 
 def test_both_heads_train_save_and_resume(ray_local, tmp_path):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from workers.decoder_heads import head_answers, load_heads
@@ -91,11 +151,13 @@ def test_both_heads_train_save_and_resume(ray_local, tmp_path):
     from workers.train_decoder import run
 
     tiny = resolve("tiny:llama")
-    first = run(shared_job(tiny, tmp_path, 8))
+    first = run(shared_job(tiny, tmp_path, 8, head_norm="standardize", head_lr=0.02))
     for task in ("sst2", "dialogsum"):  # each task's loss falls, the head's and the summary's
         assert first["head_losses"][task]["last"] < first["head_losses"][task]["first"], first["head_losses"]
     heads = load_heads(tmp_path / "model")
     assert list(heads) == ["sst2"] and heads["sst2"][1] == ["negative", "positive"]
+    assert set(first["head_features"]) == {"sst2"}  # standardized: the saved head keeps its scale
+    assert not torch.equal(heads["sst2"][0].scale, torch.ones_like(heads["sst2"][0].scale))
 
     # the saved body and head classify a prompt; the same body generates
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
@@ -104,8 +166,10 @@ def test_both_heads_train_save_and_resume(ray_local, tmp_path):
     answers = head_answers(model, tokenizer, heads, items)
     assert [a["raw_output"] in ("negative", "positive") for a in answers] == [True, True]
 
-    again = run(shared_job(tiny, tmp_path, 12))  # the checkpoint (adapters, head, optimizer) reloads
+    again = run(shared_job(tiny, tmp_path, 12, head_norm="standardize", head_lr=0.02))  # the checkpoint reloads
     assert again["resumed_from_step"] == 8 and again["steps"] == 12 and again["steps_run"] == 4
+    assert again["head_features"] == first["head_features"]  # from the untuned body: the same on resume
+    assert torch.equal(load_heads(tmp_path / "model")["sst2"][0].mean, heads["sst2"][0].mean)
     assert set(again["head_losses"]) == {"sst2", "dialogsum"}
 
 

@@ -1,8 +1,8 @@
 """Answers from a fine-tuned decoder's classification heads (seed 003's shared body).
 
 A decoder fine-tuned with `heads` (workers/train_decoder.py) saves, beside its LM weights,
-`heads.pt` and `heads.json`: per head task, a linear layer on the hidden state of the prompt's
-last token, and its labels. A cell with decoding `{mode: head}` is answered here: the prompt is
+`heads.pt` and `heads.json`: per head task, a LabelHead (a linear layer on the hidden state of
+the prompt's last token, standardized feature by feature) and its labels. A cell with decoding `{mode: head}` is answered here: the prompt is
 built exactly as in training, the body runs once, the head's argmax is the label, written in the
 canonical answer form so the grid's parser and scorer read it like any model's answer.
 """
@@ -19,8 +19,30 @@ from torch import nn
 HEADS_FILE, HEADS_META = "heads.pt", "heads.json"
 
 
-def load_heads(path: str | Path) -> dict[str, tuple[nn.Linear, list[str]]]:
-    """Each head task's linear layer and labels; empty when the model has no heads."""
+class LabelHead(nn.Module):
+    """A linear classifier on the prompt's last hidden state, standardized feature by feature:
+    `linear((x - mean) * scale)`. `mean` and `scale` are fixed buffers, 0 and 1 until
+    `standardize_heads` sets them from the untuned body's states on the task's train rows
+    (hparam `head_norm: standardize`). Why: SmolLM2's final states have a norm near 55 with one
+    feature near |43|, and a head on them did not learn in seed 003's budget, where a logistic
+    probe on the standardized states reached 67-70% (reports/seed003/probe.py)."""
+
+    def __init__(self, hidden: int, n_labels: int, init_std: float):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(hidden))
+        self.register_buffer("scale", torch.ones(hidden))
+        self.linear = nn.Linear(hidden, n_labels)
+        nn.init.normal_(self.linear.weight, std=init_std)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.linear((states - self.mean) * self.scale)
+
+
+
+def load_heads(path: str | Path) -> dict[str, tuple[nn.Module, list[str]]]:
+    """Each head task's head (a LabelHead) and labels; empty when the model has no heads. A head
+    saved before heads standardized (a bare linear layer) loads with mean 0 and scale 1."""
     meta_file = Path(path) / HEADS_META
     if not meta_file.is_file():
         return {}
@@ -28,15 +50,18 @@ def load_heads(path: str | Path) -> dict[str, tuple[nn.Linear, list[str]]]:
     state = torch.load(Path(path) / HEADS_FILE, map_location="cpu", weights_only=True)
     heads = {}
     for task, info in meta.items():
-        weight = state[f"{task}.weight"]
-        layer = nn.Linear(weight.shape[1], weight.shape[0])
-        layer.load_state_dict({"weight": weight, "bias": state[f"{task}.bias"]})
-        heads[task] = (layer.eval(), info["labels"])
+        mine = {key[len(task) + 1:]: value for key, value in state.items() if key.startswith(f"{task}.")}
+        if "weight" in mine:  # the bare linear layer of an older model
+            mine = {"linear.weight": mine.pop("weight"), "linear.bias": mine.pop("bias")}
+        n_labels, hidden = mine["linear.weight"].shape
+        head = LabelHead(hidden, n_labels, 0.0)
+        head.load_state_dict(mine, strict=False)  # an older head has no mean or scale: 0 and 1
+        heads[task] = (head.eval(), info["labels"])
     return heads
 
 
 @torch.inference_mode()
-def head_answers(model: Any, tokenizer: Any, heads: dict[str, tuple[nn.Linear, list[str]]],
+def head_answers(model: Any, tokenizer: Any, heads: dict[str, tuple[nn.Module, list[str]]],
                  items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The head's label for each request (all of one task), and its log-softmax over the labels
     (`label_logprobs`, whose argmax the label is)."""

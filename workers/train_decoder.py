@@ -33,7 +33,7 @@ from torch import nn
 
 from grid.errors import GridError
 from workers import artifacts, training
-from workers.decoder_heads import HEADS_FILE, HEADS_META
+from workers.decoder_heads import HEADS_FILE, HEADS_META, LabelHead
 from grid.jobs import FinetuneJob
 
 IGNORE = -100
@@ -100,6 +100,8 @@ def head_labels(job: FinetuneJob, hp: dict[str, Any]) -> dict[str, list[str]]:
     from grid.data import label_sets
     from grid.tasks import get_task
 
+    if hp["head_norm"] not in ("none", "standardize"):
+        raise GridError(f"decoder fine-tune: head_norm {hp['head_norm']!r} is none or standardize")
     heads = {}
     for name in hp["heads"]:
         task = get_task(name)
@@ -216,10 +218,8 @@ class DecoderWithHeads(nn.Module):
         self.lm, self.tasks, self.labels = lm, tasks, heads
         self.weights = [float(weights.get(t, 1.0)) for t in tasks]
         hidden = lm.config.get_text_config(decoder=True).hidden_size
-        self.heads = nn.ModuleDict({t: nn.Linear(hidden, len(labels)) for t, labels in heads.items()})
-        for head in self.heads.values():
-            nn.init.normal_(head.weight, std=getattr(lm.config, "initializer_range", 0.02))
-            nn.init.zeros_(head.bias)
+        std = getattr(lm.config, "initializer_range", 0.02)
+        self.heads = nn.ModuleDict({t: LabelHead(hidden, len(labels), std) for t, labels in heads.items()})
 
     def causal_lm(self) -> nn.Module:
         """The transformers model under a peft wrapper (LoRA layers in place)."""
@@ -250,6 +250,11 @@ class DecoderWithHeads(nn.Module):
                 losses[name] = loss
         return total, losses
 
+    def last_states(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The body's final hidden state at each row's last token (what a head reads)."""
+        hidden, p = self.hidden_after_prefix(batch)
+        return hidden[torch.arange(len(hidden)), batch["last"] - p]
+
     def hidden_after_prefix(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """The body's last hidden states from the shared prefix's end on, and that prefix's length."""
         decoder = self.causal_lm().get_decoder()
@@ -262,6 +267,42 @@ class DecoderWithHeads(nn.Module):
         hidden = decoder(input_ids=input_ids[:, p:], attention_mask=batch["attention_mask"],
                          past_key_values=cache, use_cache=True).last_hidden_state
         return hidden, p
+
+
+@torch.no_grad()
+def standardize_heads(model: DecoderWithHeads, examples: list[Example], pad_id: int, device: Any,
+                      batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """Set each head's `mean` and `scale` (1 / std) from the body's last states on its task's
+    train rows, before any step: deterministic, so a resumed job sets the same. Returns, per head,
+    the states' mean norm and largest mean |feature| (the scale the head was spared)."""
+    model.eval()
+    out = {}
+    for index, name in enumerate(model.tasks):
+        if name not in model.heads:
+            continue
+        rows = [e for e in examples if e.task == index]
+        states = torch.cat([model.last_states({k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()})
+                            for i in range(0, len(rows), batch_size)]).float()
+        head = model.heads[name]
+        head.mean.copy_(states.mean(0))
+        head.scale.copy_(1 / states.std(0).clamp(min=1e-6))
+        out[name] = {"state_norm": round(float(states.norm(dim=1).mean()), 2),
+                     "largest_mean_abs_feature": round(float(states.mean(0).abs().max()), 2)}
+    model.train()
+    return out
+
+
+def head_param_groups(model: DecoderWithHeads, hp: dict[str, Any]) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: the body's trainable weights at `lr`, the heads' at
+    `head_lr` (default `lr`): a fresh linear head on fixed-scale features wants a larger step than
+    LoRA adapters do."""
+    head_ids = {id(p) for p in model.heads.parameters()}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    heads = [p for p in model.heads.parameters() if p.requires_grad]
+    groups = [{"params": body, "lr": hp["lr"]}]
+    if heads:
+        groups.append({"params": heads, "lr": hp["head_lr"] if hp["head_lr"] is not None else hp["lr"]})
+    return groups
 
 
 def train_step(model: nn.Module, batch: dict[str, Any], optimizer: Any, scheduler: Any, trainable: list[Any],
@@ -371,13 +412,17 @@ def train_loop(config: dict[str, Any]) -> None:
     steps_per_epoch = len(training.epoch_batches(lengths, hp, job.seed, 0, rank, world))
 
     model = load_model(job, hp, heads)
+    head_stats = {}
+    if heads and hp["head_norm"] == "standardize":  # from the untuned body, before any step (and on resume)
+        head_stats = standardize_heads(model.to(device), examples, pad_id, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = head_param_groups(model, hp)
     if job.resources.zero_offload != "none":
         from workers.deepspeed import offload_optimizer
 
-        optimizer = offload_optimizer(trainable, lr=hp["lr"], weight_decay=hp["weight_decay"])
+        optimizer = offload_optimizer(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
     else:
-        optimizer = torch.optim.AdamW(trainable, lr=hp["lr"], weight_decay=hp["weight_decay"])
+        optimizer = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
     scheduler = training.linear_schedule(optimizer, hp, training.total_steps_of(hp, steps_per_epoch))
 
     if stage:
@@ -425,7 +470,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     model.train()
     metrics = training.train(training.Recipe(step, save_state, load_state, scheduler), lengths, hp, job.seed)
-    metrics |= {"dropped_examples": dropped,
+    metrics |= {"dropped_examples": dropped, **({"head_features": head_stats} if head_stats else {}),
                 # what DeepSpeed actually did with the optimizer (ZeRO-Offload steps it on the CPU)
                 "optimizer_offloaded": bool(stage and engine.zero_cpu_offload())}
 
