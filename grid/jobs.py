@@ -47,7 +47,9 @@ DECODER_HPARAMS: dict[str, Any] = TRAINING_HPARAMS | {  # workers/train_decoder.
                                   # instead of answered in text (seed 003's shared body)
     "loss_weights": {},           # with heads: each task's weight in the loss (default 1)
     "head_norm": "none",          # standardize: each head reads its features standardized by the
-                                  # untuned body's mean and std on its train rows (LabelHead)
+                                  # untuned body's mean and std on its train rows (LabelHead);
+                                  # fixed, so a body lr that moves the states by more than their
+                                  # spread across rows throws the head off (metrics: head_features)
     "head_lr": None,              # the heads' learning rate (default lr)
 }
 

@@ -151,7 +151,10 @@ def test_both_heads_train_save_and_resume(ray_local, tmp_path):
     from workers.train_decoder import run
 
     tiny = resolve("tiny:llama")
-    first = run(shared_job(tiny, tmp_path, 8, head_norm="standardize", head_lr=0.02))
+    # standardized features amplify the body's drift (this random model's states vary across rows by
+    # about 5% of their size), so the body steps at 0.003: at 0.01 the head's loss rose to 13
+    hp = {"head_norm": "standardize", "head_lr": 0.02, "lr": 0.003}
+    first = run(shared_job(tiny, tmp_path, 8, **hp))
     for task in ("sst2", "dialogsum"):  # each task's loss falls, the head's and the summary's
         assert first["head_losses"][task]["last"] < first["head_losses"][task]["first"], first["head_losses"]
     heads = load_heads(tmp_path / "model")
@@ -166,7 +169,7 @@ def test_both_heads_train_save_and_resume(ray_local, tmp_path):
     answers = head_answers(model, tokenizer, heads, items)
     assert [a["raw_output"] in ("negative", "positive") for a in answers] == [True, True]
 
-    again = run(shared_job(tiny, tmp_path, 12, head_norm="standardize", head_lr=0.02))  # the checkpoint reloads
+    again = run(shared_job(tiny, tmp_path, 12, **hp))  # the checkpoint reloads
     assert again["resumed_from_step"] == 8 and again["steps"] == 12 and again["steps_run"] == 4
     assert again["head_features"] == first["head_features"]  # from the untuned body: the same on resume
     assert torch.equal(load_heads(tmp_path / "model")["sst2"][0].mean, heads["sst2"][0].mean)

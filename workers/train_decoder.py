@@ -274,7 +274,8 @@ def standardize_heads(model: DecoderWithHeads, examples: list[Example], pad_id: 
                       batch_size: int = 16) -> dict[str, dict[str, float]]:
     """Set each head's `mean` and `scale` (1 / std) from the body's last states on its task's
     train rows, before any step: deterministic, so a resumed job sets the same. Returns, per head,
-    the states' mean norm and largest mean |feature| (the scale the head was spared)."""
+    the states' mean norm, largest mean |feature| (the scale the head was spared) and mean spread
+    across rows (the scale of body drift that the head amplifies)."""
     model.eval()
     out = {}
     for index, name in enumerate(model.tasks):
@@ -287,7 +288,8 @@ def standardize_heads(model: DecoderWithHeads, examples: list[Example], pad_id: 
         head.mean.copy_(states.mean(0))
         head.scale.copy_(1 / states.std(0).clamp(min=1e-6))
         out[name] = {"state_norm": round(float(states.norm(dim=1).mean()), 2),
-                     "largest_mean_abs_feature": round(float(states.mean(0).abs().max()), 2)}
+                     "largest_mean_abs_feature": round(float(states.mean(0).abs().max()), 2),
+                     "mean_feature_std": round(float(states.std(0).mean()), 4)}
     model.train()
     return out
 
