@@ -18,6 +18,15 @@ Both give the difference A - B with a 95% percentile CI from a paired bootstrap 
 resample of examples for A and B; each stratum resampled apart). With several strata the
 difference is the mean over strata of each stratum's difference.
 
+Both also give `mde`, the smallest |A - B| the design detects at alpha 0.05 (two-sided) with 80%
+power, so that "no difference" can say how large a difference it rules out:
+- McNemar (`mcnemar_mde`): exact, conditional on the discordant pairs, as the test is. With d
+  discordant pairs among n, a true difference delta makes n10 ~ Binomial(d, (1 + delta n/d) / 2);
+  the MDE is the smallest delta whose power (the binomial mass on the test's rejection region)
+  reaches 80%, at the observed discordance rate d/n. None when A and B never disagree.
+- The permutation test: the normal approximation (z_0.975 + z_0.80) x SE, SE the standard
+  deviation of the paired bootstrap's differences (the same resamples as the CI).
+
 Pairs are like with like: examples pair on `example_id`; seeds pair seed s with seed s
 (`pair_by_seed`), never across seeds. Across seeds both tests are given: the pooled,
 seed-stratified test above (the seeds fixed; it uses every example) and a one-sample t-test of
@@ -46,6 +55,7 @@ from grid.metrics.slots import entity_counts, slot_f1_statistic
 from grid.parsing import Parsed
 
 ALPHA = 0.05
+POWER = 0.80  # the power at which `mde` is the smallest detectable difference
 BINARY_METRICS = frozenset({"accuracy", "exact_match"})
 FAMILY_METHOD = {"primary": "holm", "secondary": "fdr_bh", "exploratory": "fdr_bh"}
 METHOD_NAME = {"holm": "Holm", "fdr_bh": "Benjamini-Hochberg"}
@@ -76,6 +86,7 @@ class TestResult:
     p_floor: bool = False  # p is 1/(1 + B), the smallest a B-permutation test can give
     p_adjusted: float | None = None  # set by `adjust_results`
     adjustment: str | None = None  # "holm" or "fdr_bh"
+    mde: float | None = None  # smallest |A - B| detected at alpha 0.05 with 80% power (module docstring)
 
     @property
     def significant(self) -> bool:
@@ -121,9 +132,35 @@ def mcnemar_strata(strata: Sequence[tuple[Sequence[bool] | np.ndarray, Sequence[
     low = high = None
     if n_resamples and all(len(a) for a, _ in pairs):
         low, high = bootstrap_diff_ci(mean_statistic, as_float, n_resamples, seed)
-    return TestResult(test="mcnemar-exact", metric=metric, n=sum(len(a) for a, _ in pairs), a=a_val, b=b_val,
+    n = sum(len(a) for a, _ in pairs)
+    return TestResult(test="mcnemar-exact", metric=metric, n=n, a=a_val, b=b_val,
                       diff=a_val - b_val, p_value=min(1.0, p), ci_low=low, ci_high=high, n10=n10, n01=n01,
-                      n_resamples=n_resamples or None, seed=seed if n_resamples else None, strata=len(pairs))
+                      n_resamples=n_resamples or None, seed=seed if n_resamples else None, strata=len(pairs),
+                      mde=mcnemar_mde(d, n))
+
+
+def mcnemar_power(discordant: int, p10: float, alpha: float = ALPHA) -> float:
+    """Power of the exact two-sided McNemar test on `discordant` pairs when each is (A right,
+    B wrong) with probability p10: the Binomial(discordant, p10) mass where binomtest rejects."""
+    from scipy.stats import binom
+
+    k = np.arange(discordant + 1)
+    # binomtest's two-sided p at p = 1/2 is min(1, 2 * the smaller tail): reject where that is <= alpha
+    tail = np.minimum(binom.cdf(k, discordant, 0.5), binom.sf(k - 1, discordant, 0.5))
+    reject = np.minimum(1.0, 2 * tail) <= alpha
+    return float(binom.pmf(k[reject], discordant, p10).sum())
+
+
+def mcnemar_mde(discordant: int, n: int, alpha: float = ALPHA, power: float = POWER) -> float | None:
+    """The smallest |accuracy difference| the exact McNemar test on `discordant` of `n` pairs detects
+    with `power` (module docstring); None when no pair is discordant or no difference could be."""
+    from scipy.optimize import brentq
+
+    if discordant == 0 or n == 0 or mcnemar_power(discordant, 1.0, alpha) < power:
+        return None
+    # the rejection region is fixed, so the power rises continuously from its size (<= alpha) at 1/2
+    p10 = brentq(lambda q: mcnemar_power(discordant, q, alpha) - power, 0.5, 1.0, xtol=1e-9)
+    return float((2 * p10 - 1) * discordant / n)
 
 
 def paired_permutation(statistic: Statistic, strata: Sequence[Stratum], metric: str = "metric",
@@ -145,7 +182,8 @@ def paired_permutation(statistic: Statistic, strata: Sequence[Stratum], metric: 
     if n_resamples <= 0 or any(len(a[0]) == 0 for a, _ in strata):
         return TestResult(test="paired-permutation", metric=metric, n=n, a=a_val, b=b_val, diff=diff, p_value=1.0,
                           strata=len(strata))
-    low, high = bootstrap_diff_ci(statistic, strata, n_resamples, seed)
+    diffs = bootstrap_diffs(statistic, strata, n_resamples, seed)
+    low, high = percentile_ci(diffs)
     null = np.zeros(n_resamples)
     rng = np.random.default_rng([seed, 1])
     for a, b in strata:
@@ -154,7 +192,16 @@ def paired_permutation(statistic: Statistic, strata: Sequence[Stratum], metric: 
     extreme = int(np.sum(np.abs(null) >= abs(diff) - 1e-12))
     return TestResult(test="paired-permutation", metric=metric, n=n, a=a_val, b=b_val, diff=diff,
                       p_value=min(1.0, (1 + extreme) / (1 + n_resamples)), ci_low=low, ci_high=high,
-                      n_resamples=n_resamples, seed=seed, strata=len(strata), p_floor=extreme == 0)
+                      n_resamples=n_resamples, seed=seed, strata=len(strata), p_floor=extreme == 0,
+                      mde=normal_mde(float(np.std(diffs, ddof=1))))
+
+
+def normal_mde(se: float, alpha: float = ALPHA, power: float = POWER) -> float:
+    """(z_(1 - alpha/2) + z_power) x SE: the difference a two-sided level-alpha test of a normal
+    estimate with standard error `se` detects with `power`."""
+    from scipy.stats import norm
+
+    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * se)
 
 
 def _observed(statistic: Statistic, arrays: Sequence[np.ndarray]) -> float:
@@ -168,9 +215,21 @@ def _mean_over_strata(statistic: Statistic, strata: Sequence[Stratum]) -> tuple[
 
 
 def bootstrap_diff_ci(statistic: Statistic, strata: Sequence[Stratum], n_resamples: int, seed: int,
-                  confidence: float = 0.95) -> tuple[float, float]:
-    """Percentile CI of the mean over strata of statistic(A*) - statistic(B*), each stratum's
-    examples resampled apart, the same draw for A and B (grid.metrics.bootstrap's draws)."""
+                      confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile CI of the mean over strata of statistic(A*) - statistic(B*) (`bootstrap_diffs`)."""
+    return percentile_ci(bootstrap_diffs(statistic, strata, n_resamples, seed), confidence)
+
+
+def percentile_ci(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.percentile(values, [100 * tail, 100 * (1 - tail)])
+    return float(low), float(high)
+
+
+def bootstrap_diffs(statistic: Statistic, strata: Sequence[Stratum], n_resamples: int, seed: int) -> np.ndarray:
+    """The mean over strata of statistic(A*) - statistic(B*) on each of `n_resamples` paired
+    resamples, each stratum's examples resampled apart, the same draw for A and B
+    (grid.metrics.bootstrap's draws)."""
     total = np.zeros(n_resamples)
     for s, (a, b) in enumerate(strata):
         arrays = [np.asarray(x) for x in [*a, *b]]
@@ -179,10 +238,7 @@ def bootstrap_diff_ci(statistic: Statistic, strata: Sequence[Stratum], n_resampl
                  - np.asarray(statistic(*(x[idx] for x in arrays[k:])), dtype=np.float64).reshape(-1)
                  for idx in resample_blocks(len(arrays[0]), n_resamples, seed + s)]
         total += np.concatenate(parts)
-    total /= len(strata)
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.percentile(total, [100 * tail, 100 * (1 - tail)])
-    return float(low), float(high)
+    return total / len(strata)
 
 
 def _blocks(n: int, total: int) -> Iterator[int]:

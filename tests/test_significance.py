@@ -22,6 +22,8 @@ from grid.significance import (
     compare,
     compare_strata,
     mcnemar_exact,
+    mcnemar_mde,
+    mcnemar_power,
     mcnemar_strata,
     outcomes_from_rows,
     pair_by_seed,
@@ -85,6 +87,32 @@ def test_paired_permutation_p_matches_scipy():
                                     permutation_type="samples", n_resamples=4000, rng=2)
     assert ours.diff == pytest.approx(a.mean() - b.mean())
     assert ours.p_value == pytest.approx(theirs.pvalue, abs=0.03)
+
+
+@pytest.mark.parametrize("discordant,n", [(12, 200), (53, 200), (150, 600)])
+def test_mcnemar_mde_is_where_scipys_exact_test_reaches_80_percent_power(discordant, n):
+    """At the MDE, n10 ~ Binomial(d, (1 + MDE n / d) / 2): simulated, scipy's binomtest rejects
+    in 80% of draws; its rejection region is the one `mcnemar_power` sums over."""
+    mde = mcnemar_mde(discordant, n)
+    p10 = (1 + mde * n / discordant) / 2
+    rng = np.random.default_rng(0)
+    draws = rng.binomial(discordant, p10, 4000)
+    rejects = np.array([stats.binomtest(int(k), discordant, 0.5).pvalue <= 0.05 for k in range(discordant + 1)])
+    assert rejects[draws].mean() == pytest.approx(0.80, abs=0.02)
+    assert mcnemar_power(discordant, p10) == pytest.approx(0.80, abs=1e-6)
+    # Connor's (1987) normal approximation for the paired-proportions design agrees to within 15%
+    psi = discordant / n
+    assert mde == pytest.approx((stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) * np.sqrt(psi / n), rel=0.15)
+
+
+def test_no_mde_without_discordant_pairs_and_the_permutation_mde_is_280_standard_errors():
+    same = np.ones(50, dtype=bool)
+    assert mcnemar_exact(same, same).mde is None
+    rng = np.random.default_rng(1)
+    a = rng.normal(0.5, 0.2, 400)
+    b = a + rng.normal(0, 0.1, 400)
+    result = paired_permutation(mean_statistic, [([a], [b])], "rougeL", n_resamples=4000, seed=0)
+    assert result.mde == pytest.approx(2.8016 * np.std(a - b, ddof=1) / np.sqrt(400), rel=0.05)
 
 
 def test_paired_bootstrap_ci_of_rouge_l_matches_scipy():

@@ -14,6 +14,13 @@ def diff_text(result: dict[str, Any]) -> str:
     return diff
 
 
+def mde_text(result: dict[str, Any]) -> str:
+    """The smallest |A - B| (points) the test detects at alpha 0.05 with 80% power; – where the
+    cells never disagree (McNemar has no discordant pair to power it)."""
+    mde = result.get("mde")
+    return "–" if mde is None else f"{100 * mde:.1f}"
+
+
 def p_text(p: float) -> str:
     """A significance test's p value."""
     return f"{p:.3g}" if p >= 1e-4 else f"{p:.1e}"

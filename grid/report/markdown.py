@@ -13,6 +13,7 @@ from grid.report.formatting import (
     adjusted_p_text,
     delta_text,
     diff_text,
+    mde_text,
     p_star,
     p_text,
     pct,
@@ -84,16 +85,16 @@ def comparisons_markdown(comps: list[Comparison], families: list[tuple[str, int,
     asked = {(c.name, c.family): c.question for c in comps if c.question}
     lines += [f"- **{name}** ({family}): {_escape(q)}" for (name, family), q in asked.items()]
     lines += [""] if asked else []
-    lines += ["| Family | Comparison | Column | A | B | Seeds | A - B [95% CI] | Test | p | p adj |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| Family | Comparison | Column | A | B | Seeds | A - B [95% CI] | MDE | Test | p | p adj |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in comps:
         names = (f"| {c.family} | {_escape(c.name)} | {_escape(c.column)} | {_escape(c.a_label)} | "
                  f"{_escape(c.b_label)} | {_escape(seeds_text(c))} |")
         if c.result is None:
-            lines.append(f"{names} – | – | {_escape(c.error or '')} | – |")
+            lines.append(f"{names} – | – | – | {_escape(c.error or '')} | – |")
             continue
         r = c.result
-        lines.append(f"{names} {diff_text(r)} | {test_text(r, long_names=False)}, n={r['n']} | "
+        lines.append(f"{names} {diff_text(r)} | {mde_text(r)} | {test_text(r, long_names=False)}, n={r['n']} | "
                      f"{raw_p_text(r)} | {adjusted_p_text(r)} |")
     return "\n".join(lines)
 
