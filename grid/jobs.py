@@ -51,6 +51,9 @@ DECODER_HPARAMS: dict[str, Any] = TRAINING_HPARAMS | {  # workers/train_decoder.
                                   # fixed, so a body lr that moves the states by more than their
                                   # spread across rows throws the head off (metrics: head_features)
     "head_lr": None,              # the heads' learning rate (default lr)
+    "head_init": "random",        # probe: each head starts as a logistic regression fitted on the
+                                  # untuned body's states (what it reads) on its train rows, then
+                                  # trains with the body (linear probing, then fine-tuning: LP-FT)
 }
 
 ENCODER_HPARAMS: dict[str, Any] = TRAINING_HPARAMS | {  # workers/train_encoder.py

@@ -91,7 +91,7 @@ def test_a_standardized_head_reads_zero_mean_unit_variance_features_and_trains_a
 
     from grid.jobs import DECODER_HPARAMS
     from workers.models import resolve
-    from workers.train_decoder import build_examples, head_labels, head_param_groups, load_model, standardize_heads
+    from workers.train_decoder import build_examples, head_labels, head_param_groups, load_model, prepare_heads
 
     tiny = resolve("tiny:llama")
     job = shared_job(tiny, tmp_path, 4, head_norm="standardize", head_lr=0.05)
@@ -100,8 +100,9 @@ def test_a_standardized_head_reads_zero_mean_unit_variance_features_and_trains_a
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     examples, _ = build_examples(job, tokenizer, 512, heads)
     model = load_model(job, hp, heads)
-    stats = standardize_heads(model, examples, tokenizer.pad_token_id or 0, torch.device("cpu"), batch_size=5)
-    assert set(stats) == {"sst2"} and stats["sst2"]["state_norm"] > 0
+    stats = prepare_heads(model, examples, tokenizer.pad_token_id or 0, torch.device("cpu"), "standardize", "random",
+                          batch_size=5)
+    assert set(stats) == {"sst2"} and stats["sst2"]["state_norm"] > 0 and "probe_train_accuracy" not in stats["sst2"]
     from workers.train_decoder import collate
 
     rows = [e for e in examples if e.task == 0]
@@ -140,6 +141,28 @@ def test_a_bad_head_norm_is_named():
     job = shared_job("unused", "/tmp/unused", 4, head_norm="layer")
     with pytest.raises(GridError, match="head_norm 'layer' is none or standardize"):
         head_labels(job, DECODER_HPARAMS | job.hparams)
+
+
+def test_a_probe_head_is_scikit_learns_logistic_regression():
+    """head_init: probe fits the head as scikit-learn's multinomial logistic regression (C = 1) on
+    the features it reads; three classes, where scikit-learn's multinomial penalty is ours."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from workers.decoder_heads import LabelHead
+    from workers.train_decoder import fit_probe
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (90,), generator=gen)
+    features = torch.randn(90, 6, generator=gen) + torch.nn.functional.one_hot(labels, 6).float() * 1.5
+    head = LabelHead(6, 3, 0.02)
+    with torch.no_grad():
+        accuracy = fit_probe(head.linear, features, labels)
+    theirs = LogisticRegression(C=1.0, tol=1e-8, max_iter=5000).fit(features.numpy(), labels.numpy())
+    with torch.no_grad():
+        ours = torch.softmax(head(features), 1).numpy()
+    assert abs(ours - theirs.predict_proba(features.numpy())).max() < 1e-3
+    assert accuracy == pytest.approx(theirs.score(features.numpy(), labels.numpy()), abs=1 / 90)
 
 
 def test_both_heads_train_save_and_resume(ray_local, tmp_path):

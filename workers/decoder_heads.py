@@ -22,7 +22,7 @@ HEADS_FILE, HEADS_META = "heads.pt", "heads.json"
 class LabelHead(nn.Module):
     """A linear classifier on the prompt's last hidden state, standardized feature by feature:
     `linear((x - mean) * scale)`. `mean` and `scale` are fixed buffers, 0 and 1 until
-    `standardize_heads` sets them from the untuned body's states on the task's train rows
+    `prepare_heads` (workers/train_decoder.py) sets them from the untuned body's states on the task's train rows
     (hparam `head_norm: standardize`). Why: SmolLM2's final states have a norm near 55 with one
     feature near |43|, and a head on them did not learn in seed 003's budget, where a logistic
     probe on the standardized states reached 67-70% (reports/seed003/probe.py)."""

@@ -102,6 +102,8 @@ def head_labels(job: FinetuneJob, hp: dict[str, Any]) -> dict[str, list[str]]:
 
     if hp["head_norm"] not in ("none", "standardize"):
         raise GridError(f"decoder fine-tune: head_norm {hp['head_norm']!r} is none or standardize")
+    if hp["head_init"] not in ("random", "probe"):
+        raise GridError(f"decoder fine-tune: head_init {hp['head_init']!r} is random or probe")
     heads = {}
     for name in hp["heads"]:
         task = get_task(name)
@@ -270,12 +272,15 @@ class DecoderWithHeads(nn.Module):
 
 
 @torch.no_grad()
-def standardize_heads(model: DecoderWithHeads, examples: list[Example], pad_id: int, device: Any,
-                      batch_size: int = 16) -> dict[str, dict[str, float]]:
-    """Set each head's `mean` and `scale` (1 / std) from the body's last states on its task's
-    train rows, before any step: deterministic, so a resumed job sets the same. Returns, per head,
-    the states' mean norm, largest mean |feature| (the scale the head was spared) and mean spread
-    across rows (the scale of body drift that the head amplifies)."""
+def prepare_heads(model: DecoderWithHeads, examples: list[Example], pad_id: int, device: Any, norm: str,
+                  init: str, batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """Before any step, from the untuned body's last states on each head task's train rows:
+    `norm == "standardize"` sets the head's `mean` and `scale` (1 / std); `init == "probe"` fits
+    the head's linear layer as an L2-regularized logistic regression on the features it reads
+    (`fit_probe`). Deterministic, so a resumed job prepares the same (and then loads its trained
+    head). Returns, per head, the states' mean norm, largest mean |feature| (the scale a raw head
+    faces), mean spread across rows (the scale of body drift a standardized head amplifies) and,
+    with a probe, its accuracy on those train rows."""
     model.eval()
     out = {}
     for index, name in enumerate(model.tasks):
@@ -285,13 +290,41 @@ def standardize_heads(model: DecoderWithHeads, examples: list[Example], pad_id: 
         states = torch.cat([model.last_states({k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()})
                             for i in range(0, len(rows), batch_size)]).float()
         head = model.heads[name]
-        head.mean.copy_(states.mean(0))
-        head.scale.copy_(1 / states.std(0).clamp(min=1e-6))
+        if norm == "standardize":
+            head.mean.copy_(states.mean(0))
+            head.scale.copy_(1 / states.std(0).clamp(min=1e-6))
         out[name] = {"state_norm": round(float(states.norm(dim=1).mean()), 2),
                      "largest_mean_abs_feature": round(float(states.mean(0).abs().max()), 2),
                      "mean_feature_std": round(float(states.std(0).mean()), 4)}
+        if init == "probe":
+            labels = torch.tensor([e.class_id for e in rows], device=states.device)
+            features = (states - head.mean) * head.scale
+            out[name]["probe_train_accuracy"] = fit_probe(head.linear, features, labels)
     model.train()
     return out
+
+
+def fit_probe(linear: nn.Linear, features: torch.Tensor, labels: torch.Tensor, c: float = 1.0) -> float:
+    """Fit `linear` as a multinomial logistic regression, scikit-learn's objective at C = `c`
+    (sum of cross-entropies + ||W||^2 / (2C), bias unpenalized), by full-batch L-BFGS; returns its
+    accuracy on the rows it was fitted on. The linear-probe step of LP-FT (Kumar et al., 2022): a
+    head that starts where a probe ends is not thrown off by a random start while the body moves."""
+    weight = linear.weight.detach().clone().zero_().requires_grad_(True)
+    bias = linear.bias.detach().clone().zero_().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=500, tolerance_grad=1e-7, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = (nn.functional.cross_entropy(features @ weight.T + bias, labels, reduction="sum")
+                 + weight.pow(2).sum() / (2 * c)) / len(labels)
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimizer.step(loss)
+    linear.weight.copy_(weight.detach())
+    linear.bias.copy_(bias.detach())
+    return round(float(((features @ weight.T + bias).argmax(1) == labels).float().mean()), 4)
 
 
 def head_param_groups(model: DecoderWithHeads, hp: dict[str, Any]) -> list[dict[str, Any]]:
@@ -415,8 +448,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     model = load_model(job, hp, heads)
     head_stats = {}
-    if heads and hp["head_norm"] == "standardize":  # from the untuned body, before any step (and on resume)
-        head_stats = standardize_heads(model.to(device), examples, pad_id, device)
+    if heads and (hp["head_norm"] == "standardize" or hp["head_init"] == "probe"):  # before any step, and on resume
+        head_stats = prepare_heads(model.to(device), examples, pad_id, device, hp["head_norm"], hp["head_init"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = head_param_groups(model, hp)
     if job.resources.zero_offload != "none":
