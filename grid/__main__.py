@@ -41,6 +41,8 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     from grid.prompting import PromptBuilder
     from grid.tasks import get_task
 
+    if args.text_budget is not None and args.text_budget < 1:
+        raise GridError(f"--text-budget {args.text_budget}: a budget is at least 1 word (leave it out for no cut)")
     task = get_task(args.task)
     test = load_split(task, args.split, args.data)
     if not 0 <= args.index < len(test):
@@ -70,6 +72,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if line:
         print()
         print_table(trials, line)
+    if store.unreadable:  # left out of the table; a rerun runs these cells again
+        print(f"\n{len(store.unreadable)} cell records could not be read (their cells count as not run):")
+        for reason in store.unreadable.values():
+            print(f"  {reason}")
     return 0
 
 

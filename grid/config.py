@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, ValidationInfo, field_validator,
                       model_serializer, model_validator)
 
 from grid.comparisons import ComparisonSpec
@@ -195,7 +195,7 @@ class GridConfig(Strict):
     tasks: tuple[str, ...] = Field(min_length=1)
     shots: tuple[Literal[0, 5], ...] = (0,)
     finetune: tuple[FinetuneMode, ...] = ("none",)
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[NonNegativeInt, ...] = (0,)  # numpy and torch take no negative seed
     decoding: tuple[Decoding, ...] = (Decoding(),)
     sampler: Literal["random", "stratified"] = "random"
     text_budget: int | None = Field(default=None, gt=0, description="overrides each task's cut")

@@ -39,14 +39,67 @@ def yaml_message(exc: Exception) -> str:
     return f"not valid YAML: {where}{problem}"
 
 
-def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    """A YAML file that must hold a mapping (a grid, a task, a merge recipe); errors name the file."""
+MAX_YAML_DEPTH = 64  # nesting levels: a grid or task file needs about 8
+MAX_YAML_NODES = 200_000  # values once aliases are expanded: the largest committed grid has about 2,000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a mapping with a key twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first on line {seen[key].line + 1})", mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(value: Any, depth: int, sizes: dict[int, int]) -> int:
+    """Values in `value` with every alias expanded (each shared object counted where it is used),
+    computed once per object; refuses nesting past MAX_YAML_DEPTH."""
+    if depth > MAX_YAML_DEPTH:
+        raise GridError(f"nested more than {MAX_YAML_DEPTH} levels deep")
+    if not isinstance(value, dict | list):
+        return 1
+    if id(value) not in sizes:
+        children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        sizes[id(value)] = 1 + sum(_expanded_size(c, depth + 1, sizes) for c in children)
+    return sizes[id(value)]
+
+
+def read_text_utf8(path: Path) -> str:
+    """A text file's contents as UTF-8; a byte that is not names the file and its offset."""
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text())
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GridError(f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}") from None
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (a grid, a task, a merge recipe); errors name the file.
+    Bounded: text must be UTF-8, a key may not repeat, nesting stops at MAX_YAML_DEPTH and aliases
+    may not expand past MAX_YAML_NODES values (a few hundred bytes of nested aliases can stand for
+    billions, and a cell id would write them all out)."""
+    text = read_text_utf8(path)
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise GridError(f"{path}: {yaml_message(exc)}") from None
+    except RecursionError:
+        raise GridError(f"{path}: not valid YAML: nested too deep to read") from None
     if not isinstance(raw, dict):
         raise GridError(f"{path}: {what} must be a mapping")
+    try:
+        size = _expanded_size(raw, 0, {})
+    except GridError as exc:
+        raise GridError(f"{path}: {exc}") from None
+    if size > MAX_YAML_NODES:
+        raise GridError(f"{path}: holds {size:,} values once its aliases are expanded (at most {MAX_YAML_NODES:,})")
     return raw
 
 

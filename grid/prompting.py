@@ -155,7 +155,9 @@ class FewShotSampler:
                 self.by_label[row[key_field]].append(i)
 
     def draw(self, example_id: str, text: str, shots: int, seed: int) -> list[int]:
-        """Indices into the train rows; never the example itself or a row with the same text."""
+        """Indices into the train rows; never the example itself or a row with the same text.
+        Bounded: when the train split has fewer than `shots` such rows, a GridError says how many
+        it found (a loop that waited for them would never end)."""
         if shots == 0:
             return []
         rng = random.Random(f"{self.task.name}|{seed}|{example_id}")
@@ -175,14 +177,46 @@ class FewShotSampler:
                     if pool and len(picked) < shots:
                         picked.append(rng.choice(pool))
                 if len(picked) == before:  # every label's rows used up
-                    break
+                    raise self._too_few(shots, len(picked))
             return picked
         picked = []
+        misses = 0
         while len(picked) < shots:
             i = rng.randrange(len(self.train))
             if i not in picked and allowed(i):
                 picked.append(i)
+            elif (misses := misses + 1) > 20 * shots + 200:  # so many misses: count what there is
+                pool = [j for j in range(len(self.train)) if j not in picked and allowed(j)]
+                if len(pool) < shots - len(picked):
+                    raise self._too_few(shots, len(picked) + len(pool))
+                picked += rng.sample(pool, shots - len(picked))
         return picked
+
+    def _too_few(self, shots: int, found: int) -> GridError:
+        return GridError(f"task {self.task.name}: {shots}-shot prompts need {shots} train rows other than the "
+                         f"example (and rows of the same text); its train split has {found}")
+
+
+def check_shots(plan: Any, data_dir: str | Path | None, source: str | Path) -> None:
+    """Before any work: every task prompted with k shots has at least k train rows besides the
+    rows that share the commonest text (an example's own text is never a shot of it), so that no
+    cell fails on a sampler that cannot fill its prompt."""
+    from collections import Counter
+
+    from grid.data import load_split
+    from grid.tasks import get_task
+
+    shots: dict[str, int] = {}
+    for cell in plan.cells:
+        if cell.kind == "infer" and cell.shots:
+            shots[cell.task] = max(shots.get(cell.task, 0), cell.shots)
+    for name, k in sorted(shots.items()):
+        texts = load_split(get_task(name), "train", data_dir)["text"]
+        usable = len(texts) - max(Counter(texts).values(), default=0)
+        if usable < k:
+            raise GridError(f"{source}: field shots: {k}-shot prompts of task {name} need {k} train rows of "
+                            f"other texts than the example's; its train split has {usable} "
+                            f"({len(texts)} rows, {len(set(texts))} distinct texts)")
 
 
 def gold_of(task: TaskDef, row: dict[str, Any]) -> dict[str, Any]:

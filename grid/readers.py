@@ -16,7 +16,7 @@ from pathlib import Path
 import datasets
 
 from grid.dataspec import HubSpec, ReadSpec
-from grid.errors import GridError
+from grid.errors import GridError, read_text_utf8
 
 datasets.disable_progress_bars()
 # A bad file is reported as one GridError line naming file and row; datasets' own log would repeat it.
@@ -114,7 +114,7 @@ def _first_bad_json_line(path: Path, required: tuple[str, ...]) -> str | None:
 
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> datasets.Dataset:
     """JSON lines through HF datasets; a bad line, or one without a required field, is named."""
-    if not path.read_text().strip():
+    if not read_text_utf8(path).strip():
         raise GridError(f"{path}: the file has no rows")
     try:
         ds = datasets.load_dataset("json", data_files=[str(path)], split="train")
@@ -185,6 +185,9 @@ def _read_lines(folder: Path, spec: ReadSpec) -> datasets.Dataset:
         if not path.is_file():
             raise GridError(f"data file {path} does not exist")
         columns[column] = _lines(path, spec.encoding)
+        blank = next((i for i, line in enumerate(columns[column], 1) if not line.strip()), None)
+        if blank is not None:  # dropping it would shift every later row against the other files
+            raise GridError(f"{path}:{blank}: a blank line; line i of each file is row i, so every line needs a value")
     counts = {name: len(columns[col]) for col, name in (spec.line_files or {}).items()}
     if len(set(counts.values())) > 1:
         raise GridError(f"{folder}: line files differ in length: "

@@ -67,6 +67,9 @@ def _scanning(results: str):
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from grid.config import load_config
+
+    if args.num_cpus is not None and args.num_cpus < 1:  # Ray would wait forever for a CPU (0) or fail (< 0)
+        raise GridError(f"--num-cpus {args.num_cpus}: the local Ray needs at least 1 CPU")
     from grid.execute import data_dir_arg, execute
     from grid.plan import build_plan, validate_references
     from grid.store import Store
@@ -87,6 +90,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from grid.comparisons import check_plan
 
     check_plan(config, plan, args.config)  # declared comparisons pair cells of this plan, or fail now
+    from grid.prompting import check_shots
+
+    check_shots(plan, data_dir, args.config)  # every k-shot prompt can be filled, or fail now
     from grid.resources import search_budgets
     from grid.search import check_budget
 

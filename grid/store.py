@@ -16,6 +16,7 @@ so the same holds there.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import uuid
@@ -39,6 +40,9 @@ PREDICTIONS_FILE = "predictions.parquet"
 T = TypeVar("T", dict, "CellState")
 
 
+log = logging.getLogger(__name__)
+
+
 class CellState(msgspec.Struct):
     """What a resume needs of a cell record: its status, and the metrics it was scored with.
 
@@ -56,17 +60,22 @@ _DECODERS = {dict: msgspec.json.Decoder(dict[str, Any]), CellState: msgspec.json
 
 def _decode(blob: bytes, kind: type[T], path: str) -> T:
     """A cell.json as `kind`. json.dumps writes NaN for a NaN metric (a diverged training loss),
-    which strict JSON (msgspec) refuses: such a file is read by the standard library instead."""
+    which strict JSON (msgspec) refuses: such a file is read by the standard library instead.
+    A whole record (a dict) must have its id, status and cell, which every reader uses."""
     try:
-        return _DECODERS[kind].decode(blob)
+        record = _DECODERS[kind].decode(blob)
     except msgspec.ValidationError as exc:  # valid JSON, but not a record (a subclass of DecodeError)
         raise GridError(f"{path}: not a cell record ({exc})") from None
     except msgspec.DecodeError:
-        pass
-    try:
-        return msgspec.convert(json.loads(blob), kind)
-    except (json.JSONDecodeError, msgspec.ValidationError) as exc:
-        raise GridError(f"{path}: not a cell record ({exc})") from None
+        try:
+            record = msgspec.convert(json.loads(blob), kind)
+        except (json.JSONDecodeError, UnicodeDecodeError, msgspec.ValidationError) as exc:
+            raise GridError(f"{path}: not a cell record ({exc})") from None
+    if kind is dict:
+        missing = [k for k in ("cell_id", "status", "cell") if k not in record]
+        if missing or not isinstance(record["cell"], dict):
+            raise GridError(f"{path}: not a cell record (no {missing[0] if missing else 'cell mapping'})")
+    return record
 
 
 def _read_local(path: str) -> bytes:
@@ -90,6 +99,9 @@ class Store:
     fs: pafs.FileSystem
     root: str  # path inside fs
     uri: str  # as the user gave it
+    # cell id -> why its cell.json could not be read, from the latest scan: such a cell is left out
+    # of records() and states(), so a rerun runs it again and a report goes on without it
+    unreadable: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     _prefetched: Future | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -183,9 +195,10 @@ class Store:
     @gc_paused
     def _read_all(self, kind: type[T]) -> list[T]:
         """Every cell.json in the store, decoded; parallel reads for remote stores. A cell folder
-        without cell.json (a cell being written) is left out; a file that does not decode is an
-        error naming it."""
+        without cell.json (a cell being written) is left out; so is a file that cannot be read or
+        is not a cell record, named in `unreadable` (and logged) instead of stopping the scan."""
         cells = posixpath.join(self.root, "cells")
+        unreadable: dict[str, str] = {}
 
         def read(cell_id: str) -> T | None:
             path = f"{cells}/{cell_id}/{CELL_FILE}"  # posixpath.join, 100,000 times, was a tenth of the scan
@@ -195,17 +208,24 @@ class Store:
                 else:
                     with self.fs.open_input_stream(path) as fh:
                         blob = fh.read()
+                record = _decode(blob, kind, path)
             except FileNotFoundError:
                 return None
-            return _decode(blob, kind, path)
+            except (GridError, OSError) as exc:  # corrupt, a folder, unreadable
+                unreadable[cell_id] = str(exc) if isinstance(exc, GridError) else f"{path}: {exc.strerror or exc}"
+                return None
+            return record
 
         ids = self.cell_ids()
         if self.is_local:
-            found = map(read, ids)
+            found = [r for r in map(read, ids) if r is not None]
         else:
             with ThreadPoolExecutor(16) as pool:
-                found = list(pool.map(read, ids))
-        return [r for r in found if r is not None]
+                found = [r for r in pool.map(read, ids) if r is not None]
+        self.unreadable = unreadable
+        for reason in unreadable.values():
+            log.warning("left out (its cell counts as not run): %s", reason)
+        return found
 
     def records(self) -> list[dict[str, Any]]:
         """Every cell record in the store (done and failed)."""

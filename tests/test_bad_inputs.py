@@ -63,6 +63,30 @@ def score_case(table: pa.Table | bytes, *says: str) -> Case:
                                            "--tasks", "{tmp}/tasks", "--data", "{tmp}/data"], list(says))
 
 
+LINES_TASK = """\
+name: t
+description: a test task in line files
+data:
+  files: {train: d/train, test: d/test}
+  read: {format: lines, line_files: {text: seq.in, label: label}}
+  text: text
+  fields:
+    label: {column: label}
+subtasks:
+  - {name: label, field: label, type: label}
+"""
+RUN = ["grid/run.py", "{tmp}/grid.yaml", "--results", "{tmp}/results", "--tasks", "{tmp}/tasks", "--data", "{tmp}/data"]
+PROMPT = ["-m", "grid", "prompt", "t", "--index", "0", "--tasks", "{tmp}/tasks", "--data", "{tmp}/data"]
+ALIASES = "".join(f"{c}: &{c} [" + ", ".join([f"*{p}"] * 10 if p else ["x"] * 10) + "]\n"
+                  for p, c in zip(["", *"abcdef"], "abcdefg"))  # 10^7 values in 200 bytes
+
+
+def lines_case(seq_in: str, label: str, *says: str) -> Case:
+    files = {"grid.yaml": GRID, "tasks/t.yaml": LINES_TASK, "data/d/train/seq.in": seq_in,
+             "data/d/train/label": label, "data/d/test/seq.in": "play jazz\n", "data/d/test/label": "music\n"}
+    return Case(files, RUN, list(says))
+
+
 MERGE = GRID.replace("tasks: [t]", "tasks: [t]\nmerges:\n") + "  - {name: mm, method: ties, base: {model: m}, "
 CASES = {
     # --- grid YAML ---
@@ -85,7 +109,15 @@ CASES = {
                                 "grid.yaml", "heads", "sst2"),
     "limit-zero": grid_case(GRID + "limits: {test: 0}\n", "grid.yaml", "limits.test"),
     "grid-not-mapping": grid_case("- just\n- a list\n", "grid.yaml", "mapping"),
+    "yaml-duplicate-key": grid_case(GRID + "tasks: [t]\n", "grid.yaml", "key 'tasks' appears twice"),
+    "yaml-alias-bomb": grid_case(GRID + ALIASES, "grid.yaml", "aliases are expanded"),
+    "yaml-too-deep": grid_case(GRID + "x: " + "[" * 50_000, "grid.yaml", "nested too deep"),
+    "yaml-nested-past-bound": grid_case(GRID + "x: " + "[" * 100 + "]" * 100 + "\n", "grid.yaml", "nested more than"),
+    "yaml-not-utf8": grid_case(GRID.encode() + b"# caf\xe9\n", "grid.yaml", "not UTF-8", "0xe9"),
+    "seeds-negative": grid_case(GRID + "seeds: [-1]\n", "grid.yaml", "field seeds.0"),
+    "shots-too-few-train-rows": grid_case(GRID + "shots: [5]\n", "grid.yaml", "field shots", "5-shot", "has 3"),
     # --- task YAML ---
+    "task-not-utf8": task_case(TASK.encode() + b"# \xff\n", "t.yaml", "not UTF-8"),
     "task-format": task_case(TASK.replace("format: jsonl", "format: xml"), "t.yaml", "data.read.format"),
     "task-missing-file": task_case(TASK.replace("d/test.jsonl", "d/nope.jsonl"), "nope.jsonl"),
     "task-missing-column": task_case(TASK.replace("column: label}", "column: intent}"), "train.jsonl", "intent"),
@@ -98,6 +130,10 @@ CASES = {
     "data-empty-test": task_case(TASK, "test.jsonl", "no rows", test=""),
     "data-null-label": task_case(TASK, "train.jsonl", "row 2", "label",
                                  train='{"text": "a", "label": "x"}\n{"text": "b", "label": null}\n'),
+    "data-not-utf8": task_case(TASK, "train.jsonl", "not UTF-8", "offset",
+                               train=ROW.encode() + b'{"text": "caf\xe9", "label": "x"}\n'),
+    "data-blank-line-in-line-files": lines_case("wake me\n\nplay jazz\n", "alarm\nmusic\nmusic\n", "seq.in:2",
+                                                "blank line"),
     "data-missing-text": task_case(TASK, "train.jsonl:1", "text", train='{"txt": "a", "label": "x"}\n'),
     # --- model sources ---
     "source-unknown-pypi": grid_case(GRID.replace('"tiny:llama"', "pypi:no-such-model"), "grid.yaml",
@@ -127,6 +163,10 @@ CASES = {
     "cli-data-missing": Case({"grid.yaml": GRID, "tasks/t.yaml": TASK},
                              ["grid/run.py", "{tmp}/grid.yaml", "--results", "{tmp}/results", "--tasks", "{tmp}/tasks",
                               "--data", "{tmp}/nodata"], ["nodata"]),
+    "cli-num-cpus-zero": Case(grid_case(GRID).files, RUN + ["--num-cpus", "0"], ["--num-cpus 0"]),
+    "cli-num-cpus-negative": Case(grid_case(GRID).files, RUN + ["--num-cpus", "-3"], ["--num-cpus -3"]),
+    "cli-prompt-too-few-shots": Case(grid_case(GRID).files, PROMPT + ["--shots", "5"], ["task t", "5-shot", "has 3"]),
+    "cli-prompt-text-budget-zero": Case(grid_case(GRID).files, PROMPT + ["--text-budget", "0"], ["--text-budget 0"]),
     "cli-status-missing": Case({}, ["-m", "grid", "status", "{tmp}/nowhere"], ["nowhere"]),
     "cli-report-missing": Case({}, ["-m", "grid", "report", "{tmp}/nowhere", "--out", "{tmp}/out"], ["nowhere"]),
     # --- model outputs (a predictions parquet to score) ---
@@ -162,7 +202,7 @@ def tree_hashes(folder: Path) -> dict[str, str]:
 
 
 def test_the_corpus_is_large_enough():
-    assert len(CASES) >= 30
+    assert len(CASES) >= 53
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
