@@ -155,6 +155,13 @@ def _normalize(task: TaskDef, source: Source, key: str, kept: list[int] | None =
         return {"example_id": example_id, "text": text, "words": words, **gold}
 
     out = ds.map(norm, with_indices=True, remove_columns=ds.column_names)
+    for name, f in spec.fields.items():
+        # a label column of numbers keeps its number type through map (datasets casts the strings
+        # `_gold` made back to it): make it the text it was normalized to
+        feature = out.features[name]
+        if f.references is None and f.annotation is None and isinstance(feature, datasets.Value) \
+                and feature.dtype != "string":
+            out = out.cast_column(name, datasets.Value("string"))
     if spec.drop_empty_text:
         out = out.filter(lambda text: bool(text.strip()), input_columns="text")
     return out
@@ -240,8 +247,16 @@ def _split_rows(task: TaskDef, split: str, data_dir: Path | None) -> tuple[datas
 
 
 def _check_labels(task: TaskDef, ds: datasets.Dataset, split: str, where: str) -> None:
-    """Gold values outside a declared label set are named with their row."""
+    """A label column holds text (a column that mixes numbers and text reaches here as JSON values
+    and would sort as neither); gold values outside a declared label set are named with their row."""
     for sub in task.subtasks:
+        if sub.type == "label":
+            bad = next((i for i, v in enumerate(ds[sub.field]) if not isinstance(v, str)), None)
+            if bad is not None:
+                value = ds[bad][sub.field]
+                raise GridError(f"{where}: {split} row {bad + 1} (id {ds[bad]['example_id']}): {sub.name} {value!r} is "
+                                f"a {type(value).__name__} where the column's other labels are text: quote it, "
+                                f"or give every label of the column one type")
         if sub.labels is None or sub.type == "text":
             continue
         allowed = set(sub.labels) | ({OUTSIDE_TAG} if sub.type == "word_tags" else set())

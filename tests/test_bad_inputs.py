@@ -134,6 +134,8 @@ CASES = {
                                train=ROW.encode() + b'{"text": "caf\xe9", "label": "x"}\n'),
     "data-blank-line-in-line-files": lines_case("wake me\n\nplay jazz\n", "alarm\nmusic\nmusic\n", "seq.in:2",
                                                 "blank line"),
+    "data-mixed-label-types": task_case(TASK, "train.jsonl", "row 7", "label 3 is a int",
+                                        train=ROW * 3 + '{"text": "a b", "label": 3}\n'),
     "data-missing-text": task_case(TASK, "train.jsonl:1", "text", train='{"txt": "a", "label": "x"}\n'),
     # --- model sources ---
     "source-unknown-pypi": grid_case(GRID.replace('"tiny:llama"', "pypi:no-such-model"), "grid.yaml",
@@ -202,7 +204,7 @@ def tree_hashes(folder: Path) -> dict[str, str]:
 
 
 def test_the_corpus_is_large_enough():
-    assert len(CASES) >= 53
+    assert len(CASES) >= 54
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -222,3 +224,14 @@ def test_bad_input_gives_one_line_and_changes_nothing(tmp_path, name):
         assert fragment.replace("{tmp}", str(tmp_path)) in lines[0], lines[0]
     if before is not None:
         assert tree_hashes(results) == before
+
+
+def test_a_label_column_of_numbers_reads_as_text(tmp_path):
+    """Labels 0/1 without names are the labels "0" and "1" (datasets kept the column's number type
+    through normalization; a column that mixes numbers and text is refused, in the corpus above)."""
+    numbers = '{"text": "a b", "label": 1}\n{"text": "c d", "label": 0}\n{"text": "e f", "label": 1}\n'
+    write_case(task_case(TASK, train=numbers, test='{"text": "g h", "label": 0}\n'), tmp_path)
+    proc = run_cli("-m", "grid", "prompt", "t", "--index", "0", "--tasks", str(tmp_path / "tasks"),
+                   "--data", str(tmp_path / "data"))
+    assert proc.returncode == 0, proc.stderr
+    assert "the labels in the list ['0', '1']" in proc.stdout, proc.stdout
