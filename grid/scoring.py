@@ -41,10 +41,13 @@ def score_parquet(path: str | Path, task_name: str, data_dir: str | None = None,
     labels = label_sets(task, data_dir)
     golds, parsed = [], []
     answers = table["raw_output" if "raw_output" in table.column_names else "prediction"].to_pylist()
+    first: dict[str, int] = {}
     for i, (eid, raw) in enumerate(zip(table["example_id"].to_pylist(), answers)):
         row = rows.get(str(eid))
         if row is None:
             raise GridError(f"{path}: row {i}: example_id {eid!r} is not in the {split} split of {task_name}")
+        if (j := first.setdefault(str(eid), i)) != i:  # one example counted twice would weigh twice
+            raise GridError(f"{path}: rows {j} and {i} both answer example_id {eid!r}: one answer per example")
         golds.append(gold_of(task, row))
         parsed.append(parse_answer("" if raw is None else str(raw), task, labels, len(row["words"])))
     if not golds:

@@ -169,11 +169,15 @@ CASES = {
     "cli-num-cpus-negative": Case(grid_case(GRID).files, RUN + ["--num-cpus", "-3"], ["--num-cpus -3"]),
     "cli-prompt-too-few-shots": Case(grid_case(GRID).files, PROMPT + ["--shots", "5"], ["task t", "5-shot", "has 3"]),
     "cli-prompt-text-budget-zero": Case(grid_case(GRID).files, PROMPT + ["--text-budget", "0"], ["--text-budget 0"]),
+    "cli-report-out-is-a-file": Case({"afile": "not a folder\n"}, ["-m", "grid", "report", "{tmp}/results", "--out",
+                                                                   "{tmp}/afile"], ["--out", "afile"]),
     "cli-status-missing": Case({}, ["-m", "grid", "status", "{tmp}/nowhere"], ["nowhere"]),
     "cli-report-missing": Case({}, ["-m", "grid", "report", "{tmp}/nowhere", "--out", "{tmp}/out"], ["nowhere"]),
     # --- model outputs (a predictions parquet to score) ---
     "outputs-no-column": score_case(pa.table({"example_id": ["t-test-0"]}), "preds.parquet", "prediction"),
     "outputs-not-parquet": score_case(b"PAR1 but not really", "preds.parquet"),
+    "outputs-repeated-example": score_case(pa.table({"example_id": ["test-00000", "test-00000"],
+                                                     "prediction": ["alarm", "music"]}), "preds.parquet", "rows 0 and 1"),
     "outputs-unknown-example": score_case(pa.table({"example_id": ["nope-7"], "prediction": ["alarm"]}),
                                           "preds.parquet", "nope-7"),
 }
@@ -204,7 +208,7 @@ def tree_hashes(folder: Path) -> dict[str, str]:
 
 
 def test_the_corpus_is_large_enough():
-    assert len(CASES) >= 54
+    assert len(CASES) >= 56
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

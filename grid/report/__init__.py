@@ -56,6 +56,10 @@ def write_report(results: str | Path, out: str | Path = "reports", *, pairs: lis
     from workers import artifacts
 
     store = Store.open(results, create=False)
+    try:  # before the work: a file where the folder should be, or no permission, is the user's to fix
+        artifacts.ensure_dir(str(out))
+    except OSError as exc:
+        raise GridError(f"--out {out}: cannot make the report's folder: {exc.strerror or exc}") from None
     model = build_model(store, str(results), parse_pairs(pairs) if isinstance(pairs, str) else pairs,
                         confusion_cell, n_boot=n_boot, seed=seed, default_pairs_on=default_pairs_on,
                         declared=declared_comparisons(store, grid))
@@ -65,7 +69,10 @@ def write_report(results: str | Path, out: str | Path = "reports", *, pairs: lis
     paths = []
     for name, text in texts.items():
         paths.append(artifacts.join(str(out), name))
-        artifacts.write_text(paths[-1], text)
+        try:
+            artifacts.write_text(paths[-1], text)
+        except OSError as exc:
+            raise GridError(f"--out {out}: cannot write {name}: {exc.strerror or exc}") from None
     return paths
 
 
