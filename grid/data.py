@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -42,6 +43,8 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
             raise GridError(f"data dir {path} does not exist")
         return path
     return DEFAULT_LOCAL_DATA if DEFAULT_LOCAL_DATA.is_dir() else None
+
+log = logging.getLogger(__name__)
 
 
 # --- normalized rows ---------------------------------------------------------------------
@@ -304,12 +307,26 @@ def _label_sets(task: TaskDef, data_dir: Path | None) -> dict[str, tuple[str, ..
             out[sub.name] = sub.labels
         elif sub.type == "label":
             out[sub.name] = tuple(sorted(set(train[sub.field])))
+            _warn_unseen_test_labels(task, sub.name, sub.field, set(out[sub.name]), data_dir)
         elif sub.type == "word_tags":
             tags = {t for row in train[sub.field] for t in row} - {OUTSIDE_TAG}
             out[sub.name] = tuple(sorted(tags)) + (OUTSIDE_TAG,)
         else:
             out[sub.name] = ()
     return out
+
+
+def _warn_unseen_test_labels(task: TaskDef, sub: str, field: str, labels: set[str], data_dir: Path | None) -> None:
+    """One warning line when test rows carry labels the train split never has: a label set read
+    from train cannot offer them, so those rows count as wrong for every model (scored as they are,
+    not dropped). A task that lists its labels is checked row by row instead (_check_labels)."""
+    test = _load_cached(task, "test", data_dir)[field]
+    unseen = sorted({v for v in test if v not in labels})
+    if unseen:
+        rows = sum(v not in labels for v in test)
+        log.warning("task %s: %d of %d test rows have a %s value no train row has (%s); they stay in the "
+                    "scores, and no model can answer them", task.name, rows, len(test), sub,
+                    ", ".join(unseen[:5]) + (f", ... {len(unseen)} in all" if len(unseen) > 5 else ""))
 
 
 def label_sets(task: TaskDef, data_dir: str | Path | None = None) -> dict[str, tuple[str, ...]]:

@@ -239,3 +239,15 @@ def test_a_label_column_of_numbers_reads_as_text(tmp_path):
                    "--data", str(tmp_path / "data"))
     assert proc.returncode == 0, proc.stderr
     assert "the labels in the list ['0', '1']" in proc.stdout, proc.stdout
+
+
+def test_test_labels_no_train_row_has_are_named_in_one_warning_line(tmp_path):
+    """A label set read from train cannot offer a label only the test split has: the rows stay in
+    the scores (every model gets them wrong), and one line says how many."""
+    test = ROW + '{"text": "set the heating", "label": "thermostat"}\n'
+    write_case(task_case(TASK, test=test), tmp_path)
+    proc = run_cli("-m", "grid", "tasks", "t", "--tasks", str(tmp_path / "tasks"), "--data", str(tmp_path / "data"))
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "no train row has" in line]
+    assert lines == ["task t: 1 of 3 test rows have a label value no train row has (thermostat); they stay in the "
+                     "scores, and no model can answer them"], proc.stderr
