@@ -251,3 +251,12 @@ def test_test_labels_no_train_row_has_are_named_in_one_warning_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if "no train row has" in line]
     assert lines == ["task t: 1 of 3 test rows have a label value no train row has (thermostat); they stay in the "
                      "scores, and no model can answer them"], proc.stderr
+
+
+def test_a_results_path_that_is_a_symlink_loop_is_one_line(tmp_path):
+    argv = write_case(grid_case(GRID), tmp_path)
+    (tmp_path / "results").symlink_to(tmp_path / "results")
+    for args in (argv, ["-m", "grid", "status", str(tmp_path / "results")]):
+        proc = run_cli(*args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "symlink loop" in lines[0], proc.stderr[-2000:]

@@ -22,6 +22,8 @@ AWS_ENDPOINT_URL for an S3-compatible server), never from a URI written in a fil
 
 from __future__ import annotations
 
+import errno
+
 import hashlib
 import json
 import posixpath
@@ -53,7 +55,10 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     text = str(uri)
     if "://" in text:
         return pafs.FileSystem.from_uri(text)
-    return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+    try:
+        return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+    except RuntimeError as exc:  # Path.resolve on a symlink loop: an OSError, as every other bad path
+        raise OSError(errno.ELOOP, "a symlink loop", text) from exc
 
 
 def join(uri: str | Path, *parts: str) -> str:
