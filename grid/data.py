@@ -31,6 +31,8 @@ from grid.errors import GridError
 from grid.readers import Source, expand, read_files, read_hub
 from grid.tasks import OUTSIDE_TAG, TaskDef
 
+log = logging.getLogger(__name__)
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LOCAL_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
@@ -43,8 +45,6 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
             raise GridError(f"data dir {path} does not exist")
         return path
     return DEFAULT_LOCAL_DATA if DEFAULT_LOCAL_DATA.is_dir() else None
-
-log = logging.getLogger(__name__)
 
 
 # --- normalized rows ---------------------------------------------------------------------
@@ -336,6 +336,18 @@ def label_sets(task: TaskDef, data_dir: str | Path | None = None) -> dict[str, t
 
 @cache
 def _fingerprint(task: TaskDef, data_dir: Path | None) -> str:
+    """The fingerprint from the on-disk cache when the task's files, definition and the reading
+    code are as they were (`_file_key`), else computed from the rows and cached."""
+    key = _file_key(task, data_dir)
+    if key is not None and (known := _read_fingerprint_cache().get(key)):
+        return known
+    fingerprint = _rows_fingerprint(task, data_dir)
+    if key is not None:
+        _write_fingerprint_cache(key, fingerprint)
+    return fingerprint
+
+
+def _rows_fingerprint(task: TaskDef, data_dir: Path | None) -> str:
     digest = hashlib.sha256()
     # The task's data definition (source, split rule, fields, sub-tasks and labels), so that an
     # edited split_seed or label list makes new cells even where the rows read happen to agree.
@@ -353,6 +365,74 @@ def _fingerprint(task: TaskDef, data_dir: Path | None) -> str:
             writer.write_table(rows)
         digest.update(sink.getvalue().to_pybytes())
     return digest.hexdigest()[:16]
+
+
+# --- the fingerprint cache ------------------------------------------------------------------
+# Fingerprinting reads and normalizes every row of a task's splits (seconds for the catalog), and
+# every plan needs the fingerprints: a resume of a big grid paid it each time. The cache keys a
+# fingerprint by what decides it: each source file's path, size and modification time, the task's
+# data definition, and the code that reads and normalizes rows (the modules' bytes). A changed
+# file, definition or reader misses the cache, and the rows are read again. Hub sources are not
+# cached (no files to check).
+
+_READING_CODE = ("data.py", "readers.py", "annotations.py", "dataspec.py")
+
+
+def fingerprint_cache_file() -> Path:
+    """$CLFGRID_CACHE/fingerprints.json (default ~/.cache/clfgrid)."""
+    root = os.environ.get("CLFGRID_CACHE") or Path.home() / ".cache" / "clfgrid"
+    return Path(root) / "fingerprints.json"
+
+
+@cache
+def _reading_code_digest() -> str:
+    here = Path(__file__).resolve().parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in _READING_CODE)).hexdigest()
+
+
+def _source_files(task: TaskDef, data_dir: Path | None) -> list[Path] | None:
+    """Every local file the task's splits read (a line-files folder: its files), or None."""
+    spec = task.data
+    if data_dir is None or spec.files is None:
+        return None
+    files: list[Path] = []
+    for patterns in spec.files.values():
+        for path in expand(data_dir, patterns):
+            files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return files
+
+
+def _file_key(task: TaskDef, data_dir: Path | None) -> str | None:
+    files = _source_files(task, data_dir)
+    if files is None:
+        return None
+    stats = [(str(p), st.st_size, st.st_mtime_ns) for p in files for st in (p.stat(),)]
+    blob = json.dumps({"task": task.data_identity(), "code": _reading_code_digest(), "files": stats}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _read_fingerprint_cache() -> dict[str, str]:
+    try:
+        found = json.loads(fingerprint_cache_file().read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: computed again
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _write_fingerprint_cache(key: str, fingerprint: str) -> None:
+    """Add one entry (the newest 1,000 kept), written whole by a rename; a cache that cannot be
+    written costs only the time it would have saved."""
+    path = fingerprint_cache_file()
+    entries = _read_fingerprint_cache()
+    entries.pop(key, None)
+    entries[key] = fingerprint
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(list(entries.items())[-1000:])))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("fingerprint cache %s not written: %s", path, exc)
 
 
 def data_fingerprint(task: TaskDef, data_dir: str | Path | None = None) -> str:
