@@ -56,10 +56,10 @@ def write_report(results: str | Path, out: str | Path = "reports", *, pairs: lis
     from workers import artifacts
 
     store = Store.open(results, create=False)
-    try:  # before the work: a file where the folder should be, or no permission, is the user's to fix
-        artifacts.ensure_dir(str(out))
-    except OSError as exc:
-        raise GridError(f"--out {out}: cannot make the report's folder: {exc.strerror or exc}") from None
+    if not artifacts.is_remote(str(out)):  # before the work, and writing nothing: a file in the way
+        blocking = next((q for q in (Path(out).resolve(), *Path(out).resolve().parents) if q.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise GridError(f"--out {out}: {blocking} is a file, not a folder")
     model = build_model(store, str(results), parse_pairs(pairs) if isinstance(pairs, str) else pairs,
                         confusion_cell, n_boot=n_boot, seed=seed, default_pairs_on=default_pairs_on,
                         declared=declared_comparisons(store, grid))
