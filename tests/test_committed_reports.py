@@ -10,7 +10,8 @@ import pytest
 
 from tests.conftest import ROOT, run_cli
 
-STUDIES = sorted(p.parent.parent.name for p in (ROOT / "reports").glob("*/results/cells"))
+STUDIES = sorted(p.parent.parent.relative_to(ROOT / "reports").as_posix()
+                 for p in (ROOT / "reports").rglob("results/cells"))
 
 
 def test_some_study_carries_its_results():
