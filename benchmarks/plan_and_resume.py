@@ -7,8 +7,10 @@ grid/execute.py writes them: an inference cell's metrics with CIs, usage and sco
 fine-tune cell's training metrics). Then it times, `--repeats` times, what a resumed
 `grid/run.py` does before any work: build the plan, then `grid.execute.execute` on the full
 store (read every cell record, look for cells to re-score, find none left to do; Ray is never
-started). The first plan in a process also reads each task's data once to fingerprint it: that
-fixed start-up cost is measured apart (the cold plan minus a warm one) and printed.
+started). The first plan in a process also needs each task's data fingerprint: that fixed start-up
+cost is measured apart (the first plan minus a second one), twice: with an empty fingerprint cache
+(every row read) and with the cache a previous run left (grid/data.py), which is what a user's
+resume pays. The claim adds the cached start-up to the plan + resume scan.
 
     python benchmarks/plan_and_resume.py [--cells 100000] [--repeats 3] [--profile]
 
@@ -97,6 +99,21 @@ def resume(config: GridConfig, store: Store) -> int:
     return summary.already_done
 
 
+def startup() -> tuple[float, int]:
+    """The first plan's extra time in a fresh process (the in-process caches cleared; the
+    fingerprint cache on disk as it is), and the cells of one seed."""
+    from grid import data
+
+    for cached in (data._fingerprint, data._load_cached, data._split_rows, data._label_sets):
+        cached.cache_clear()
+    start = time.perf_counter()
+    per_seed = len(build_plan(config_with(1)).cells)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    build_plan(config_with(1))
+    return first - (time.perf_counter() - start), per_seed
+
+
 def main() -> None:
     started = time.time()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -105,14 +122,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile one run of plan + resume scan")
     args = parser.parse_args()
 
-    start = time.perf_counter()
-    per_seed = len(build_plan(config_with(1)).cells)  # the first plan reads and fingerprints the data
-    cold_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["CLFGRID_CACHE"] = cache
+        read_s, per_seed = startup()
+        print(f"start-up, fingerprint cache empty (each task's rows read and fingerprinted): {read_s:.2f} s")
+        cached_s, _ = startup()
+        print(f"start-up, fingerprints from the cache (a resume in a new process): {cached_s:.2f} s")
     config = config_with(-(-args.cells // per_seed))
-    start = time.perf_counter()
-    len(build_plan(config_with(1)).cells)
-    fixed_s = cold_s - (time.perf_counter() - start)
-    print(f"start-up (each task's data read and fingerprinted, once per process): {fixed_s:.2f} s")
 
     plan_only = Timings("plan")
     plan = plan_only.time(lambda: build_plan(config), lambda p: len(p.cells))
@@ -134,16 +150,20 @@ def main() -> None:
             print(f"run {i + 1}: plan + resume scan {timings.seconds[-1]:.2f} s", flush=True)
 
     median = statistics.median(timings.seconds)
+    total = median + cached_s
     print(f"plan + resume scan of {len(plan.cells):,} cells: {median:.2f} s median "
-          f"(runs {min(timings.seconds):.2f}-{max(timings.seconds):.2f}), {median / GOAL_S:.2f}x the "
-          f"{GOAL_S:.0f} s goal; {1e6 * median / len(plan.cells):.0f} us per cell")
+          f"(runs {min(timings.seconds):.2f}-{max(timings.seconds):.2f}); with the cached start-up "
+          f"{total:.2f} s, {total / GOAL_S:.2f}x the {GOAL_S:.0f} s goal (rows read: "
+          f"{median + read_s:.2f} s); {1e6 * median / len(plan.cells):.0f} us per cell")
     write_figures("plan_and_resume", {
-        "cells": len(plan.cells), "startup_fingerprints_s": round(fixed_s, 3),
+        "cells": len(plan.cells), "startup_fingerprints_read_s": round(read_s, 3),
+        "startup_fingerprints_cached_s": round(cached_s, 3),
         "plan_only_s": round(plan_only.seconds[0], 3), "plan_and_resume": timings.summary(),
-        "ratio_to_goal": round(median / GOAL_S, 3),
-        "claims": [claim(f"plan + resume scan, {len(plan.cells):,} cells", median, "s", f"< {GOAL_S:.0f} s",
-                         median < GOAL_S, f"runs {min(timings.seconds):.2f}-{max(timings.seconds):.2f} s; "
-                         f"{median / GOAL_S:.2f}x the goal")],
+        "ratio_to_goal": round(total / GOAL_S, 3),
+        "claims": [claim(f"start-up + plan + resume scan, {len(plan.cells):,} cells (fingerprints cached)", total,
+                         "s", f"< {GOAL_S:.0f} s", total < GOAL_S,
+                         f"scan runs {min(timings.seconds):.2f}-{max(timings.seconds):.2f} s + start-up "
+                         f"{cached_s:.2f} s; with every row read {median + read_s:.2f} s; {total / GOAL_S:.2f}x the goal")],
     }, started)
 
 
