@@ -71,13 +71,13 @@ def _expanded_size(value: Any, depth: int, sizes: dict[int, int]) -> int:
     return sizes[id(value)]
 
 
-def read_text_utf8(path: Path) -> str:
-    """A text file's contents as UTF-8; a byte that is not names the file and its offset."""
+def read_text(path: Path, encoding: str = "UTF-8") -> str:
+    """A text file's contents; a byte the encoding cannot read names the file and its offset."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise GridError(f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}") from None
+        raise GridError(f"{path}: not {encoding} text: byte 0x{data[exc.start]:02x} at offset {exc.start}") from None
 
 
 def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
@@ -85,7 +85,7 @@ def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     Bounded: text must be UTF-8, a key may not repeat, nesting stops at MAX_YAML_DEPTH and aliases
     may not expand past MAX_YAML_NODES values (a few hundred bytes of nested aliases can stand for
     billions, and a cell id would write them all out)."""
-    text = read_text_utf8(path)
+    text = read_text(path)
     try:
         raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:

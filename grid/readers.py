@@ -16,7 +16,7 @@ from pathlib import Path
 import datasets
 
 from grid.dataspec import HubSpec, ReadSpec
-from grid.errors import GridError, read_text_utf8
+from grid.errors import GridError, read_text
 
 datasets.disable_progress_bars()
 # A bad file is reported as one GridError line naming file and row; datasets' own log would repeat it.
@@ -114,7 +114,7 @@ def _first_bad_json_line(path: Path, required: tuple[str, ...]) -> str | None:
 
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> datasets.Dataset:
     """JSON lines through HF datasets; a bad line, or one without a required field, is named."""
-    if not read_text_utf8(path).strip():
+    if not read_text(path).strip():
         raise GridError(f"{path}: the file has no rows")
     try:
         ds = datasets.load_dataset("json", data_files=[str(path)], split="train")
@@ -142,10 +142,7 @@ def _read_csv(path: Path, spec: ReadSpec) -> datasets.Dataset:
 
 
 def _lines(path: Path, encoding: str) -> list[str]:
-    try:
-        return path.read_text(encoding=encoding).splitlines()
-    except UnicodeDecodeError as exc:
-        raise GridError(f"{path}: not {encoding} text ({exc.reason} at byte {exc.start})") from None
+    return read_text(path, encoding).splitlines()
 
 
 def _read_delimited(path: Path, spec: ReadSpec) -> datasets.Dataset:

@@ -10,20 +10,8 @@ import yaml
 
 from grid import data
 from grid.tasks import TaskDef
-
-TASK = """\
-name: t
-description: a test task
-data:
-  files: {train: d/train.jsonl, test: d/test.jsonl}
-  read: {format: jsonl}
-  text: text
-  fields:
-    label: {column: label}
-subtasks:
-  - {name: label, field: label, type: label}
-"""
-ROWS = '{"text": "wake me at nine", "label": "alarm"}\n{"text": "play jazz", "label": "music"}\n'
+from tests.test_bad_inputs import ROW as ROWS
+from tests.test_bad_inputs import TASK
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ AWS_ENDPOINT_URL for an S3-compatible server), never from a URI written in a fil
 from __future__ import annotations
 
 import errno
-
 import hashlib
 import json
 import posixpath
