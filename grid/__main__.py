@@ -15,7 +15,7 @@ from grid.errors import GridError
 def cmd_tasks(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from grid.data import label_sets, load_split
+    from grid.data import label_sets, load_split, warn_unseen_test_labels
     from grid.tables import print_table
     from grid.tasks import TASKS_DIR, catalog, get_task
 
@@ -26,6 +26,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     for name in names:
         task = get_task(name)
         labels = label_sets(task, args.data)
+        warn_unseen_test_labels(task, args.data)
         rows.append({
             "task": name, "kind": "multi (JSON)" if task.is_multi else task.subtasks[0].type,
             "subtasks": ", ".join(f"{s.name}:{s.type}" for s in task.subtasks),

@@ -307,7 +307,6 @@ def _label_sets(task: TaskDef, data_dir: Path | None) -> dict[str, tuple[str, ..
             out[sub.name] = sub.labels
         elif sub.type == "label":
             out[sub.name] = tuple(sorted(set(train[sub.field])))
-            _warn_unseen_test_labels(task, sub.name, sub.field, set(out[sub.name]), data_dir)
         elif sub.type == "word_tags":
             tags = {t for row in train[sub.field] for t in row} - {OUTSIDE_TAG}
             out[sub.name] = tuple(sorted(tags)) + (OUTSIDE_TAG,)
@@ -316,17 +315,26 @@ def _label_sets(task: TaskDef, data_dir: Path | None) -> dict[str, tuple[str, ..
     return out
 
 
-def _warn_unseen_test_labels(task: TaskDef, sub: str, field: str, labels: set[str], data_dir: Path | None) -> None:
-    """One warning line when test rows carry labels the train split never has: a label set read
-    from train cannot offer them, so those rows count as wrong for every model (scored as they are,
-    not dropped). A task that lists its labels is checked row by row instead (_check_labels)."""
-    test = _load_cached(task, "test", data_dir)[field]
-    unseen = sorted({v for v in test if v not in labels})
-    if unseen:
-        rows = sum(v not in labels for v in test)
-        log.warning("task %s: %d of %d test rows have a %s value no train row has (%s); they stay in the "
-                    "scores, and no model can answer them", task.name, rows, len(test), sub,
-                    ", ".join(unseen[:5]) + (f", ... {len(unseen)} in all" if len(unseen) > 5 else ""))
+@cache
+def warn_unseen_test_labels(task: TaskDef, data_dir: str | Path | None = None) -> None:
+    """One warning line per label sub-task whose test rows carry labels the train split never has:
+    a label set read from train cannot offer them, so those rows count as wrong for every model
+    (scored as they are, not dropped). A task that lists its labels is checked row by row instead
+    (_check_labels). Called where test rows are read anyway (`grid tasks`, an inference cell's
+    preparation on the driver), once per task and process; not on every read of a label set (a
+    fine-tune worker reads no test rows)."""
+    labels = label_sets(task, data_dir)
+    test = load_split(task, "test", data_dir)
+    for sub in task.subtasks:
+        if sub.type != "label" or sub.labels is not None:
+            continue
+        known = set(labels[sub.name])
+        unseen = sorted({v for v in test[sub.field] if v not in known})
+        if unseen:
+            rows = sum(v not in known for v in test[sub.field])
+            log.warning("task %s: %d of %d test rows have a %s value no train row has (%s); they stay in the "
+                        "scores, and no model can answer them", task.name, rows, len(test), sub.name,
+                        ", ".join(unseen[:5]) + (f", ... {len(unseen)} in all" if len(unseen) > 5 else ""))
 
 
 def label_sets(task: TaskDef, data_dir: str | Path | None = None) -> dict[str, tuple[str, ...]]:

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from grid.claims import Claims
 from grid.config import GridConfig
-from grid.data import label_sets, load_split, sample_test_rows
+from grid.data import label_sets, load_split, sample_test_rows, warn_unseen_test_labels
 from grid.errors import GridError
 from grid.metrics.label_scores import label_logprobs_column, stored_label_logprobs
 from grid.metrics.score import score
@@ -111,6 +111,7 @@ def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCe
     task = get_task(cell.task)
     rows = test_rows(cell, data_dir)
     labels = label_sets(task, data_dir)
+    warn_unseen_test_labels(task, data_dir)  # once per task: test labels no train row has
     if cell.family == "encoder":
         items = [{"example_id": r["example_id"], "text": r["text"], "words": r["words"]} for r in rows]
         return PreparedCell(cell, rows, items, labels)
