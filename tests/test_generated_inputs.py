@@ -47,8 +47,8 @@ def mutated(text: str) -> st.SearchStrategy:
                      st.text(alphabet=st.sampled_from(list(":-[]{}&*!|>'\"#\t\n ,0a\u00e9")), max_size=12)).map(cut)
 
 
-def load_or_refuse(load, path: Path, content: str | bytes) -> None:
-    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8", "surrogatepass"))
+def load_or_refuse(load, path: Path, content: str) -> None:
+    path.write_text(content, encoding="utf-8")
     try:
         load(path)
     except GridError as exc:
