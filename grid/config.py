@@ -224,7 +224,8 @@ class GridConfig(Strict):
         "by the report (grid/comparisons.py); without them the report's default pairs, as exploratory")
     finetuned_eval: Literal["own", "all"] = Field(
         default="own", description="all: every fine-tuned decoder is also evaluated on the grid's other "
-        "tasks (its unseen ones); exclude rules filter what is trained, not where it is evaluated")
+        "tasks (its unseen ones); exclude rules filter what is trained, except that a rule naming a decoding "
+        "drops only the evaluations it matches (held-out tasks calibrated, seen ones raw)")
 
     # --- models made by the grid (fine-tuned variants, merges) ---------------------------------
 

@@ -212,9 +212,15 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
                  "decoding": decoding_label}
         task = tasks[task_name]
         is_encoder = model.family == "encoder"
-        if (_builtin_skip(model, shots, mode) or _uncalibratable(decoding, model, task)
-                or _headless(config, decoding, model, mode, task_name)
-                or any(_matches(r, combo) for r in config.exclude)):
+        own = not (_uncalibratable(decoding, model, task) or _headless(config, decoding, model, mode, task_name)
+                   or any(_matches(r, combo) for r in config.exclude))
+        # With `finetuned_eval: all` a fine-tune is also evaluated on the other tasks, each with the
+        # decodings the rules keep for it: a rule naming a decoding says where a model is scored
+        # so (held-out tasks calibrated, seen tasks raw), and drops only that evaluation; the
+        # other rules say what is trained.
+        cross_eval = mode != "none" and model.family == "decoder" and config.finetuned_eval == "all"
+        trains = cross_eval and not any(_matches(r, combo) for r in config.exclude if "decoding" not in r)
+        if _builtin_skip(model, shots, mode) or not (own or trains):
             skipped += 1
             continue
         common = dict(
@@ -242,15 +248,20 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
                 finetunes[ft.id] = ft
             depends_on = ft.id
         decoding_dict = None if is_encoder else decoding_dump
-        cell = Cell(kind="infer", decoding=decoding_dict, recipe=None, depends_on=depends_on,
-                    lineage=_infer_lineage(config, model.name, seen, task_name if mode != "none" else None), **common)
-        infers.setdefault(cell.id, cell)
-        if mode != "none" and model.family == "decoder" and config.finetuned_eval == "all":
+        if own:
+            cell = Cell(kind="infer", decoding=decoding_dict, recipe=None, depends_on=depends_on,
+                        lineage=_infer_lineage(config, model.name, seen, task_name if mode != "none" else None),
+                        **common)
+            infers.setdefault(cell.id, cell)
+        else:
+            skipped += 1
+        if cross_eval:
             for other in config.tasks:  # the fine-tuned model on the grid's other (unseen) tasks
                 if other == task_name:
                     continue
                 t = tasks[other]
-                if _uncalibratable(decoding, model, t) or _headless(config, decoding, model, mode, other):
+                if (_uncalibratable(decoding, model, t) or _headless(config, decoding, model, mode, other)
+                        or any(_matches(r, combo | {"task": other}) for r in config.exclude if "decoding" in r)):
                     skipped += 1
                     continue
                 cross = {**common, "task": other, "data_fp": fingerprints[other],

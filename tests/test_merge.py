@@ -342,6 +342,41 @@ def test_finetuned_eval_all_adds_unseen_task_cells_and_keeps_own_ids(tmp_path):
         assert ft.kind == "finetune" and ft.task == c.lineage["trained_on"] and c.task not in ft.lineage["seen_tasks"]
 
 
+def test_finetuned_eval_all_scores_each_task_with_the_decodings_its_rules_keep(tmp_path):
+    """The merge study's design: held-out tasks scored calibrated, seen tasks raw, for every model.
+    A rule naming a decoding drops an evaluation, never a fine-tune; the other rules drop training."""
+    text = """
+name: t
+models:
+  - {name: base, source: "tiny:llama", family: decoder}
+tasks: [fpb-sentiment, fomc-stance, sst2]
+finetune: [none, lora]
+finetuned_eval: all
+decoding:
+  - {mode: constrained}
+  - {mode: constrained, calibration: contextual}
+exclude:
+  - {task: sst2, finetune: lora}
+  - {task: sst2, decoding: constrained}
+  - {task: [fpb-sentiment, fomc-stance], decoding: constrained+contextual}
+"""
+    from grid.config import decoding_name
+
+    plan = _plan(tmp_path, text)
+    assert sorted(c.task for c in plan.cells if c.kind == "finetune") == ["fomc-stance", "fpb-sentiment"]
+    infers = [(c.task, c.finetune, decoding_name(c.decoding)) for c in plan.cells if c.kind == "infer"]
+    assert len(infers) == len(set(infers)) + 3  # each lora evaluation twice: by the fpb and the fomc fine-tune
+    assert sorted(set(infers)) == [("fomc-stance", "lora", "constrained"), ("fomc-stance", "none", "constrained"),
+                                   ("fpb-sentiment", "lora", "constrained"), ("fpb-sentiment", "none", "constrained"),
+                                   ("sst2", "lora", "constrained+contextual"),
+                                   ("sst2", "none", "constrained+contextual")]
+    # each fine-tune's evaluations: raw on the seen tasks (its own and the other's), calibrated on sst2
+    for ft in (c for c in plan.cells if c.kind == "finetune"):
+        mine = sorted((c.task, decoding_name(c.decoding)) for c in plan.cells if c.depends_on == ft.id)
+        assert mine == [("fomc-stance", "constrained"), ("fpb-sentiment", "constrained"),
+                        ("sst2", "constrained+contextual")]
+
+
 def test_merge_cell_runs_from_the_plan_and_records_lineage(ckpts, tmp_path):
     from transformers import AutoModelForCausalLM
 
