@@ -19,8 +19,9 @@ too (they are the model's), and naming `finetune` or `task` differently frees `t
 A pair must be scored on the same examples: the same test rows of the same data, so A and B may
 name two tasks only where both read one source (`a: {task: 20ng-multi}`, `b: {task: 20ng-20}`:
 the consolidated model against the dual one, on a sub-task both have, `label/accuracy`). Metrics
-are a sub-task's (`accuracy`, `macro_f1`, `balanced_accuracy`, `slot_f1`, `rouge1`, `rouge2`,
-`rougeL`; `exact_match` of a whole multi-task), unqualified for every sub-task it applies to, or
+are a sub-task's (`accuracy`, `macro_f1`, `balanced_accuracy`, `gold_logprob` (the gold label's
+mean log-prob, in nats: constrained score decoding), `slot_f1`, `rouge1`, `rouge2`, `rougeL`;
+`exact_match` of a whole multi-task), unqualified for every sub-task it applies to, or
 `intent/accuracy` for one.
 
 Everything here is plain data over cell dicts (a plan's cells, or the `cell` of each cell.json),
@@ -38,9 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from grid.errors import GridError
 
 SELECTOR_KEYS = ("model", "family", "backend", "task", "shots", "finetune", "decoding", "trained_on")
-KNOWN_METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "slot_f1", "rouge1", "rouge2", "rougeL",
-                 "exact_match")
-SUBTASK_METRICS = {"label": ("accuracy", "macro_f1", "balanced_accuracy"), "word_tags": ("slot_f1",),
+KNOWN_METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "gold_logprob", "slot_f1", "rouge1", "rouge2",
+                 "rougeL", "exact_match")
+SUBTASK_METRICS = {"label": ("accuracy", "macro_f1", "balanced_accuracy", "gold_logprob"), "word_tags": ("slot_f1",),
                    "text": ("rouge1", "rouge2", "rougeL")}
 
 

@@ -316,6 +316,7 @@ class Outcomes:
     preds: list[str | None] = field(default_factory=list)
     counts: np.ndarray | None = None  # (n, 3) int: word_tags (tp, predicted, gold entities)
     rouge: dict[str, np.ndarray] = field(default_factory=dict)  # text: per-example F by ROUGE type
+    gold_logprob: np.ndarray | None = None  # label: (n,) log p(gold) of scored answers (NaN: not scored)
 
     def positions(self, other: Outcomes) -> tuple[list[int], list[int]]:
         """Row positions of the examples both cells answered, in a common order."""
@@ -329,7 +330,7 @@ class Outcomes:
         return [i for i, _ in pairs], [j for _, j in pairs]
 
 
-METRICS_OF = {"label": ("accuracy", "macro_f1", "balanced_accuracy"), "word_tags": ("slot_f1",),
+METRICS_OF = {"label": ("accuracy", "macro_f1", "balanced_accuracy", "gold_logprob"), "word_tags": ("slot_f1",),
               "text": ("rouge1", "rouge2", "rougeL"), "task": ("exact_match",)}
 
 
@@ -364,6 +365,15 @@ def metric_arrays(metric: str, a: Outcomes, b: Outcomes) -> tuple[Statistic, lis
         return slot_f1_statistic, [a.counts[ia]], [b.counts[ib]]
     if a.kind == "text":
         return mean_statistic, [a.rouge[metric][ia]], [b.rouge[metric][ib]]
+    if metric == "gold_logprob":  # a mean of per-example values, in nats: the permutation test
+        values = []
+        for cell, rows in ((a, ia), (b, ib)):
+            lp = None if cell.gold_logprob is None else cell.gold_logprob[rows]
+            if lp is None or np.isnan(lp).any():
+                raise ValueError("gold_logprob needs every example's label log-probs (constrained score "
+                                 "decoding with label_logprobs kept); a cell lacks them")
+            values.append(lp)
+        return mean_statistic, [values[0]], [values[1]]
     golds = [a.golds[i] for i in ia]
     if golds != [b.golds[j] for j in ib]:
         raise ValueError("the cells' gold labels differ on the same example ids: they were scored on different data")
@@ -430,7 +440,9 @@ def subtask_valid(invalid_reason: str | None, name: str) -> bool:
 
 def outcomes_from_rows(rows: Sequence[dict[str, Any]], task_name: str, subtask: str) -> Outcomes:
     """Per-example values of one sub-task (or "*": every sub-task right) from prediction rows
-    (example_id, prediction, gold, invalid_reason), with grid.metrics.score's rules."""
+    (example_id, prediction, gold, invalid_reason, and label_logprobs where kept), with
+    grid.metrics.score's rules."""
+    from grid.metrics.label_scores import label_score_terms
     from grid.metrics.rouge import rouge_per_example
     from grid.metrics.score import per_subtask_correct
     from grid.parsing import gold_value
@@ -460,5 +472,10 @@ def outcomes_from_rows(rows: Sequence[dict[str, Any]], task_name: str, subtask: 
         return Outcomes("task", ids, correct=np.logical_and.reduce([np.asarray(c, bool) for c in correct.values()]))
     answers = [p[sub.name].value if p[sub.name].valid and isinstance(p[sub.name].value, str) else None
                for p in parsed]
-    return Outcomes("label", ids, correct=np.asarray(correct[sub.name], dtype=bool),
-                    golds=[str(gold_value(sub, g)) for g in golds], preds=answers)
+    gold_labels = [str(gold_value(sub, g)) for g in golds]
+    kept = [json.loads(r["label_logprobs"]).get(sub.name) if r.get("label_logprobs") else None for r in rows]
+    gold_lp = None
+    if kept and all(k is not None for k in kept):
+        gold_lp = label_score_terms(gold_labels, kept)[0]
+    return Outcomes("label", ids, correct=np.asarray(correct[sub.name], dtype=bool), golds=gold_labels,
+                    preds=answers, gold_logprob=gold_lp)

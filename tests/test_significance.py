@@ -220,6 +220,35 @@ def test_label_outcomes_use_validity_and_align_on_example_id():
     assert subtask_valid("intent: x", "slots") is True
 
 
+def test_gold_logprob_is_tested_on_the_kept_label_logprobs_with_the_permutation_test():
+    """The gold label's log-prob moves when a model answers the same default label with more or
+    less confidence in the truth: the merge study's forgetting measure beside accuracy."""
+    rng = np.random.default_rng(0)
+    golds = rng.choice(["positive", "negative"], size=60).tolist()
+
+    def rows(gold_p: np.ndarray) -> list[dict]:  # every row answers "positive"; p(gold) varies
+        out = []
+        for i, (g, p) in enumerate(zip(golds, gold_p)):
+            lp = {g: float(np.log(p)), ("negative" if g == "positive" else "positive"): float(np.log1p(-p))}
+            out.append({"example_id": str(i), "gold": json.dumps({"sentiment": g}),
+                        "prediction": json.dumps({"sentiment": "positive"}), "invalid_reason": None,
+                        "label_logprobs": json.dumps({"sentiment": lp})})
+        return out
+
+    sure, unsure = rng.uniform(0.6, 0.9, 60), rng.uniform(0.2, 0.5, 60)
+    a = outcomes_from_rows(rows(sure), "sst2", "sentiment")
+    b = outcomes_from_rows(rows(unsure), "sst2", "sentiment")
+    assert np.allclose(a.gold_logprob, np.log(sure))
+    assert compare(a, b, "accuracy").diff == 0  # the same answers: accuracy cannot see it
+    r = compare(a, b, "gold_logprob", n_resamples=500)
+    assert r.test == "paired-permutation" and r.diff == pytest.approx(np.mean(np.log(sure) - np.log(unsure)))
+    assert r.significant and r.ci_low < r.diff < r.ci_high
+    without = outcomes_from_rows([{k: v for k, v in row.items() if k != "label_logprobs"} for row in rows(sure)],
+                                 "sst2", "sentiment")
+    with pytest.raises(ValueError, match="label log-probs"):
+        compare(without, b, "gold_logprob")
+
+
 def test_text_outcomes_score_rouge_like_the_scorer():
     task = get_task("dialogsum")
     sub = task.subtasks[0].name

@@ -78,7 +78,7 @@ class OutcomeCache:
         key = (record["cell_id"], subtask)
         if key not in self._cache:
             path = self.store.predictions_path(record["cell_id"])
-            cols = ["example_id", "prediction", "gold", "invalid_reason"]
+            cols = ["example_id", "prediction", "gold", "invalid_reason", "label_logprobs"]
             with self.store.fs.open_input_file(path) as fh:
                 table = pq.read_table(fh)
             table = table.select([c for c in cols if c in table.column_names])

@@ -6,19 +6,25 @@ from __future__ import annotations
 from typing import Any
 
 
+def _unit(metric: str, value: float, sign: str = "+") -> str:
+    """A difference of `metric`: points (1 decimal), or nats (2 decimals) for gold_logprob."""
+    return f"{value:{sign}.2f}" if metric == "gold_logprob" else f"{100 * value:{sign}.1f}"
+
+
 def diff_text(result: dict[str, Any]) -> str:
-    """A - B in points, with its CI when the test gives one."""
-    diff = f"{100 * result['diff']:+.1f}"
+    """A - B in points (gold_logprob: nats), with its CI when the test gives one."""
+    metric = result.get("metric", "")
+    diff = _unit(metric, result["diff"])
     if result.get("ci_low") is not None:
-        diff += f" [{100 * result['ci_low']:+.1f}, {100 * result['ci_high']:+.1f}]"
+        diff += f" [{_unit(metric, result['ci_low'])}, {_unit(metric, result['ci_high'])}]"
     return diff
 
 
 def mde_text(result: dict[str, Any]) -> str:
-    """The smallest |A - B| (points) the test detects at alpha 0.05 with 80% power; – where the
-    cells never disagree (McNemar has no discordant pair to power it)."""
+    """The smallest |A - B| (points; gold_logprob: nats) the test detects at alpha 0.05 with 80%
+    power; – where the cells never disagree (McNemar has no discordant pair to power it)."""
     mde = result.get("mde")
-    return "–" if mde is None else f"{100 * mde:.1f}"
+    return "–" if mde is None else _unit(result.get("metric", ""), mde, sign="")
 
 
 def p_text(p: float) -> str:
@@ -46,10 +52,11 @@ def adjusted_p_text(result: dict[str, Any]) -> str:
 
 
 def seeds_text(comp: Any) -> str:
-    """The seeds a comparison pooled, and per seed A - B (points) with the t-test's p."""
+    """The seeds a comparison pooled, and per seed A - B (points; gold_logprob: nats) with the
+    t-test's p."""
     if len(comp.seeds) < 2 or not comp.per_seed_diff:
         return ", ".join(str(s) for s in comp.seeds)
-    diffs = ", ".join(f"s{s} {100 * d:+.1f}" for s, d in zip(comp.seeds, comp.per_seed_diff))
+    diffs = ", ".join(f"s{s} {_unit(comp.metric, d)}" for s, d in zip(comp.seeds, comp.per_seed_diff))
     return f"{diffs}; t-test p {'–' if comp.p_seeds is None else p_text(comp.p_seeds)}"
 
 
