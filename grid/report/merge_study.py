@@ -49,8 +49,8 @@ def _variant_name(cell: dict[str, Any]) -> str:
 
 
 def collect_variants(records: list[dict[str, Any]]) -> tuple[list[Variant], str | None]:
-    """The variants of the results' zero-shot label cells (first seed and decoding), and the name
-    of the reference variant (None when the grid names none)."""
+    """The variants of the results' zero-shot label cells (first seed, each task's first decoding),
+    and the name of the reference variant (None when the grid names none)."""
     from grid.tasks import get_task
 
     by_id = {r["cell_id"]: r for r in records}
@@ -59,8 +59,13 @@ def collect_variants(records: list[dict[str, Any]]) -> tuple[list[Variant], str 
     if not infers:
         return [], None
     seed = min(r["cell"]["seed"] for r in infers)
-    decodings = sorted({decoding_name(r["cell"]["decoding"]) for r in infers})
-    infers = [r for r in infers if r["cell"]["seed"] == seed and decoding_name(r["cell"]["decoding"]) == decodings[0]]
+    # one decoding per task (a grid may score held-out tasks calibrated and seen ones raw): its first
+    decoding: dict[str, str] = {}
+    for r in infers:
+        name = decoding_name(r["cell"]["decoding"])
+        decoding[r["cell"]["task"]] = min(name, decoding.get(r["cell"]["task"], name))
+    infers = [r for r in infers if r["cell"]["seed"] == seed
+              and decoding_name(r["cell"]["decoding"]) == decoding[r["cell"]["task"]]]
     # kind of weights, seen tasks and reference: grid.forgetting's rule, as status and the report use it
     lineage = {r["cell_id"]: r for r in forgetting_frame(records).select("cell_id", "kind", "seen_tasks", "reference")
                .unique("cell_id", maintain_order=True).to_dicts()}
