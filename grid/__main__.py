@@ -32,6 +32,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             "subtasks": ", ".join(f"{s.name}:{s.type}" for s in task.subtasks),
             "labels": ", ".join(str(len(labels[s.name])) for s in task.subtasks),
             "train": len(load_split(task, "train", args.data)), "test": len(load_split(task, "test", args.data)),
+            "validation": len(load_split(task, "validation", args.data)) if task.data.has_validation else None,
         })
     print_table(pl.DataFrame(rows), f"{len(rows)} tasks")
     return 0

@@ -292,10 +292,19 @@ def _load_cached(task: TaskDef, split: str, data_dir: Path | None) -> datasets.D
 
 
 def load_split(task: TaskDef, split: str, data_dir: str | Path | None = None) -> datasets.Dataset:
-    """The normalized rows of a task's `train` or `test` split."""
-    if split not in ("train", "test"):
-        raise GridError(f"unknown split {split!r}; use train or test")
+    """The normalized rows of a task's `train` or `test` split, or of the `validation` split a
+    task declares (grid.dataspec)."""
+    if split not in ("train", "validation", "test"):
+        raise GridError(f"unknown split {split!r}; use train, validation or test")
+    if split == "validation" and not task.data.has_validation:
+        raise GridError(f"task {task.name} declares no validation split (data.files, data.hub.splits or "
+                        "data.split.values name none)")
     return _load_cached(task, split, resolve_data_dir(data_dir))
+
+
+def data_splits(task: TaskDef) -> tuple[str, ...]:
+    """The splits a task's rows come in: train and test, and validation where it declares one."""
+    return ("train", "validation", "test") if task.data.has_validation else ("train", "test")
 
 
 @cache
@@ -360,7 +369,7 @@ def _rows_fingerprint(task: TaskDef, data_dir: Path | None) -> str:
     # The task's data definition (source, split rule, fields, sub-tasks and labels), so that an
     # edited split_seed or label list makes new cells even where the rows read happen to agree.
     digest.update(json.dumps(task.data_identity(), sort_keys=True).encode())
-    for split in ("train", "test"):
+    for split in data_splits(task):  # a declared validation split too: it changes what a search holds out
         ds = _load_cached(task, split, data_dir)
         cols = ["example_id", "text"] + [s.field for s in task.subtasks]
         # The rows as read: the arrow view follows a split's indices mapping (a seeded split is a

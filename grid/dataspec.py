@@ -5,6 +5,7 @@ The `data:` block of a task YAML (tasks/*.yaml) validates into `DataSpec`. The c
 
     data:
       files: {train: "some/train.part*.jsonl", test: "some/test.jsonl"}   # or {all: ...} + split
+                                          # (and validation: ..., where the dataset has its own)
       read: {format: jsonl}               # jsonl json csv tsv parquet delimited lines
       hub: {path: org/name, splits: {train: train, test: test}}           # used without a data dir
       split: {partition: column}          # or {stratify: field, split_seed: 42, test_fraction: 0.2}
@@ -17,6 +18,10 @@ The `data:` block of a task YAML (tasks/*.yaml) validates into `DataSpec`. The c
 
 Paths are relative to the data dir and may be globs: a glob's files are read in sorted order as
 one split.
+
+A dataset's own validation split (SNIPS's `valid/`, MASSIVE's `dev`) is declared beside train and
+test (`files`, `hub.splits`, or a partition value); a search then holds out those rows instead of
+carving them from train (workers/training.split_validation). Inference never reads it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SplitName = Literal["train", "test", "all"]
+SplitName = Literal["train", "validation", "test", "all"]
+SPLIT_KEYS = ({"train", "test"}, {"train", "validation", "test"}, {"all"})
 Transform = Literal["first_dotted_component"]
 
 
@@ -68,16 +74,27 @@ class HubSpec(_Strict):
 
     path: str
     config: str | None = None
-    splits: dict[SplitName, str] = Field(description="train/test (or all) -> the hub's split name")
+    splits: dict[SplitName, str] = Field(description="train/test (and validation), or all -> the hub's split name")
     rename: dict[str, str] = Field(default_factory=dict, description="hub column -> the column the fields read")
     index_column: str | None = Field(default=None, description="a column holding the row index (hub copies without ids)")
 
 
 class PartitionSplit(_Strict):
-    """Train and test are the rows whose `partition` column holds the split's value."""
+    """Train and test (and validation, when given a value) are the rows whose `partition` column
+    holds the split's value."""
 
     partition: str
-    values: dict[Literal["train", "test"], str] = Field(default_factory=lambda: {"train": "train", "test": "test"})
+    values: dict[Literal["train", "validation", "test"], str] = Field(
+        default_factory=lambda: {"train": "train", "test": "test"})
+
+    @field_validator("values")
+    @classmethod
+    def _train_and_test(cls, value: dict[str, str]) -> dict[str, str]:
+        if not {"train", "test"} <= set(value):
+            raise ValueError("give the values of train and test (validation is optional)")
+        if len(set(value.values())) < len(value):
+            raise ValueError("each split needs its own value")
+        return value
 
 
 class FractionSplit(_Strict):
@@ -153,10 +170,22 @@ class DataSpec(_Strict):
             if not splits:
                 continue
             keys = set(splits)
-            if keys not in ({"train", "test"}, {"all"}):
-                raise ValueError(f"{where}: give train and test, or all")
+            if keys not in SPLIT_KEYS:
+                raise ValueError(f"{where}: give train and test (and validation, if the dataset has one), or all")
             if keys == {"all"} and self.split is None:
                 raise ValueError(f"{where}: all rows in one source need split: (partition or stratify)")
         if isinstance(self.split, FractionSplit) and self.split.stratify not in self.fields:
             raise ValueError(f"split.stratify: {self.split.stratify!r} is not one of fields")
+        declared = {where: "validation" in splits for where, splits in
+                    (("files", self.files), ("hub.splits", self.hub and self.hub.splits)) if splits and "all" not in splits}
+        if len(set(declared.values())) > 1:
+            raise ValueError("files and hub.splits must agree on a validation split (both or neither)")
         return self
+
+    @property
+    def has_validation(self) -> bool:
+        """The dataset declares its own validation split."""
+        sources = [self.files, self.hub.splits if self.hub else None]
+        if any(s and "validation" in s for s in sources):
+            return True
+        return isinstance(self.split, PartitionSplit) and "validation" in self.split.values

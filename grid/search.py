@@ -12,7 +12,8 @@ written before it keeps its cells.
           space: {lr: {loguniform: [1.0e-5, 3.0e-4]}, epochs: {choice: [4, 8, 12]}}
           trials: 6
           metric: val_accuracy                       # or val_loss
-          validation: {fraction: 0.1, seed: 0}       # carved from train; the test split is never read
+          validation: {fraction: 0.1, seed: 0}       # carved from train (the task's own validation
+                                                     # split where it declares one); never the test split
           scheduler: {asha: {grace_period: 2, reduction_factor: 2}}
           seed: 0                                    # which points of the space are drawn
 
@@ -157,9 +158,11 @@ def trial_budget(cell: Any, n_train: int) -> dict[str, Any]:
     recipe = cell.recipe or {}
     spec = SearchSpec.model_validate(recipe["search"])
     hparams = recipe.get("hparams") or {}
-    epochs = spec.longest_trial_epochs(hparams, get_task(cell.task).encoder_epochs or 1)
+    task = get_task(cell.task)
+    epochs = spec.longest_trial_epochs(hparams, task.encoder_epochs or 1)
     batch = int(largest(spec.space["batch_size"])) if "batch_size" in spec.space else int(hparams.get("batch_size") or 32)
-    fit_rows = n_train - validation_rows(n_train, spec.validation.fraction)
+    # a declared validation split leaves every train row to fit on
+    fit_rows = n_train if task.data.has_validation else n_train - validation_rows(n_train, spec.validation.fraction)
     steps_per_epoch = max(1, math.ceil(fit_rows / batch))
     if hparams.get("max_steps"):
         steps = int(hparams["max_steps"])

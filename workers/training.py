@@ -60,22 +60,31 @@ def train_indices(num_rows: int, limit: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(num_rows), limit))
 
 
-def split_validation(rows: Any, validation: Validation | None) -> tuple[Any, Any, dict[str, Any] | None]:
+def split_validation(rows: Any, validation: Validation | None, declared: Any = None
+                     ) -> tuple[Any, Any, dict[str, Any] | None]:
     """(rows to train on, held-out rows, what was held out) of a job's train rows (a datasets
-    Dataset, after `train_limit`): a seeded sample of `validation.fraction` of them, never trained
-    on; the record keeps its size, seed and a hash of its example ids."""
+    Dataset, after `train_limit`). The task's own validation split where it declares one
+    (`declared`: its rows, all of them; every train row is trained on), else a seeded sample of
+    `validation.fraction` of the train rows, never trained on. The record keeps where the rows
+    came from, their number and a hash of their example ids."""
     if validation is None:
         return rows, None, None
+    if declared is not None:
+        return rows, declared, {"split": "validation", "rows": len(declared), "train_rows": len(rows),
+                                "example_ids_sha256": _ids_hash(declared)}
     from grid.search import validation_rows
 
     held = set(random.Random(validation.seed).sample(range(len(rows)), validation_rows(len(rows), validation.fraction)))
     if len(held) == len(rows):
         raise GridError(f"{len(rows)} train rows are too few to hold {validation.fraction:g} of them out for validation")
     held_out = rows.select(sorted(held))
-    ids = "\n".join(str(i) for i in held_out["example_id"])
     return rows.select([i for i in range(len(rows)) if i not in held]), held_out, {
         "fraction": validation.fraction, "seed": validation.seed, "rows": len(held_out), "train_rows": len(rows) - len(held),
-        "example_ids_sha256": hashlib.sha256(ids.encode()).hexdigest()[:16]}
+        "example_ids_sha256": _ids_hash(held_out)}
+
+
+def _ids_hash(rows: Any) -> str:
+    return hashlib.sha256("\n".join(str(i) for i in rows["example_id"]).encode()).hexdigest()[:16]
 
 
 def epoch_batches(lengths: list[int], hp: dict[str, Any], seed: int, epoch: int,
