@@ -44,7 +44,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Timings, claim, ratio, write_figures  # noqa: E402
+from benchmarks.common import Timings, claim, ratio, write_figures
 
 TASK = "massive-intent"
 
@@ -117,7 +117,8 @@ def write_lm_eval_tasks(folder: Path, prepared, tokenizer, max_new_tokens: int) 
     with open(folder / "prompts.jsonl", "w") as f:
         for it, row in zip(prepared.items, prepared.rows):
             lead = answer_lead(tokenizer, it["prompt"])
-            f.write(json.dumps({"prompt": it["prompt"], "choices": [lead + l + tokenizer.eos_token for l in labels],
+            f.write(json.dumps({"prompt": it["prompt"],
+                                "choices": [lead + label + tokenizer.eos_token for label in labels],
                                 "gold": labels.index(row["intent"]), "answer": row["intent"]}) + "\n")
     common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'prompts.jsonl'}\n"
               "test_split: test\ndoc_to_text: \"{{prompt}}\"\n")
@@ -231,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         acc, inv = score(prepared, answers[name])
         s = t.summary()
         methods_out[name] = {**s, "n": len(answers[name]), "accuracy": acc, "invalid_rate": inv}
-        print(f"| {name:<30} | {len(answers[name]):>4} | {s['rate_median']:>8.3f} ({s['rate_min']:.3f}-{s['rate_max']:.3f})"
+        print(f"| {name:<30} | {len(answers[name]):>4} | {s['rate_median']:>8.3f} "
+              f"({s['rate_min']:.3f}-{s['rate_max']:.3f})"
               f"{'':>8} | {acc:>8.3f} | {inv:>7.1%} |")
     score_name, greedy_name = "clfgrid constrained (score)", "clfgrid constrained (greedy)"
     same = sum(a == b for a, b in zip(answers[score_name], answers["lm-eval multiple_choice"]))
@@ -249,14 +251,17 @@ def main(argv: list[str] | None = None) -> int:
                    "argmaxes": sorted(set(answers["lm-eval multiple_choice"]))}
     invalid = methods_out[score_name]["invalid_rate"]
     claims = [
-        claim("constrained score vs lm-eval multiple_choice", ratio(timings[score_name], timings["lm-eval multiple_choice"]),
+        claim("constrained score vs lm-eval multiple_choice",
+              ratio(timings[score_name], timings["lm-eval multiple_choice"]),
               "x examples/s", ">= 10x", ratio(timings[score_name], timings["lm-eval multiple_choice"]) >= 10,
               f"lm-eval multiple_choice on {mc_n} examples, {args.mc_runs} run(s)"),
-        claim("constrained score vs lm-eval generate_until", ratio(timings[score_name], timings["lm-eval generate_until"]),
+        claim("constrained score vs lm-eval generate_until",
+              ratio(timings[score_name], timings["lm-eval generate_until"]),
               "x examples/s", ">= 2x at 0% invalid",
               ratio(timings[score_name], timings["lm-eval generate_until"]) >= 2 and invalid == 0,
               f"lm-eval generate_until, {n} examples, {args.runs} runs"),
-        claim("constrained greedy vs lm-eval generate_until", ratio(timings[greedy_name], timings["lm-eval generate_until"]),
+        claim("constrained greedy vs lm-eval generate_until",
+              ratio(timings[greedy_name], timings["lm-eval generate_until"]),
               "x examples/s", ">= 2x at 0% invalid",
               ratio(timings[greedy_name], timings["lm-eval generate_until"]) >= 2
               and methods_out[greedy_name]["invalid_rate"] == 0,

@@ -26,13 +26,16 @@ for _var, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
     os.environ.setdefault(_var, _value)
 
 from grid.data import label_sets, load_split  # noqa: E402
+from grid.jobs import (  # noqa: E402
+    ENCODER_HPARAMS,
+    FinetuneJob,
+    Resources,
+)
 from grid.metrics.score import score  # noqa: E402
 from grid.parsing import parse_answer  # noqa: E402
 from grid.tasks import get_task  # noqa: E402
 from workers.encoder import EncoderPredictor  # noqa: E402
-from grid.jobs import FinetuneJob, Resources  # noqa: E402
 from workers.models import resolve  # noqa: E402
-from grid.jobs import ENCODER_HPARAMS  # noqa: E402
 from workers.train_encoder import run  # noqa: E402
 
 TASKS = ("massive-intent", "massive-slots", "massive-multi")
@@ -103,12 +106,13 @@ def main() -> None:
 
     print(f"\nMiniLM-L6 on MASSIVE en-US (full train, test n=2974); hparams {hparams}"
           + (f"; single-head jobs stopped at step {args.single_max_steps}" if args.single_max_steps else ""))
-    print(f"{'task':16} {'intent acc':>10} {'slot F1':>8} {'exact':>7} {'steps':>6} {'train s':>8} {'tok/s':>7} {'pad %':>6} {'wall s':>7}")
+    print(f"{'task':16} {'intent acc':>10} {'slot F1':>8} {'exact':>7} {'steps':>6} {'train s':>8} "
+          f"{'tok/s':>7} {'pad %':>6} {'wall s':>7}")
     for task_name, r in results.items():
         t = r["train"]
         print(f"{task_name:16} {fmt(pct(task_name, 'intent/accuracy')):>10} {fmt(pct(task_name, 'slots/slot_f1')):>8} "
-              f"{fmt(pct(task_name, 'exact_match')):>7} {t['steps']:6d} {t['train_seconds']:8.0f} {t['nonpad_tokens_per_s']:7.0f} "
-              f"{100 * t['padding_share']:6.1f} {r['wall_seconds']:7.0f}")
+              f"{fmt(pct(task_name, 'exact_match')):>7} {t['steps']:6d} {t['train_seconds']:8.0f} "
+              f"{t['nonpad_tokens_per_s']:7.0f} {100 * t['padding_share']:6.1f} {r['wall_seconds']:7.0f}")
     gaps = {}
     for key, single in (("intent/accuracy", "massive-intent"), ("slots/slot_f1", "massive-slots")):
         a, b = pct("massive-multi", key), pct(single, key)

@@ -35,14 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import polars as pl  # noqa: E402
+import polars as pl
 
-from benchmarks.common import ROOT, Timings, claim, write_figures  # noqa: E402
-from grid.config import GridConfig  # noqa: E402
-from grid.execute import PreparedCell, finish_cell, prepare_cell  # noqa: E402
-from grid.plan import build_plan  # noqa: E402
-from grid.query import cells, metrics, predictions  # noqa: E402
-from grid.store import Store  # noqa: E402
+from benchmarks.common import ROOT, Timings, claim, write_figures
+from grid.config import GridConfig
+from grid.execute import PreparedCell, finish_cell, prepare_cell
+from grid.plan import build_plan
+from grid.query import cells, metrics, predictions
+from grid.store import Store
 
 GOAL_S = 2.0
 TASKS = ["massive-intent", "gold-headline"]  # label tasks with at least 1,000 test examples

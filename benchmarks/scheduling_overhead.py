@@ -38,14 +38,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import polars as pl  # noqa: E402
+import polars as pl
 
-from benchmarks.common import claim, write_figures  # noqa: E402
-from grid.config import GridConfig  # noqa: E402
-from grid.execute import connect_ray, execute  # noqa: E402
-from grid.plan import build_plan  # noqa: E402
-from grid.query import predictions  # noqa: E402
-from grid.store import Store  # noqa: E402
+from benchmarks.common import claim, write_figures
+from grid.config import GridConfig
+from grid.execute import connect_ray, execute
+from grid.plan import build_plan
+from grid.query import predictions
+from grid.store import Store
 
 TARGET_MS = 50.0  # marginal overhead per cell
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import FIGURES_DIR, ROOT  # noqa: E402
+from benchmarks.common import FIGURES_DIR, ROOT
 
 README = ROOT / "benchmarks" / "README.md"
 START, END = "<!-- figures -->", "<!-- /figures -->"

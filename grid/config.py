@@ -15,13 +15,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, ValidationInfo, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from grid.comparisons import ComparisonSpec
 from grid.errors import GridError, first_error, read_yaml_mapping, validate_file
-from grid.merges import MergeSpec
 from grid.jobs import Family, PromptFormat, Resources, unknown_hparams
+from grid.merges import MergeSpec
 from grid.search import SearchBudget, SearchSpec
 
 Backend = Literal["transformers", "vllm", "litellm"]
@@ -73,7 +82,7 @@ class ModelSpec(Strict):
     seen_tasks: tuple[str, ...] = Field(default=(), description="tasks its weights were tuned on")
 
     @model_validator(mode="after")
-    def _family_backend(self) -> "ModelSpec":
+    def _family_backend(self) -> ModelSpec:
         if self.family == "api" and self.backend != "litellm":
             raise ValueError("api models use backend litellm")
         if self.family == "encoder" and self.backend != "transformers":
@@ -252,7 +261,7 @@ class GridConfig(Strict):
         return {**raw, "models": models}
 
     @model_validator(mode="after")
-    def _made_models_refer_back(self) -> "GridConfig":
+    def _made_models_refer_back(self) -> GridConfig:
         """A made model's parent, a merge's inputs and its tasks are models and tasks of the grid."""
         names = [m.name for m in self.models]
         for i, m in enumerate(self.models):
@@ -263,8 +272,10 @@ class GridConfig(Strict):
                 raise ValueError(f"models.{i}.finetuned_from: only decoders are made by the grid")
             if ff and ff.mix and len(set(ff.tasks)) < 2:
                 raise ValueError(f"models.{i}.finetuned_from.mix: a mixture needs two or more different tasks")
-            if ff and (stray := set(self.recipe_for(m, ff.finetune, ff.hparams)["hparams"].get("heads", [])) - set(ff.tasks)):
-                raise ValueError(f"models.{i}.finetuned_from.hparams.heads: {sorted(stray)} are not among its tasks {list(ff.tasks)}")
+            if ff and (stray := set(self.recipe_for(m, ff.finetune, ff.hparams)["hparams"].get("heads", []))
+                       - set(ff.tasks)):
+                raise ValueError(f"models.{i}.finetuned_from.hparams.heads: {sorted(stray)} "
+                                 f"are not among its tasks {list(ff.tasks)}")
         merge_names = [g.name for g in self.merges]
         for j, g in enumerate(self.merges):
             if g.name in names or merge_names.count(g.name) > 1:
@@ -319,7 +330,7 @@ class GridConfig(Strict):
         return value
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "GridConfig":
+    def _unique_names(self) -> GridConfig:
         names = [m.name for m in self.models]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
@@ -327,7 +338,7 @@ class GridConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _known_hparams(self) -> "GridConfig":
+    def _known_hparams(self) -> GridConfig:
         """Every hparams key names a knob of its family's trainer: a typo fails on load, not
         when the fine-tune runs after other work."""
         for key, recipe in self.recipes.items():
@@ -346,7 +357,7 @@ class GridConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _model_resources(self) -> "GridConfig":
+    def _model_resources(self) -> GridConfig:
         """A model's overrides must make valid resources with every recipe they meet, and a
         valid inference stage."""
         for i, m in enumerate(self.models):
@@ -355,7 +366,8 @@ class GridConfig(Strict):
             except ValidationError as e:
                 raise ValueError(f"models.{i}.inference: {first_error(e)}") from None
             if m.resources:
-                modes = {f for f in self.finetune if f != "none"} | ({m.finetuned_from.finetune} if m.finetuned_from else set())
+                modes = ({f for f in self.finetune if f != "none"}
+                         | ({m.finetuned_from.finetune} if m.finetuned_from else set()))
                 for mode in sorted(modes):
                     try:
                         self.recipe_for(m, mode)
@@ -367,7 +379,7 @@ class GridConfig(Strict):
     def recipe(self, family: str, mode: str) -> Recipe:
         return self.recipes.get(f"{family}/{mode}", Recipe())
 
-    def inference_for(self, model: ModelSpec) -> "Inference":
+    def inference_for(self, model: ModelSpec) -> Inference:
         """The inference stage for `model`: the grid's, with the model's overrides."""
         if not model.inference:
             return self.inference

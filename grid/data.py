@@ -18,9 +18,10 @@ import os
 import random
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import datasets
 import pyarrow as pa

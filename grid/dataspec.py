@@ -59,7 +59,7 @@ class ReadSpec(_Strict):
         description="lines: column -> file in each split's folder, one value per line (seq.in, seq.out, label)")
 
     @model_validator(mode="after")
-    def _coherent(self) -> "ReadSpec":
+    def _coherent(self) -> ReadSpec:
         if self.format == "delimited" and not self.delimiter:
             raise ValueError("format delimited needs a delimiter")
         if self.format == "lines" and not self.line_files:
@@ -76,7 +76,8 @@ class HubSpec(_Strict):
     config: str | None = None
     splits: dict[SplitName, str] = Field(description="train/test (and validation), or all -> the hub's split name")
     rename: dict[str, str] = Field(default_factory=dict, description="hub column -> the column the fields read")
-    index_column: str | None = Field(default=None, description="a column holding the row index (hub copies without ids)")
+    index_column: str | None = Field(default=None,
+                                     description="a column holding the row index (hub copies without ids)")
 
 
 class PartitionSplit(_Strict):
@@ -120,7 +121,7 @@ class FieldSpec(_Strict):
     outside: str = Field(default="O", description="annotation tags: the value meaning no slot")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "FieldSpec":
+    def _one_source(self) -> FieldSpec:
         if (self.column is None) == (self.references is None):
             raise ValueError("give exactly one of column and references")
         return self
@@ -161,7 +162,7 @@ class DataSpec(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _coherent(self) -> "DataSpec":
+    def _coherent(self) -> DataSpec:
         if self.files is None and self.hub is None:
             raise ValueError("give files (with read) or hub")
         if self.files is not None and self.read is None:
@@ -177,7 +178,8 @@ class DataSpec(_Strict):
         if isinstance(self.split, FractionSplit) and self.split.stratify not in self.fields:
             raise ValueError(f"split.stratify: {self.split.stratify!r} is not one of fields")
         declared = {where: "validation" in splits for where, splits in
-                    (("files", self.files), ("hub.splits", self.hub and self.hub.splits)) if splits and "all" not in splits}
+                    (("files", self.files), ("hub.splits", self.hub and self.hub.splits))
+                    if splits and "all" not in splits}
         if len(set(declared.values())) > 1:
             raise ValueError("files and hub.splits must agree on a validation split (both or neither)")
         return self

@@ -20,11 +20,12 @@ import re
 import time
 import traceback
 from collections import defaultdict
+from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -340,7 +341,8 @@ def run_finetune(cell: Cell, store: Store, data_dir: str | None, retries: int) -
     job = FinetuneJob(
         model=start_from, family=cell.family, task=cell.task, mode=cell.finetune,
         shots=cell.shots, prompt_format=cell.prompt_format if cell.family == "decoder" else "plain",
-        text_budget=cell.text_budget, text_budget_unit=cell.budget_unit or "words", sampler=cell.sampler, seed=cell.seed,
+        text_budget=cell.text_budget, text_budget_unit=cell.budget_unit or "words",
+        sampler=cell.sampler, seed=cell.seed,
         train_limit=recipe.get("train_limit") or cell.limits.get("train"),
         mix_with=tuple(recipe.get("mix_with", ())),
         hparams=recipe.get("hparams", {}), data_dir=data_dir, output_dir=store.cell_uri(cell.id),
@@ -493,7 +495,7 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
                 try:
                     run_inference_group(unit.group, model_spec(unit.group[0], store, config), config, store,
                                         data_dir, progress, summary)
-                except Exception as exc:  # noqa: BLE001 - a model that cannot load or answer fails its own cells
+                except Exception as exc:
                     log.debug("inference of %s failed", unit.group[0].model, exc_info=True)
                     fail([c for c in unit.group if c.id not in summary.ran], one_line(exc))
             return True

@@ -58,7 +58,7 @@ SCHEMA: dict[str, Any] = {
     "trained_on": pl.String, "task": pl.String, "subtask": pl.String, "metric": pl.String, "shots": pl.Int64,
     "seed": pl.Int64, "decoding": pl.String, "seen_tasks": pl.List(pl.String), "seen": pl.Boolean,
     "score": pl.Float64, "headline": pl.Boolean, "reference": pl.String,
-    **{metric: pl.Float64 for metric in SKILL_METRICS},
+    **dict.fromkeys(SKILL_METRICS, pl.Float64),
 }
 REFERENCE_KEYS = ["reference", "task", "subtask", "metric", "shots", "seed", "decoding"]
 

@@ -108,7 +108,7 @@ class Resources(BaseModel):
         "the nodes that declare them (`ray start --resources`, cluster.yaml's node types)")
 
     @model_validator(mode="after")
-    def _offload_needs_zero(self) -> "Resources":
+    def _offload_needs_zero(self) -> Resources:
         if self.zero_offload != "none" and self.deepspeed_stage == 0:
             raise ValueError("zero_offload needs deepspeed_stage 2 or 3")
         if self.zero_offload == "all" and self.deepspeed_stage != 3:

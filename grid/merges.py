@@ -69,7 +69,7 @@ class ModelRef(Strict):
     density: float | None = Field(default=None, gt=0, le=1, description="share of each delta kept (ties, dare_ties)")
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "ModelRef":
+    def _one_kind(self) -> ModelRef:
         if (self.model is None) == (self.source is None):
             raise ValueError("name exactly one of model (a grid model) or source (hub id or path)")
         if (self.task is None) != (self.finetune is None):
@@ -108,7 +108,7 @@ class MergeSpec(Strict):
                              "random_seed); one merge per seed shows how much the masks move a result")
 
     @model_validator(mode="after")
-    def _seeded_only_when_random(self) -> "MergeSpec":
+    def _seeded_only_when_random(self) -> MergeSpec:
         if not self.random_seed:
             return self
         try:
@@ -120,7 +120,7 @@ class MergeSpec(Strict):
         return self
 
     @model_validator(mode="after")
-    def _shape(self) -> "MergeSpec":
+    def _shape(self) -> MergeSpec:
         if self.recipe is not None:
             if self.method or self.base or self.models or self.parameters:
                 raise ValueError("a recipe merge takes recipe and bind only (method, weights, ... are in the recipe)")
@@ -154,8 +154,9 @@ class MergeSpec(Strict):
             if ref.weight is None:
                 raise ValueError(f"models.{i}.weight: {self.method} needs a weight for every model")
             if ref.density is not None and "density" not in PER_INPUT[self.method]:
-                raise ValueError(f"models.{i}.density: {self.method} does not sparsify; density is for ties and dare_ties")
-        for key, value in self.parameters.items():
+                raise ValueError(f"models.{i}.density: {self.method} does not sparsify; "
+                                 "density is for ties and dare_ties")
+        for key in self.parameters:
             if key not in SHARED[self.method]:
                 raise ValueError(f"parameters.{key}: {self.method} takes {', '.join(sorted(SHARED[self.method]))}")
         return self
@@ -262,9 +263,9 @@ def check_template(cfg: dict[str, Any], where: str = "merge config") -> None:
         raise fail(where, "base_model", f"{method} takes task vectors against a base model; name one")
 
     def check_value(field: str, key: str, value: Any) -> None:
-        if key in ("weight", "density", "lambda"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise fail(where, field, f"{value!r} is not a number")
+        if key in ("weight", "density", "lambda") and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise fail(where, field, f"{value!r} is not a number")
         if key == "density" and not 0 < value <= 1:
             raise fail(where, field, f"{value} is outside (0, 1]")
 

@@ -325,7 +325,7 @@ def parse_answer(raw: str, task: TaskDef, labels: dict[str, tuple[str, ...]],
             return _parse_multi(text, task, labels, n_words)
         sub = task.subtasks[0]
         return {sub.name: _parse_one(text, sub, labels.get(sub.name, ()), n_words)}
-    except Exception as exc:  # a safety net: a parser bug must not stop a scoring run
+    except Exception as exc:  # noqa: BLE001 - a safety net: a parser bug must not stop a scoring run
         reason = f"parser error: {type(exc).__name__}: {_shown(str(exc))}"
         return {s.name: _invalid(reason) for s in task.subtasks}
 
@@ -343,7 +343,7 @@ def _canonical(sub: Subtask, value: object) -> str | list[str]:
     if sub.type == "word_tags":
         return [str(t) for t in value]  # type: ignore[union-attr]
     if sub.type == "text" and not isinstance(value, str):
-        return str(list(value)[0])  # type: ignore[call-overload]  # several references: the first is the answer shown
+        return str(next(iter(value)))  # type: ignore[call-overload]  # several references: the first is the answer shown
     return str(value)
 
 

@@ -22,8 +22,8 @@ from grid.data import data_fingerprint
 from grid.errors import GridError
 from grid.gcpause import gc_paused
 from grid.prompting import SAMPLER_IDS, template_source_hash
-from grid.tasks import TaskDef, get_task
 from grid.sources import check_source, is_local_path, source_revision
+from grid.tasks import TaskDef, get_task
 
 CellKind = Literal["finetune", "infer", "merge"]
 
@@ -223,17 +223,17 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
         if _builtin_skip(model, shots, mode) or not (own or trains):
             skipped += 1
             continue
-        common = dict(
-            model=model.name, source=model.source, weights=weights[model.name],
-            family=model.family, backend=model.backend,
-            prompt_format="none" if is_encoder else model.prompt_format,
-            task=task_name, data_fp=fingerprints[task_name],
-            template_fp=None if is_encoder else templates[task_name],
-            shots=shots, finetune=mode, seed=seed,
-            text_budget=config.text_budget or task.text_budget, sampler=sampler_of(config, shots),
-            limits=infer_limits, endpoint=model.options.get("api_base"), runtime=model_runtime(model),
-            budget_unit=budget_unit(config, model),
-        )
+        common = {
+            "model": model.name, "source": model.source, "weights": weights[model.name],
+            "family": model.family, "backend": model.backend,
+            "prompt_format": "none" if is_encoder else model.prompt_format,
+            "task": task_name, "data_fp": fingerprints[task_name],
+            "template_fp": None if is_encoder else templates[task_name],
+            "shots": shots, "finetune": mode, "seed": seed,
+            "text_budget": config.text_budget or task.text_budget, "sampler": sampler_of(config, shots),
+            "limits": infer_limits, "endpoint": model.options.get("api_base"), "runtime": model_runtime(model),
+            "budget_unit": budget_unit(config, model),
+        }
         depends_on, seen = made.get((model.name, seed), (None, list(model.seen_tasks)))
         if mode != "none":
             seen = _union(seen, [task_name])

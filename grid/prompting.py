@@ -17,10 +17,11 @@ import json
 import random
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import jinja2
 
@@ -83,7 +84,7 @@ class Prompt:
             return f"[INST]{body} [/INST]"
         return body
 
-    def answer_cue(self) -> "Prompt":
+    def answer_cue(self) -> Prompt:
         """The domain premise of PMI calibration: the user message's last line alone (`Label:`),
         without instruction, label list, examples or input, so that the log-prob of a label after
         it is the label's prior in this answer slot (Holtzman et al. 2021)."""

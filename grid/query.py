@@ -49,7 +49,7 @@ def _records(results: str | Path | Store) -> list[dict[str, Any]]:
 def cells(results: str | Path | Store) -> pl.LazyFrame:
     """One row per cell in the store: its axes, status, timings, error, tokens and cost."""
     rows = [_flat(r) | _usage(r) for r in _records(results)]
-    schema = {c: pl.Utf8 for c in CELL_COLUMNS} | {"shots": pl.Int64, "seed": pl.Int64,
+    schema = dict.fromkeys(CELL_COLUMNS, pl.Utf8) | {"shots": pl.Int64, "seed": pl.Int64,
                                                     "seconds": pl.Float64, "n_examples": pl.Int64} | USAGE
     return pl.DataFrame(rows, schema=schema).lazy()
 
@@ -62,7 +62,7 @@ def metrics(results: str | Path | Store) -> pl.LazyFrame:
         for name, value in (r.get("metrics") or {}).items():
             if isinstance(value, (int, float)):
                 rows.append({**flat, "metric": name, "value": float(value)})
-    schema = {c: pl.Utf8 for c in CELL_COLUMNS} | {"shots": pl.Int64, "seed": pl.Int64,
+    schema = dict.fromkeys(CELL_COLUMNS, pl.Utf8) | {"shots": pl.Int64, "seed": pl.Int64,
                                                     "seconds": pl.Float64, "n_examples": pl.Int64,
                                                     "metric": pl.Utf8, "value": pl.Float64}
     return pl.DataFrame(rows, schema=schema).lazy()

@@ -90,7 +90,7 @@ def _read_file(path: Path, spec: ReadSpec, required: tuple[str, ...]) -> dataset
 def _load(builder: str, path: Path, **options: object) -> datasets.Dataset:
     try:
         return datasets.load_dataset(builder, data_files=[str(path)], split="train", **options)
-    except Exception as exc:  # datasets raises many types; the message names the file
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types; the message names the file
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise GridError(f"cannot read {path} as {builder}: {type(exc).__name__}: {first}") from None
 
@@ -118,7 +118,7 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> datasets.Dataset:
         raise GridError(f"{path}: the file has no rows")
     try:
         ds = datasets.load_dataset("json", data_files=[str(path)], split="train")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure: the first bad line is named instead
         bad = _first_bad_json_line(path, required)
         raise GridError(bad or f"cannot read {path} as jsonl: {type(exc).__name__}") from None
     if set(required) - set(ds.column_names):
@@ -196,7 +196,7 @@ def read_hub(hub: HubSpec, split: str) -> Source:
     """A hub split, class-label columns as their names, renamed and indexed as the spec says."""
     try:
         ds = datasets.load_dataset(hub.path, hub.config, split=hub.splits[split])  # type: ignore[index]
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the hub's many errors become one line
         raise GridError(
             f"cannot load {hub.path} ({hub.splits[split]}) from the hub: {type(exc).__name__}; "  # type: ignore[index]
             "pass --data DIR to read a local copy"

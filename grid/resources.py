@@ -53,8 +53,8 @@ from functools import cache
 from pathlib import Path
 
 from grid.config import GridConfig
-from grid.plan import Cell, Plan
 from grid.jobs import placement_strategy
+from grid.plan import Cell, Plan
 from grid.search import trial_budget
 
 GPU_TYPES = {
@@ -262,7 +262,8 @@ def estimate(plan: Plan, config: GridConfig, data_dir: str | None = None, gpu: s
             state = (training_state_bytes(n_params, cell.finetune, stage, offload, workers) / 1e9
                      if n_params and gpw > 0 else None)
             est.placement_groups.append(PlacementGroup(
-                cell_id=cell.id, model=cell.model, label=f"{cell.model} {cell.task} {cell.shots}-shot ft={cell.finetune}",
+                cell_id=cell.id, model=cell.model,
+                label=f"{cell.model} {cell.task} {cell.shots}-shot ft={cell.finetune}",
                 bundles=[{"CPU": cpw, "GPU": gpw} for _ in range(workers)],
                 strategy=placement_strategy(workers, gpw, node_gpus), deepspeed_stage=stage,
                 tokens=tokens, gpu_hours=hours, state_gb_per_gpu=state, search=search))
@@ -418,6 +419,15 @@ def print_resources(plan: Plan, config: GridConfig, data_dir: str | None = None,
     return est
 
 
-__all__ = ["estimate", "print_resources", "check_fits", "memory_problems", "training_state_bytes",
-           "node_types_from_cluster", "model_params", "Estimate", "PlacementGroup",
-           "InferenceGroup"]
+__all__ = [
+    "Estimate",
+    "InferenceGroup",
+    "PlacementGroup",
+    "check_fits",
+    "estimate",
+    "memory_problems",
+    "model_params",
+    "node_types_from_cluster",
+    "print_resources",
+    "training_state_bytes",
+]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from grid.errors import GridError  # noqa: E402
+from grid.errors import GridError
 
 if TYPE_CHECKING:
     from grid.execute import RunSummary
@@ -133,7 +133,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"{len(summary.rescored)} finished cells scored again: their task's metrics changed")
     if summary.elsewhere:
         owners = sorted({f"{o.get('host')}:{o.get('pid')}" for o in summary.elsewhere.values()})
-        print(f"{len(summary.elsewhere)} cells were claimed by another driver on this results dir ({', '.join(owners)})")
+        print(f"{len(summary.elsewhere)} cells were claimed by another driver on this results dir "
+              f"({', '.join(owners)})")
     return 1 if summary.failed else 0
 
 

@@ -26,7 +26,7 @@ earlier. A grid's `search_budget` caps the sum over its searches, in optimizer s
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -44,7 +44,7 @@ class LogUniform(_Strict):
     loguniform: tuple[float, float]
 
     @model_validator(mode="after")
-    def _bounds(self) -> "LogUniform":
+    def _bounds(self) -> LogUniform:
         low, high = self.loguniform
         if not 0 < low < high:
             raise ValueError(f"loguniform needs 0 < low < high, got {list(self.loguniform)}")
@@ -57,7 +57,7 @@ class Uniform(_Strict):
     uniform: tuple[float, float]
 
     @model_validator(mode="after")
-    def _bounds(self) -> "Uniform":
+    def _bounds(self) -> Uniform:
         if not self.uniform[0] < self.uniform[1]:
             raise ValueError(f"uniform needs low < high, got {list(self.uniform)}")
         return self
@@ -75,13 +75,13 @@ class RandInt(_Strict):
     randint: tuple[int, int]
 
     @model_validator(mode="after")
-    def _bounds(self) -> "RandInt":
+    def _bounds(self) -> RandInt:
         if not self.randint[0] <= self.randint[1]:
             raise ValueError(f"randint needs low <= high, got {list(self.randint)}")
         return self
 
 
-Dimension = Union[LogUniform, Uniform, Choice, RandInt]
+Dimension = LogUniform | Uniform | Choice | RandInt
 
 
 def largest(dimension: Dimension) -> Any:
@@ -121,12 +121,13 @@ class SearchSpec(_Strict):
     concurrent: int = Field(default=1, gt=0, description="trials at once (Ray queues what does not fit)")
 
     @model_validator(mode="after")
-    def _integer_epochs(self) -> "SearchSpec":
+    def _integer_epochs(self) -> SearchSpec:
         """Epochs count whole passes (ASHA's rungs are epochs): only a choice of integers or a randint."""
         epochs = self.space.get("epochs")
         if epochs is not None and not (isinstance(epochs, RandInt) or (
                 isinstance(epochs, Choice) and all(isinstance(v, int) and v > 0 for v in epochs.choice))):
-            raise ValueError("space.epochs: epochs are searched as {choice: [positive integers]} or {randint: [low, high]}")
+            raise ValueError("space.epochs: epochs are searched as {choice: [positive integers]} "
+                             "or {randint: [low, high]}")
         return self
 
     @property
@@ -160,7 +161,8 @@ def trial_budget(cell: Any, n_train: int) -> dict[str, Any]:
     hparams = recipe.get("hparams") or {}
     task = get_task(cell.task)
     epochs = spec.longest_trial_epochs(hparams, task.encoder_epochs or 1)
-    batch = int(largest(spec.space["batch_size"])) if "batch_size" in spec.space else int(hparams.get("batch_size") or 32)
+    batch = (int(largest(spec.space["batch_size"])) if "batch_size" in spec.space
+             else int(hparams.get("batch_size") or 32))
     # a declared validation split leaves every train row to fit on
     fit_rows = n_train if task.data.has_validation else n_train - validation_rows(n_train, spec.validation.fraction)
     steps_per_epoch = max(1, math.ceil(fit_rows / batch))

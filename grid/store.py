@@ -105,7 +105,7 @@ class Store:
     _prefetched: Future | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def open(cls, uri: str | Path, create: bool = True) -> "Store":
+    def open(cls, uri: str | Path, create: bool = True) -> Store:
         """The store at `uri`. A run creates it (`create`); a reader (status, query, report, a dry
         run) must not, so a mistyped path is an error rather than a new, empty results dir."""
         text = str(uri)

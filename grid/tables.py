@@ -110,7 +110,7 @@ def forgetting_table(records: list[dict[str, Any]], reference: str | None = None
     grid.forgetting's)."""
     df = (forgetting_frame(records, reference).filter(pl.col("headline"))
           .sort("weights", "task", "shots", "seed", maintain_order=True))
-    if df.is_empty() or df["reference"].is_null().all() and reference is None:
+    if df.is_empty() or (df["reference"].is_null().all() and reference is None):
         return pl.DataFrame(), ""
     table = (df.group_by("weights", "shots", "decoding", maintain_order=True)
                .agg(pl.col("task").filter(pl.col("seen")).unique().sort().str.join(",").alias("seen_tasks"),

@@ -1,6 +1,7 @@
 """The task catalog: one YAML file per task under `tasks/`, validated here.
 
-A task says which data it reads (its `data:` block, grid.dataspec: files, format, fields), which gold fields it asks for (its sub-tasks), which prompt
+A task says which data it reads (its `data:` block, grid.dataspec: files, format, fields), which gold
+fields it asks for (its sub-tasks), which prompt
 template renders it and which metrics score it. Three kinds of sub-task cover the papers:
 `label` (one label from a set), `word_tags` (one label per word, MASSIVE slots) and `text`
 (free generation scored with ROUGE). A task with several sub-tasks is answered as the paper's
@@ -20,7 +21,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from grid.dataspec import DataSpec
-
 from grid.errors import GridError, read_yaml_mapping, validate_file
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
@@ -68,7 +68,7 @@ class TaskDef(BaseModel):
         return hash(self.model_dump_json())
 
     @model_validator(mode="after")
-    def _fields_declared(self) -> "TaskDef":
+    def _fields_declared(self) -> TaskDef:
         for i, sub in enumerate(self.subtasks):
             if sub.field not in self.data.fields and sub.field != "text":  # a text task may echo its input
                 raise ValueError(f"subtasks.{i}.field: {sub.field!r} is not one of data.fields "

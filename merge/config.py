@@ -41,7 +41,7 @@ def _read_config(path: str, field: str, where: str) -> dict[str, Any]:
             from huggingface_hub import hf_hub_download
 
             return json.loads(Path(hf_hub_download(path, "config.json")).read_text())
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever the hub client raises, the model is not at hand
             raise fail(where, field, f"model {path} is neither a folder nor a hub id in the local cache") from None
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")

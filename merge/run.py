@@ -23,9 +23,9 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from grid.errors import GridError  # noqa: E402
-from grid.merges import MergeError, load_recipe, substitute  # noqa: E402
-from merge.config import validate  # noqa: E402
+from grid.errors import GridError
+from grid.merges import MergeError, load_recipe, substitute
+from merge.config import validate
 
 
 def materialize_adapter(path: str, workdir: Path) -> str:
@@ -33,10 +33,11 @@ def materialize_adapter(path: str, workdir: Path) -> str:
     folder = Path(path)
     if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
         return path
+    import json
+
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    import json
 
     base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
     out = workdir / f"unloaded-{folder.name}"
@@ -49,7 +50,8 @@ def materialize_adapter(path: str, workdir: Path) -> str:
     return str(out)
 
 
-def merge(cfg: dict[str, Any], out_dir: str | Path, where: str = "merge config", random_seed: int = 0) -> dict[str, Any]:
+def merge(cfg: dict[str, Any], out_dir: str | Path, where: str = "merge config",
+          random_seed: int = 0) -> dict[str, Any]:
     """Validate, then merge into `out_dir`; returns {seconds, config} (the resolved mergekit config).
     `random_seed` seeds the randomized methods (DARE's drop masks)."""
     import torch

@@ -22,7 +22,8 @@ class S3Server:
     def env(self) -> dict[str, str]:
         """What a process needs to reach the server (its children inherit it)."""
         return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true"}
 
     def uri(self, prefix: str) -> str:
         return f"s3://{self.bucket}/{prefix}"

@@ -177,7 +177,8 @@ CASES = {
     "outputs-no-column": score_case(pa.table({"example_id": ["t-test-0"]}), "preds.parquet", "prediction"),
     "outputs-not-parquet": score_case(b"PAR1 but not really", "preds.parquet"),
     "outputs-repeated-example": score_case(pa.table({"example_id": ["test-00000", "test-00000"],
-                                                     "prediction": ["alarm", "music"]}), "preds.parquet", "rows 0 and 1"),
+                                                     "prediction": ["alarm", "music"]}),
+                                           "preds.parquet", "rows 0 and 1"),
     "outputs-unknown-example": score_case(pa.table({"example_id": ["nope-7"], "prediction": ["alarm"]}),
                                           "preds.parquet", "nope-7"),
 }

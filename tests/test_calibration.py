@@ -153,7 +153,7 @@ def test_calibrated_answer_is_the_argmax_of_the_hand_correction(tiny, calibratio
     for item, answer in zip(items, answers):
         assert answer["raw_output"] in labels
         lead = answer_lead(tok, item["prompt"])
-        lengths = [len(tok.encode(lead + l, add_special_tokens=False)) + 1 for l in labels]
+        lengths = [len(tok.encode(lead + label, add_special_tokens=False)) + 1 for label in labels]
         per = torch.tensor(lengths, dtype=torch.float64) if normalized else torch.ones(len(labels), dtype=torch.float64)
         raw = torch.tensor(label_logliks(model, tok, item["prompt"], item, lead), dtype=torch.float64) / per
         cf = torch.stack([torch.tensor(label_logliks(model, tok, p, item, lead), dtype=torch.float64) / per
@@ -203,7 +203,8 @@ def test_calibration_needs_constrained_scoring(tmp_path, decoding):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({"name": "t", "models": [{"name": "m", "source": "tiny:llama", "family": "decoder"}],
                                     "tasks": ["fomc-stance"], "decoding": [{"mode": "constrained"}, decoding]}))
-    with pytest.raises(GridError, match=r"field decoding\.1\.calibration: .*needs mode constrained with strategy score"):
+    with pytest.raises(GridError,
+                       match=r"field decoding\.1\.calibration: .*needs mode constrained with strategy score"):
         load_config(path)
     with pytest.raises(ValidationError):
         GridConfig.model_validate(yaml.safe_load(path.read_text()))

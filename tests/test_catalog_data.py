@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from grid.annotations import bracket_slots
-from grid.data import label_sets, load_split, data_fingerprint
+from grid.data import data_fingerprint, label_sets, load_split
 from grid.errors import GridError
 from grid.metrics.slots import convert_to_bio
 from grid.tasks import catalog, get_task
@@ -48,7 +48,7 @@ def test_label_counts():
     ("olly quiet", ["Other", "Other"], ["O", "O"]),
 ])
 def test_massive_word_tags_and_bio(annot, tags, bio):
-    words, got = bracket_slots(annot)
+    _words, got = bracket_slots(annot)
     assert got == tags
     assert convert_to_bio(got) == bio
 
@@ -102,7 +102,7 @@ def test_fingerprint_follows_content_not_files(tmp_path):
 
 
 def test_unknown_task_names_the_known_ones():
-    with pytest.raises(GridError, match="unknown task 'massive-intnet'.*massive-intent"):
+    with pytest.raises(GridError, match=r"unknown task 'massive-intnet'.*massive-intent"):
         get_task("massive-intnet")
 
 
@@ -114,7 +114,8 @@ def test_missing_data_dir(tmp_path):
 def test_malformed_jsonl_line_is_named(tmp_path):
     folder = tmp_path / "massive_en_us"
     folder.mkdir()
-    good = '{"id": "1", "locale": "en-US", "partition": "test", "scenario": "alarm", "intent": "alarm_set", "utt": "wake me", "annot_utt": "wake me", "worker_id": "1"}'
+    good = ('{"id": "1", "locale": "en-US", "partition": "test", "scenario": "alarm", "intent": "alarm_set", '
+            '"utt": "wake me", "annot_utt": "wake me", "worker_id": "1"}')
     (folder / "en-US.jsonl").write_text(good + "\n" + good.replace('"id": "1"', '"id": "2"') + "\n{broken\n")
     with pytest.raises(GridError, match=r"en-US.jsonl:3: not valid JSON"):
         load_split(get_task("massive-intent"), "test", tmp_path)

@@ -86,7 +86,7 @@ def test_two_drivers_on_one_grid_run_each_cell_once(tmp_path):
                                  "--num-cpus", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True) for _ in range(2)]
     outputs = [d.communicate(timeout=900) for d in drivers]
-    for d, (out, err) in zip(drivers, outputs):
+    for d, (_out, err) in zip(drivers, outputs):
         assert d.returncode == 0, err[-3000:]
     label = r"\] done ((?:infer|finetune) \S+ \S+ \d-shot ft=\S+ seed=\d+(?: free)?)"
     done_lines = [m for out, err in outputs for m in re.findall(label, out + err)]

@@ -26,7 +26,7 @@ def assert_one_line_error(proc, *fragments: str) -> None:
 def test_tasks_lists_kinds_labels_and_sizes():
     proc = run_cli("-m", "grid", "tasks")
     assert proc.returncode == 0, proc.stderr
-    line = next(l for l in proc.stdout.splitlines() if "| massive-multi" in l)
+    line = next(ln for ln in proc.stdout.splitlines() if "| massive-multi" in ln)
     assert "multi (JSON)" in line and "60, 56" in line and "11514" in line and "2974" in line
 
 

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from grid.config import load_config
-from grid.resources import GPU_TYPES, check_fits, estimate, model_params, node_types_from_cluster
 from grid.jobs import Resources, placement_strategy
+from grid.resources import GPU_TYPES, check_fits, estimate, model_params, node_types_from_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster.yaml"
@@ -95,7 +95,8 @@ def test_paper_grid_requests_fit_the_node_types(cluster, paper):
         total_cpus = res.num_workers * res.cpus_per_worker
         # one node holds the whole group: STRICT_PACK, ZeRO-3 stays on NVLink
         assert any(r["GPU"] >= total_gpus and r["CPU"] >= total_cpus for r in gpu_nodes), key
-        assert placement_strategy(res.num_workers, res.gpus_per_worker, max(r["GPU"] for r in gpu_nodes)) == "STRICT_PACK"
+        assert placement_strategy(res.num_workers, res.gpus_per_worker,
+                                  max(r["GPU"] for r in gpu_nodes)) == "STRICT_PACK"
     decoder = paper.recipe("decoder", "full").resources
     assert (decoder.num_workers, decoder.gpus_per_worker, decoder.deepspeed_stage) == (8, 1, 3)
     for m in paper.models:
@@ -187,7 +188,7 @@ def test_model_resources_are_checked_against_the_recipe(tmp_path):
     config = load_config(grid)
     assert (config.inference_for(config.models[0]).num_gpus, config.inference_for(config.models[0]).num_cpus) == (4, 3)
     grid.write_text((base % "{}").replace("resources: {}", "inference: {num_gpu: 4}"))
-    with pytest.raises(GridError, match="g.yaml.*models.0.inference: num_gpu: Extra inputs are not permitted"):
+    with pytest.raises(GridError, match=r"g.yaml.*models.0.inference: num_gpu: Extra inputs are not permitted"):
         load_config(grid)
 
 
@@ -224,7 +225,6 @@ def test_dry_run_prints_cells_placement_groups_and_gpu_hours(tmp_path):
 def test_estimate_skips_cells_of_other_kinds(paper):
     """Merge cells (grid.plan kind "merge", task "-") need no GPU and no placement group."""
     from grid.plan import Plan
-
     from grid.resources import resources_tables
 
     class FakeCell:

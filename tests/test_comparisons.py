@@ -57,10 +57,11 @@ def test_a_valid_declaration_pairs_seed_with_seed_on_the_same_task(tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"a": {"shots": 5, "model": "nope"}}, r"comparisons\.0 \(five-vs-zero\)\.a: \{model: nope, shots: 5\} matches no "),
+    ({"a": {"shots": 5, "model": "nope"}},
+     r"comparisons\.0 \(five-vs-zero\)\.a: \{model: nope, shots: 5\} matches no "),
     ({"a": {"task": "fpb-sentiment", "shots": 5}, "b": {"task": "dialogsum", "shots": 0}},
-     r"comparisons\.0 \(five-vs-zero\)\.a/b: pairs cells scored on different examples \(task fpb-sentiment vs dialogsum, "
-     r"which read different data\)"),
+     r"comparisons\.0 \(five-vs-zero\)\.a/b: pairs cells scored on different examples "
+     r"\(task fpb-sentiment vs dialogsum, which read different data\)"),
     ({"metrics": ["accuracy"]},  # dialogsum is a summary: accuracy is not its metric (seed003's fault)
      r"comparisons\.0 \(five-vs-zero\)\.metrics: accuracy does not apply to dialogsum \(sub-task summary: rouge1"),
     ({"b": {"finetune": "none"}},
@@ -161,11 +162,13 @@ def test_the_report_tests_each_declared_comparison(declared_results):
     assert all(c["seeds"] == [0, 1, 2] and c["error"] is None for c in comps.values())
     tests = {k: c["result"]["test"] for k, c in comps.items()}
     assert tests[("shared-vs-single", "accuracy")] == "mcnemar-exact"
-    assert tests[("shared-vs-single", "macro_f1")] == tests[("shared-vs-single-summaries", "rougeL")] == "paired-permutation"
+    assert (tests[("shared-vs-single", "macro_f1")] == tests[("shared-vs-single-summaries", "rougeL")]
+            == "paired-permutation")
     assert data["families"] == [{"family": "primary", "tests": 4, "correction": "Holm"},
                                 {"family": "secondary", "tests": 1, "correction": "Benjamini-Hochberg"}]
     primary = [c for c in data["comparisons"] if c["family"] == "primary"]
-    assert [c["result"]["p_adjusted"] for c in primary] == pytest.approx(adjust([c["result"]["p_value"] for c in primary], "holm"))
+    assert [c["result"]["p_adjusted"] for c in primary] == pytest.approx(
+        adjust([c["result"]["p_value"] for c in primary], "holm"))
     acc = comps[("shared-vs-single", "accuracy")]
     assert acc["result"]["ci_low"] < acc["result"]["diff"] < acc["result"]["ci_high"]
     assert acc["result"]["strata"] == 3 and len(acc["per_seed_diff"]) == 3 and acc["p_seeds"] is not None
@@ -173,7 +176,8 @@ def test_the_report_tests_each_declared_comparison(declared_results):
     md = Path(paths[0]).read_text()
     assert "Tests per family: primary 4 (Holm); secondary 1 (Benjamini-Hochberg)." in md
     assert "- **shared-vs-single** (primary): Does the shared body classify as well as the single-task one?" in md
-    row = next(line for line in md.splitlines() if line.startswith("| primary | shared-vs-single | sst2 sentiment/accuracy"))
+    row = next(line for line in md.splitlines()
+               if line.startswith("| primary | shared-vs-single | sst2 sentiment/accuracy"))
     assert "mcnemar-exact" in row and "s0 +" in row and "t-test p" in row and row.endswith("* |")
 
 
@@ -241,7 +245,8 @@ def test_published_results_rebuild_the_same_report(declared_results, tmp_path):
                                                             "shots": 0, "finetune": "lora", "seed": 0}}))
     cells, size = publish(str(source), str(tmp_path / "published"))
     assert cells == 16 and 0 < size < 2**20
-    copied = {p.relative_to(tmp_path / "published").as_posix() for p in (tmp_path / "published").rglob("*") if p.is_file()}
+    copied = {p.relative_to(tmp_path / "published").as_posix()
+              for p in (tmp_path / "published").rglob("*") if p.is_file()}
     assert "cells/x-finetune/cell.json" in copied and not any("model" in p for p in copied)
     assert sum(p.endswith("predictions.parquet") for p in copied) == 15
     a = json.loads(Path(write_report(source, root / "a", n_boot=100, grid=grid)[2]).read_text())

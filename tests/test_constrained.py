@@ -19,7 +19,8 @@ from workers.constrained import answer_program, constrained_answers, prefill, re
 
 torch.set_num_threads(1)  # 2 shared cores: one thread is several times faster here
 
-TASKS = sorted(n for n, t in catalog().items() if all(s.type != "text" for s in t.subtasks))  # free text is not constrained
+# free text is not constrained
+TASKS = sorted(n for n, t in catalog().items() if all(s.type != "text" for s in t.subtasks))
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +77,8 @@ def test_zero_invalid_on_every_task(tiny, strategy):
 
 def test_zero_invalid_five_shot_through_backend(tiny):
     """The transformers backend's constrained branch, five-shot prompts, length-normalized."""
-    from workers.transformers_backend import TransformersBackend
     from workers.models import resolve
+    from workers.transformers_backend import TransformersBackend
 
     backend = TransformersBackend(resolve("tiny:llama"))
     for prepared in cells_items(backend.tokenizer, ["massive-multi", "20ng-multi", "fomc-stance"], [5], 3):
@@ -101,7 +102,7 @@ def test_trie_scores_equal_plain_log_likelihood(tiny):
                ["Classify the text. Labels: a, b. Text: hello there Label:",
                 "Classify the text. Labels: a, b. Text: other words Label:"]]
     labels = ["comp.graphics", "comp.os.ms-windows.misc", "comp.sys.mac.hardware", "sci.med", "comp"]
-    cands = [tok.encode(" " + l, add_special_tokens=False) + [tok.eos_token_id] for l in labels]
+    cands = [tok.encode(" " + label, add_special_tokens=False) + [tok.eos_token_id] for label in labels]
     with torch.inference_mode():
         shared, alone = prefill(model, prompts, tok.pad_token_id), prefill(model, prompts[:1], tok.pad_token_id)
         assert torch.allclose(shared[0].logprobs, alone[0].logprobs, atol=1e-4)
@@ -119,7 +120,7 @@ def test_scores_match_per_candidate(tiny):
     model, tok = tiny
     prompt = tok.encode("[INST]Which label? [/INST]", add_special_tokens=False)
     labels = ["alarm_set", "alarm_query", "alarm_remove", "weather_query", "qa_factoid"]
-    cands = [tok.encode(" " + l, add_special_tokens=False) + [tok.eos_token_id] for l in labels]
+    cands = [tok.encode(" " + label, add_special_tokens=False) + [tok.eos_token_id] for label in labels]
     want = [_loglik(model, prompt, c) for c in cands]
     with torch.inference_mode():
         for normalized in (False, True):
@@ -152,7 +153,7 @@ def test_greedy_equals_free_greedy_where_free_is_valid(tmp_path):
     free = backend.generate(items)
     outs = {f["raw_output"].strip() for f in free if f["raw_output"].strip() and "\ufffd" not in f["raw_output"]}
     outs = {o for o in outs if not any(o != p and p.startswith(o) for p in outs)}  # none a prefix of another
-    intents = [l for l in items[0]["labels"]["intent"] if not any(l.startswith(o) or o.startswith(l) for o in outs)]
+    intents = [i for i in items[0]["labels"]["intent"] if not any(i.startswith(o) or o.startswith(i) for o in outs)]
     labels = {"intent": tuple(sorted(outs) + intents)}
     task = get_task("massive-intent")
     con = backend.generate([{**it, "labels": labels, "decoding": {**it["decoding"], "mode": "constrained",
@@ -231,9 +232,10 @@ def test_label_chunks_in_one_pass_equal_one_by_one(tiny):
                 for it, got in zip(items, together):
                     program = answer_program(get_task(it["task"]), it["labels"], None)
                     state = prefill(model, [tok.encode(it["prompt"], add_special_tokens=False)], tok.pad_token_id)[0]
-                    picks, *_ = constrained._score_answer(model, tok.encode and (lambda t: tok.encode(t, add_special_tokens=False)),
-                                                          program, state, constrained.answer_lead(tok, it["prompt"]),
-                                                          tok.eos_token_id, normalized)
+                    picks, *_ = constrained._score_answer(
+                        model, tok.encode and (lambda t: tok.encode(t, add_special_tokens=False)),
+                        program, state, constrained.answer_lead(tok, it["prompt"]),
+                        tok.eos_token_id, normalized)
                     assert got["raw_output"] == render_answer(program, picks)
 
 
@@ -243,9 +245,9 @@ def sliding_model(layers: str, vocab_size: int, window: int = 8):
     window hides changes the scores."""
     from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
-    sizes = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                 sliding_window=window, initializer_range=0.3)
+    sizes = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+                 "sliding_window": window, "initializer_range": 0.3}
     if layers == "mistral":
         config = MistralConfig(**sizes)
     else:
@@ -266,7 +268,7 @@ def test_trie_scores_equal_plain_log_likelihood_with_sliding_windows(tiny, layer
                 "Classify the text into one of the labels: alarm, weather, music. Text: rain? Label:"]]
     assert min(len(p) for p in prompts) > 2 * 8
     labels = ["alarm_set", "alarm_query", "weather_query", "music_likeness", "qa_factoid"]
-    cands = [tok.encode(" " + l, add_special_tokens=False) + [tok.eos_token_id] for l in labels]
+    cands = [tok.encode(" " + label, add_special_tokens=False) + [tok.eos_token_id] for label in labels]
     want = [[_loglik(model, p, c) for c in cands] for p in prompts]
     with torch.inference_mode():
         cache, logprobs = constrained._prefill_batch(model, prompts, tok.pad_token_id)
@@ -349,5 +351,5 @@ def test_label_logprobs_false_refuses_what_needs_every_score():
     assert "label_logprobs" not in Decoding(mode="constrained").model_dump()  # the default keeps old cell ids
     assert Decoding(mode="constrained", label_logprobs=False).model_dump()["label_logprobs"] is False
     for bad in ({"length_normalized": True}, {"calibration": "pmi"}):
-        with pytest.raises(ValidationError, match="needs? every label's score"):
+        with pytest.raises(ValidationError, match=r"needs? every label's score"):
             Decoding(mode="constrained", label_logprobs=False, **bad)

@@ -99,7 +99,8 @@ def test_custom_task_end_to_end_with_minilm(tmp_path):
                    "--tasks", str(tasks), "--data", str(data), "--num-cpus", "2", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    stored = {r["metric"]: r["value"] for r in metrics(results).filter(pl.col("task") == "toy-atis").collect().to_dicts()}
+    stored = {r["metric"]: r["value"]
+              for r in metrics(results).filter(pl.col("task") == "toy-atis").collect().to_dicts()}
     preds = predictions(results).collect().to_dicts()
     assert len(preds) == 12
     golds = [json.loads(p["gold"]) for p in preds]

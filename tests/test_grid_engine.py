@@ -209,9 +209,10 @@ def test_parallel_units_overlap_and_equal_a_one_at_a_time_run(tmp_path):
     """With `parallel: 2` the base model's cells and a fine-tune run at the same time, the
     fine-tuned model's cells wait for their fine-tune, and every prediction equals a run with
     `parallel: 1` (which runs the fine-tune only after the base model's cells)."""
-    common = dict(tasks=["massive-intent"], shots=[0], finetune=["none", "lora"], limits={"test": 24, "train": 64},
-                  recipes={"decoder/lora": {"hparams": {"max_steps": 12, "batch_size": 4, "lr": 1e-3,
-                                                        "max_length": 1024}}})
+    common = {"tasks": ["massive-intent"], "shots": [0], "finetune": ["none", "lora"],
+              "limits": {"test": 24, "train": 64},
+              "recipes": {"decoder/lora": {"hparams": {"max_steps": 12, "batch_size": 4, "lr": 1e-3,
+                                                    "max_length": 1024}}}}
     runs = {}
     for parallel in (2, 1):
         config = write_grid(tmp_path / f"p{parallel}.yaml", parallel=parallel, **common)

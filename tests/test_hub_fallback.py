@@ -46,7 +46,7 @@ def test_massive_hub_rows_equal_the_local_rows(monkeypatch):
     intents = sorted(set(local["intent"]))
     hub = {}
     for split in ("train", "test"):
-        part = local.filter(lambda p: p == split, input_columns="partition").select(range(200))
+        part = local.filter(lambda p, split=split: p == split, input_columns="partition").select(range(200))
         hub[("AmazonScience/massive", "en-US", split)] = datasets.Dataset.from_dict(
             {"id": part["id"], "utt": part["utt"], "annot_utt": part["annot_utt"],
              "intent": [intents.index(i) for i in part["intent"]]},

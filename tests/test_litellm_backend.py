@@ -18,8 +18,14 @@ import pytest
 
 from grid.tasks import get_task
 from tests.faultproxy import FaultProxy
-from workers.litellm_backend import (APICallError, LiteLLMBackend, _RateLimiter, answer_schema,
-                                     canonical_from_structured, response_format)
+from workers.litellm_backend import (
+    APICallError,
+    LiteLLMBackend,
+    _RateLimiter,
+    answer_schema,
+    canonical_from_structured,
+    response_format,
+)
 from workers.request_cache import RequestCache, default_cache_dir, request_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +50,8 @@ def test_schema_of_every_kind_of_task():
     schema = answer_schema(intent, label_sets(intent), None)
     assert schema["properties"]["answer"]["enum"][:2] == list(label_sets(intent)["intent"])[:2]
     slots = answer_schema(get_task("massive-slots"), {"slots": ["date", "time"]}, 3)
-    assert slots["properties"]["answer"] == {"type": "array", "items": {"type": "string", "enum": ["date", "time", "Other"]},
+    assert slots["properties"]["answer"] == {"type": "array",
+                                             "items": {"type": "string", "enum": ["date", "time", "Other"]},
                                              "minItems": 3, "maxItems": 3}
     multi = response_format(get_task("massive-multi"), {"intent": ["a", "b"], "slots": ["date"]}, 2)
     props = multi["json_schema"]["schema"]["properties"]
@@ -94,7 +101,8 @@ def test_constrained_request_uses_schema_only_when_supported(tmp_path):
     assert "response_format" not in LiteLLMBackend(spec).build_request(item(0, mode="constrained"))
     forced = LiteLLMBackend({**spec, "options": {**spec["options"], "structured_outputs": "json_schema"}})
     req = forced.build_request(item(0, mode="constrained"))
-    assert req["response_format"]["json_schema"]["schema"]["properties"]["answer"]["enum"] == ["negative", "neutral", "positive"]
+    assert (req["response_format"]["json_schema"]["schema"]["properties"]["answer"]["enum"]
+            == ["negative", "neutral", "positive"])
     assert "response_format" not in forced.build_request(item(0, mode="free"))
 
 
@@ -109,7 +117,8 @@ def test_sampled_requests_differ_by_seed_and_greedy_ones_do_not(tmp_path):
 
     assert key(0, 0.7) != key(1, 0.7)  # two seeds of a sampled cell: two samples, not one cached answer
     assert key(0, 0.0) == key(1, 0.0)  # greedy answers do not depend on the seed: shared
-    assert backend.build_request({**item(0), "seed": 3, "decoding": {**item(0)["decoding"], "temperature": 0.5}})["seed"] == 3
+    assert backend.build_request({**item(0), "seed": 3,
+                                  "decoding": {**item(0)["decoding"], "temperature": 0.5}})["seed"] == 3
 
 
 def test_errors_never_carry_the_key(tmp_path, monkeypatch):
@@ -147,7 +156,7 @@ def server(tmp_path_factory):
     (folder / "tiny").symlink_to(resolve("tiny:llama"))
     port = _free_port()
     exe = Path(sys.executable).parent / "transformers"
-    log = open(folder / "serve.log", "w")
+    log = open(folder / "serve.log", "w")  # noqa: SIM115 - the server writes to it while the fixture lives
     proc = subprocess.Popen([str(exe), "serve", "tiny", "--host", "127.0.0.1", "--port", str(port),
                              "--device", "cpu", "--dtype", "float32"], cwd=folder, stdout=log, stderr=log,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

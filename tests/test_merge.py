@@ -21,7 +21,8 @@ pytest.importorskip("mergekit")
 from grid.errors import GridError  # noqa: E402
 from grid.merges import MergeError, MergeSpec, check_template, load_recipe, substitute  # noqa: E402
 from merge.config import mergekit_check  # noqa: E402
-from merge.run import main as merge_main, merge  # noqa: E402
+from merge.run import main as merge_main  # noqa: E402
+from merge.run import merge  # noqa: E402
 
 
 def _perturbed(src: Path, out: Path, seed: int, scale: float = 0.02, **config_changes) -> Path:
@@ -54,7 +55,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
             "root": root}
 
 
-def _tensors(folder: Path) -> dict[str, "torch.Tensor"]:
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     out = {}
@@ -258,7 +259,8 @@ def test_plan_has_merge_cells_after_their_inputs(tmp_path):
     assert {c.kind for c in merged_infers} == {"merge", "infer"}
     assert all(c.depends_on == m.id for c in merged_infers if c.kind == "infer")
     assert m.lineage["seen_tasks"] == ["massive-intent", "fpb-sentiment"]
-    instruct_ft = [c for c in plan.cells if c.kind == "finetune" and c.model == "instruct" and c.task == "fpb-sentiment"]
+    instruct_ft = [c for c in plan.cells
+                   if c.kind == "finetune" and c.model == "instruct" and c.task == "fpb-sentiment"]
     assert instruct_ft[0].depends_on == inputs[0]  # the instruct model is its prep cell's artifact
     # The id follows the weights, and only the merge's cells change with them.
     other = _plan(tmp_path, GRID.replace("WEIGHT", "0.5"))

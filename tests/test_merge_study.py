@@ -119,7 +119,8 @@ def test_finetune_merge_infer_chain_through_execute(tmp_path, ray_local):
     assert half["kind"] == "merge" and half["weight"] == 0.5 and half["parent"] == "inst lora fpb-sentiment"
     assert half["unseen_delta"][0] == pytest.approx(sum(expected.values()) / 2)
     assert half["held_out_delta"][0] == pytest.approx(expected["sst2"])
-    assert summary_rows["multi"]["kind"] == "made" and summary_rows["multi"]["seen_tasks"] == ["fpb-sentiment", "fomc-stance"]
+    assert (summary_rows["multi"]["kind"] == "made"
+            and summary_rows["multi"]["seen_tasks"] == ["fpb-sentiment", "fomc-stance"])
     vs_ft = [m for m in study["merges"] if m["against"] == "fine-tune" and m["task"] == "fpb-sentiment"]
     assert vs_ft and vs_ft[0]["diff"] == pytest.approx(acc[("half", "none", "fpb-sentiment")]
                                                       - acc[("inst", "lora", "fpb-sentiment")])

@@ -64,7 +64,7 @@ def test_cell_accuracy_gets_the_exact_interval_and_f1_the_bootstrap():
 def test_exact_match_gets_the_exact_interval():
     task = get_task("20ng-multi")
     names = [s.name for s in task.subtasks]
-    golds = [{name: "a" for name in names} for _ in range(50)]
+    golds = [dict.fromkeys(names, "a") for _ in range(50)]
     parsed = [{name: Parsed("a" if i < 30 or name == names[0] else "b", True, None) for name in names}
               for i in range(50)]
     got = score(task, golds, parsed, n_boot=100)

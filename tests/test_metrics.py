@@ -46,10 +46,10 @@ TOL = 1e-12
 def massive_convert_to_bio(seq_tags, outside="Other", labels_merge=None):
     """Verbatim logic of alexa/massive training_utils.convert_to_bio."""
     seq_tags = [str(x) for x in seq_tags]
-    outside = [outside] if type(outside) != list else outside
+    outside = [outside] if not isinstance(outside, list) else outside
     outside = [str(x) for x in outside]
     if labels_merge:
-        labels_merge = [labels_merge] if type(labels_merge) != list else labels_merge
+        labels_merge = [labels_merge] if not isinstance(labels_merge, list) else labels_merge
         labels_merge = [str(x) for x in labels_merge]
     else:
         labels_merge = []
@@ -335,7 +335,7 @@ def test_slot_f1_small_cases():
 
 
 def test_entity_counts_give_seqeval_f1(massive):
-    rows, labels, perturbed = massive
+    rows, _labels, perturbed = massive
     gold_t = [r["slots"] for r in rows]
     pred_t = [p["tags"] for p in perturbed]
     counts = entity_counts(gold_t, pred_t)
@@ -430,7 +430,8 @@ def test_bootstrap_edge_cases():
 
 def test_rouge_on_real_sentences():
     task = TaskDef.model_validate({
-        "name": "fpb-echo", "data": {"hub": {"path": "x", "splits": {"train": "train", "test": "test"}}, "text": "sentence",
+        "name": "fpb-echo", "data": {"hub": {"path": "x", "splits": {"train": "train", "test": "test"}},
+                 "text": "sentence",
                  "fields": {"sentiment": {"column": "label_text"}}},
         "prompt": "x", "metrics": ["rouge"],
         "subtasks": [{"name": "summary", "field": "text", "type": "text"}],

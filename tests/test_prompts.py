@@ -24,7 +24,8 @@ def test_zero_shot_massive_intent_follows_listing_7():
     assert "Output the label only and absolutely nothing else." in lines
     assert prompt.user.endswith(f"Beginning of <<Utter>>\n{row['text']}\nEnd of <<Utter>>\n\nLabel:")
     assert "Examples" not in prompt.user
-    assert prompt.as_text("inst").startswith("[INST]You will be given") and prompt.as_text("inst").endswith("Label: [/INST]")
+    assert (prompt.as_text("inst").startswith("[INST]You will be given")
+            and prompt.as_text("inst").endswith("Label: [/INST]"))
 
 
 def test_massive_multi_has_the_listing_11_system_prompt():

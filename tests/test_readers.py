@@ -53,7 +53,7 @@ def test_delimited_wrong_field_count_names_the_line(tmp_path):
 def test_line_files_of_different_lengths(tmp_path):
     (tmp_path / "seq.in").write_text("a b\nc\n")
     (tmp_path / "label").write_text("x\n")
-    with pytest.raises(GridError, match="line files differ in length: seq.in 2 lines, label 1 lines"):
+    with pytest.raises(GridError, match=r"line files differ in length: seq.in 2 lines, label 1 lines"):
         rows(tmp_path, format="lines", line_files={"text": "seq.in", "intent": "label"})
 
 

@@ -21,8 +21,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pyarrow as pa
-from scipy import stats
 import pytest
+from scipy import stats
 
 from grid.metrics.score import score
 from grid.parsing import Parsed
@@ -203,19 +203,20 @@ def test_numbers_equal_cell_json_and_status(rich):
 
 
 def test_markdown_rows_and_columns(rich):
-    root, paths = rich
+    _root, paths = rich
     md = Path(paths[0]).read_text()
     header = next(line for line in md.splitlines() if line.startswith("| Model"))
     assert header.count("|") == 10  # Model + 8 paper columns
     for label in ["roberta-base w/ FT", "llama3-8b five-shot w/o FT", "llama3-8b zero-shot w/ FT",
-                  "gpt-4o five-shot w/o FT", "merge-ties zero-shot merged (inputs tuned on massive-intent, massive-slots)"]:
+                  "gpt-4o five-shot w/o FT",
+                  "merge-ties zero-shot merged (inputs tuned on massive-intent, massive-slots)"]:
         assert f"| {label} |" in md, label
     assert "| failed |" in md  # gpt-4o 5-shot on massive-slots
     assert re.search(r"\d+\.\d \[\d+\.\d, \d+\.\d\] inv \d+\.\d%", md)
 
 
 def test_default_significance_pairs(rich):
-    root, paths = rich
+    _root, paths = rich
     data = json.loads(Path(paths[2]).read_text())
     kinds = {c["name"] for c in data["comparisons"]}
     assert {c["family"] for c in data["comparisons"]} == {"exploratory"}  # no declared comparison
@@ -279,7 +280,7 @@ def test_requested_pairs_and_confusion_cell(tmp_path):
     conf = data["confusion"]
     assert conf["cell_id"] == a["cell_id"] and conf["subtask"] == "intent"
     assert sum(map(sum, conf["counts"])) == N
-    assert "(invalid)" == conf["predicted_labels"][-1]
+    assert conf["predicted_labels"][-1] == "(invalid)"
     from grid.errors import GridError
     with pytest.raises(GridError, match="not in the results dir"):
         write_report(tmp_path / "res", tmp_path / "out2", pairs="nope:nada")
@@ -371,7 +372,7 @@ def _png_stats(path: Path) -> tuple[int, int, int]:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: apt-get install -y chromium")
 def test_html_renders_in_headless_chromium(rich, tmp_path):
-    root, paths = rich
+    _root, paths = rich
     page = Path(paths[1])
     text = page.read_text()
     assert "http://" not in text and "https://" not in text  # self-contained
@@ -384,7 +385,8 @@ def test_html_renders_in_headless_chromium(rich, tmp_path):
     body, majority = t.rows[2:-1], t.rows[-1]
     labels = [r[0] for r in body]
     assert labels == ["roberta-base w/ FT", "llama3-8b five-shot w/o FT", "llama3-8b zero-shot w/o FT",
-                      "llama3-8b five-shot w/ FT", "llama3-8b zero-shot w/ FT", "merge-ties zero-shot merged (inputs tuned on massive-intent, massive-slots)",
+                      "llama3-8b five-shot w/ FT", "llama3-8b zero-shot w/ FT",
+                      "merge-ties zero-shot merged (inputs tuned on massive-intent, massive-slots)",
                       "gpt-4o five-shot w/o FT", "gpt-4o zero-shot w/o FT"]
     assert t.rows[1] == [c.head for c in PAPER_COLUMNS]
     assert all(len(r) == 1 + len(PAPER_COLUMNS) for r in body)

@@ -77,7 +77,8 @@ def test_a_search_enters_the_cell_id_only_when_set():
 
 
 @pytest.mark.parametrize("search, message", [
-    (SEARCH | {"space": {"learning_rate": {"choice": [1e-4]}}}, "recipes.encoder/full.search.space: unknown encoder hparams learning_rate"),
+    (SEARCH | {"space": {"learning_rate": {"choice": [1e-4]}}},
+     "recipes.encoder/full.search.space: unknown encoder hparams learning_rate"),
     (SEARCH | {"space": {"epochs": {"uniform": [1, 4]}}}, "space.epochs: epochs are searched as"),
     (SEARCH | {"space": {"lr": {"loguniform": [0, 1e-3]}}}, "loguniform needs 0 < low < high"),
     (SEARCH | {"trials": 0}, "search.trials"),
@@ -94,7 +95,7 @@ def test_bad_search_specs_fail_naming_the_file_and_field(tmp_path, search, messa
 def test_a_search_on_a_decoder_recipe_is_refused_until_the_decoder_reports_validation(tmp_path):
     raw = grid()
     raw["recipes"]["decoder/lora"] = raw["recipes"].pop("encoder/full")
-    with pytest.raises(GridError, match="decoder/lora.search: searches run on encoder/full recipes only"):
+    with pytest.raises(GridError, match=r"decoder/lora.search: searches run on encoder/full recipes only"):
         load_config(write(tmp_path, raw))
 
 
@@ -127,7 +128,8 @@ def test_the_dry_run_prints_each_search_s_budget_and_a_grid_budget_refuses_more(
 
     over = write(tmp_path, grid() | {"search_budget": {"trial_steps": 59}}, "over.yaml")
     proc = run_cli("grid/run.py", str(over), "--results", str(tmp_path / "r"), "--dry-run")
-    assert proc.returncode == 2 and "field search_budget.trial_steps" in proc.stderr and "60" in proc.stderr, proc.stderr
+    assert (proc.returncode == 2 and "field search_budget.trial_steps" in proc.stderr
+            and "60" in proc.stderr), proc.stderr
     fits = write(tmp_path, grid() | {"search_budget": {"trial_steps": 60}}, "fits.yaml")
     assert run_cli("grid/run.py", str(fits), "--results", str(tmp_path / "r"), "--dry-run").returncode == 0
 
@@ -200,7 +202,8 @@ def test_a_search_runs_in_the_grid_and_resumes_after_a_kill(tmp_path, ray_local)
 
     # the cell's model is the best trial's, and the inference cell read it
     model = cell_dir / "model"
-    assert (model / "heads.pt").read_bytes() == (cell_dir / "trials" / best["trial_id"] / "model" / "heads.pt").read_bytes()
+    assert ((model / "heads.pt").read_bytes()
+            == (cell_dir / "trials" / best["trial_id"] / "model" / "heads.pt").read_bytes())
     others = [k for k in finished if k != best["trial_id"]]
     assert all((model / "heads.pt").read_bytes() != (cell_dir / "trials" / k / "model" / "heads.pt").read_bytes()
                for k in others)

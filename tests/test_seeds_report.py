@@ -59,7 +59,8 @@ def seeded_results(path, others: tuple[str, ...] = ()) -> tuple[Store, dict]:
             truth[(model, seed)] = np.array(right, dtype=float)
         texts = [f"person {i} asks about the train to town number {i}" for i in range(N)]
         add(store, "shared", "dialogsum", seed, texts, texts, ["sst2", "dialogsum"], "free")
-        add(store, "single-sum", "dialogsum", seed, [" ".join(t.split()[:5]) for t in texts], texts, ["dialogsum"], "free")
+        add(store, "single-sum", "dialogsum", seed, [" ".join(t.split()[:5]) for t in texts], texts,
+            ["dialogsum"], "free")
     return store, truth
 
 
@@ -69,7 +70,7 @@ def results(tmp_path):
 
 
 def test_per_seed_values_mean_and_sd(results):
-    store, truth = results
+    store, _truth = results
     numbers = seed_numbers(store, store.records())
     rows = {(r["model"], r["task"], r["metric"]): r for r in numbers["rows"]}
     shared = rows[("shared", "sst2", "accuracy")]
@@ -109,7 +110,7 @@ def test_pooled_test_finds_nothing_between_equal_systems():
 
 
 def test_the_report_shows_the_section(results, tmp_path):
-    store, _ = results
+    _store, _ = results
     write_report(tmp_path / "results", tmp_path / "out", n_boot=100)
     md = (tmp_path / "out" / "table3.md").read_text()
     assert "## Across seeds" in md and "| shared 0-shot head | single 0-shot head | sst2 | accuracy | 3 |" in md

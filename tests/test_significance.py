@@ -12,6 +12,7 @@ import pytest
 from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 
+from grid.metrics.classification import mean_statistic
 from grid.metrics.rouge import rouge_per_example
 from grid.metrics.score import score
 from grid.parsing import Parsed
@@ -31,7 +32,6 @@ from grid.significance import (
     seed_t_test,
     subtask_valid,
 )
-from grid.metrics.classification import mean_statistic
 from grid.tasks import get_task
 
 
@@ -39,7 +39,8 @@ def _table(a: np.ndarray, b: np.ndarray) -> list[list[int]]:
     return [[int(np.sum(a & b)), int(np.sum(a & ~b))], [int(np.sum(~a & b)), int(np.sum(~a & ~b))]]
 
 
-@pytest.mark.parametrize("n,p_a,p_b,seed", [(8, 0.5, 0.5, 0), (64, 0.9, 0.6, 1), (300, 0.7, 0.68, 2), (20, 1.0, 1.0, 3)])
+@pytest.mark.parametrize("n,p_a,p_b,seed",
+                         [(8, 0.5, 0.5, 0), (64, 0.9, 0.6, 1), (300, 0.7, 0.68, 2), (20, 1.0, 1.0, 3)])
 def test_mcnemar_matches_statsmodels_exact(n, p_a, p_b, seed):
     rng = np.random.default_rng(seed)
     a, b = rng.random(n) < p_a, rng.random(n) < p_b
@@ -185,7 +186,8 @@ def test_slot_f1_outcomes_and_test_match_the_scorer():
     parsed = [{"slots": Parsed(p, p is not None, None if p is not None else "no list")} for p in preds]
     expected = score(task, golds, parsed, n_boot=0)["slots/slot_f1"]
     rows = [{"example_id": str(i), "gold": json.dumps(g), "prediction": json.dumps({"slots": p}),
-             "invalid_reason": None if p is not None else "slots: no list"} for i, (g, p) in enumerate(zip(golds, preds))]
+             "invalid_reason": None if p is not None else "slots: no list"}
+            for i, (g, p) in enumerate(zip(golds, preds))]
     out = outcomes_from_rows(rows, "massive-slots", "slots")
     assert out.kind == "word_tags" and out.counts.shape == (40, 3)
     perfect = outcomes_from_rows([{**r, "prediction": json.dumps({"slots": g["slots"]}), "invalid_reason": None}

@@ -66,7 +66,8 @@ def test_status_and_report_name_a_broken_record_and_go_on(tmp_path):
     (tmp_path / "r" / "cells" / "def" / "cell.json").mkdir(parents=True)
     status = run_cli("-m", "grid", "status", str(tmp_path / "r"))
     assert status.returncode == 0, status.stderr
-    assert "2 cell records could not be read" in status.stdout and "abc/cell.json: not a cell record (no cell)" in status.stdout
+    assert ("2 cell records could not be read" in status.stdout
+            and "abc/cell.json: not a cell record (no cell)" in status.stdout)
     report = run_cli("-m", "grid", "report", str(tmp_path / "r"), "--out", str(tmp_path / "out"))
     assert report.returncode == 0, report.stderr
     assert (tmp_path / "out" / "report.json").is_file() and "def/cell.json" in report.stderr

@@ -101,7 +101,7 @@ def test_a_subtask_field_must_be_declared(tmp_path):
 def test_bad_bio_tag_names_the_row(tmp_path):
     from grid.annotations import bio_tags
 
-    with pytest.raises(GridError, match="f.txt row 3: 'X-time' is not a BIO tag"):
+    with pytest.raises(GridError, match=r"f.txt row 3: 'X-time' is not a BIO tag"):
         bio_tags("O X-time", 2, "f.txt row 3")
 
 

@@ -31,7 +31,7 @@ def test_a_stratified_sample_keeps_every_labels_share(task_name, field):
     got_strata = Counter(tuple(r[f] for f in label_fields(get_task(task_name))) for r in chosen)
     assert all(abs(got_strata[k] - 200 * n / len(rows)) < 1 for k, n in strata.items())
     split, got = Counter(r[field] for r in rows), Counter(r[field] for r in chosen)
-    held = Counter(r[field] for r in ({f: v for f, v in zip(label_fields(get_task(task_name)), k)} for k in strata))
+    held = Counter(r[field] for r in (dict(zip(label_fields(get_task(task_name)), k)) for k in strata))
     for label, n in split.items():
         assert abs(got[label] - 200 * n / len(rows)) < held[label], label
 

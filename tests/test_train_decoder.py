@@ -13,18 +13,18 @@ for _var, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
                      "RAY_DEDUP_LOGS": "1"}.items():
     os.environ.setdefault(_var, _value)
 
-import pytest
-import torch
+import pytest  # noqa: E402 - after the environment above
+import torch  # noqa: E402
 
 ray = pytest.importorskip("ray")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from grid.data import label_sets, load_split  # noqa: E402
+from grid.jobs import FinetuneJob, Resources  # noqa: E402
 from grid.parsing import format_answer  # noqa: E402
 from grid.prompting import PromptBuilder, gold_of  # noqa: E402
 from grid.tasks import get_task  # noqa: E402
-from grid.jobs import FinetuneJob, Resources  # noqa: E402
 from workers.models import resolve  # noqa: E402
 from workers.train_decoder import build_examples, collate, run, train_rows_of  # noqa: E402
 

@@ -16,9 +16,9 @@ for _var, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
     os.environ.setdefault(_var, _value)
 
 from grid.data import DEFAULT_LOCAL_DATA, label_sets, load_split  # noqa: E402
+from grid.jobs import FinetuneJob, Resources  # noqa: E402
 from grid.parsing import parse_answer  # noqa: E402
 from grid.tasks import get_task  # noqa: E402
-from grid.jobs import FinetuneJob, Resources  # noqa: E402
 from workers.batching import length_grouped_batches  # noqa: E402
 from workers.training import epoch_batches  # noqa: E402
 
@@ -104,7 +104,7 @@ def test_sequence_head_trains_and_predicts_intents(ray_local, minilm, tmp_path):
     assert m["steps"] == 2 * m["steps_per_epoch"] == 16 and m["resumed_from_step"] == 0
     assert m["epoch_losses"][1] < m["epoch_losses"][0]
     assert m["nonpad_tokens_per_s"] > 0 and 0 <= m["padding_share"] < 0.25
-    rows, answers, parsed = predict_and_parse(m["model_dir"], "massive-intent")
+    _rows, answers, parsed = predict_and_parse(m["model_dir"], "massive-intent")
     intents = set(label_sets(get_task("massive-intent"))["intent"])
     assert all(p["intent"].valid for p in parsed) and set(answers) <= intents
 
@@ -137,7 +137,7 @@ def test_two_heads_train_checkpoint_and_resume(ray_local, minilm, tmp_path):
     assert heads["intent"][-1] + heads["slots"][-1] == pytest.approx(second["epoch_losses"][-1])
 
     rows, answers, parsed = predict_and_parse(second["model_dir"], "massive-multi")
-    for row, answer, p in zip(rows, answers, parsed):
+    for _row, answer, p in zip(rows, answers, parsed):
         assert list(json.loads(answer)) == ["task1", "task2"]
         assert p["intent"].valid and p["slots"].valid
 

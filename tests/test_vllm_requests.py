@@ -11,8 +11,14 @@ from grid.data import label_sets, load_split
 from grid.parsing import format_answer, parse_answer
 from grid.prompting import gold_of
 from grid.tasks import catalog, get_task
-from workers.vllm_backend import (answer_from_output, build_requests, canonical_text, engine_kwargs,
-                                  sampling_kwargs, structured_output)
+from workers.vllm_backend import (
+    answer_from_output,
+    build_requests,
+    canonical_text,
+    engine_kwargs,
+    sampling_kwargs,
+    structured_output,
+)
 
 
 def test_sampling_kwargs_greedy_and_sampled():

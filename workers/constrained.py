@@ -65,8 +65,9 @@ from __future__ import annotations
 import json
 import math
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -98,7 +99,7 @@ Program = tuple  # of Fixed | Choice
 
 def _choice(name: str, labels: Sequence[str], in_json: bool) -> Choice:
     labels = tuple(labels)
-    options = tuple(json.dumps(l, ensure_ascii=False)[1:-1] for l in labels) if in_json else labels
+    options = tuple(json.dumps(label, ensure_ascii=False)[1:-1] for label in labels) if in_json else labels
     return Choice(name, options, labels)
 
 
@@ -202,7 +203,7 @@ def _masks(model: Any, visible: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.
 
 # The shared prefix (instruction, label list) of the chunks last run, per model: the chunks of a
 # cell come one after another to the same actor, so each cell runs its prefix once, not per chunk.
-_PREFIXES: "weakref.WeakKeyDictionary[Any, tuple[list[int], DynamicCache]]" = weakref.WeakKeyDictionary()
+_PREFIXES: weakref.WeakKeyDictionary[Any, tuple[list[int], DynamicCache]] = weakref.WeakKeyDictionary()
 
 
 def _shared_prefix(model: Any, prompts: list[list[int]]) -> tuple[int, DynamicCache | None]:
@@ -250,7 +251,7 @@ def _prefill_batch(model: Any, prompts: list[list[int]], pad: int):
 def prefill(model: Any, prompts: list[list[int]], pad: int) -> list[_State]:
     """Each prompt's state after running it (see _prefill_batch)."""
     cache, logprobs = _prefill_batch(model, prompts, pad)
-    return [_State(_map_cache(cache, lambda t, i=i, n=len(p): t[i:i + 1, :, :n]), len(p), lp)
+    return [_State(_map_cache(cache, lambda t, i=i, n=len(p): t[i:i + 1, :, :n]), len(p), lp)  # noqa: B008 - binds n
             for i, (p, lp) in enumerate(zip(prompts, logprobs))]
 
 

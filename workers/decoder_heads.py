@@ -2,7 +2,8 @@
 
 A decoder fine-tuned with `heads` (workers/train_decoder.py) saves, beside its LM weights,
 `heads.pt` and `heads.json`: per head task, a LabelHead (a linear layer on the hidden state of
-the prompt's last token, standardized feature by feature) and its labels. A cell with decoding `{mode: head}` is answered here: the prompt is
+the prompt's last token, standardized feature by feature) and its labels. A cell with decoding
+`{mode: head}` is answered here: the prompt is
 built exactly as in training, the body runs once, the head's argmax is the label, written in the
 canonical answer form so the grid's parser and scorer read it like any model's answer.
 """

@@ -17,8 +17,9 @@ the grid's generic parser and scorer read encoder answers like any model's.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,7 +80,7 @@ class EncoderClassifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_path: str, task: TaskDef, labels: dict[str, Sequence[str]],
-                        max_length: int = 512) -> "EncoderClassifier":
+                        max_length: int = 512) -> EncoderClassifier:
         """A pretrained encoder with fresh heads; from a saved EncoderClassifier (a fine-tune of a
         fine-tune), its heads that match a new head's name, type and labels are kept."""
         model = cls(load_encoder(model_path), head_specs(task, labels), task.name, max_length)
@@ -127,7 +128,7 @@ class EncoderClassifier(nn.Module):
         (out / "heads.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> "EncoderClassifier":
+    def load(cls, model_dir: str | Path) -> EncoderClassifier:
         model_dir = Path(model_dir)
         meta = json.loads((model_dir / "heads.json").read_text())
         model = cls(load_encoder(model_dir / "encoder"), meta["heads"], meta["task"], meta["max_length"])

@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from grid.errors import GridError
-from grid.sources import (TINY_RECIPES, recipe_hash, check_source, file_sha256, gguf_file, is_local_path,
-                          minilm_path)
+from grid.sources import TINY_RECIPES, check_source, file_sha256, gguf_file, is_local_path, minilm_path, recipe_hash
 
 CACHE_DIR = Path(os.environ.get("CLFGRID_CACHE", Path.home() / ".cache" / "clfgrid"))
 
@@ -53,7 +52,7 @@ TINY_CORPUS_TASKS = ("20ng-20", "20ng-7", "20ng-multi", "fomc-stance", "fpb-sent
 
 def _tokenizer_corpus() -> list[str]:
     """Real task text, labels and the prompt templates, so the BPE knows the words it will see."""
-    from grid.data import PROJECT_ROOT, load_split, label_sets
+    from grid.data import PROJECT_ROOT, label_sets, load_split
     from grid.tasks import get_task
 
     templates = [p for p in sorted((PROJECT_ROOT / "prompts").glob("*.jinja")) if not p.name.startswith("generic-")]
@@ -93,8 +92,7 @@ def build_tiny(recipe_name: str) -> Path:
         return out
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              PreTrainedTokenizerFast)
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -111,8 +109,8 @@ def build_tiny(recipe_name: str) -> Path:
     torch.manual_seed(recipe["seed"])
     sizes = {k: recipe[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                      "num_key_value_heads", "intermediate_size", "max_position_embeddings")}
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                   "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": True}
     if recipe["architecture"] == "mistral":
         config = MistralConfig(vocab_size=len(tokenizer), sliding_window=recipe["sliding_window"], **sizes, **special)
         model = MistralForCausalLM(config)

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from grid.errors import GridError
+from grid.jobs import FinetuneJob
 from workers import artifacts, training
 from workers.decoder_heads import HEADS_FILE, HEADS_META, LabelHead
-from grid.jobs import FinetuneJob
 
 IGNORE = -100
 
@@ -54,7 +54,8 @@ def answer_text(prompt_text: str, prompt: Any, answer: str, fmt: str, tokenizer:
     """What follows the prompt in a training example.
 
     `chat`: the tokenizer's own rendering of the assistant turn (for the tiny [INST] template,
-    " answer</s>"; for ChatML, "answer<|im_end|>"). `inst` / `plain`: a space then the answer, as Llama-2's template writes it.
+    " answer</s>"; for ChatML, "answer<|im_end|>"). `inst` / `plain`: a space then the answer, as
+    Llama-2's template writes it.
     """
     if fmt == "chat":
         full = tokenizer.apply_chat_template(
@@ -287,7 +288,8 @@ def prepare_heads(model: DecoderWithHeads, examples: list[Example], pad_id: int,
         if name not in model.heads:
             continue
         rows = [e for e in examples if e.task == index]
-        states = torch.cat([model.last_states({k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()})
+        states = torch.cat([model.last_states({k: v.to(device)
+                                               for k, v in collate(rows[i:i + batch_size], pad_id).items()})
                             for i in range(0, len(rows), batch_size)]).float()
         head = model.heads[name]
         if norm == "standardize":
@@ -369,7 +371,8 @@ def lora_config(hp: dict[str, Any], model: Any):
     if last is not None:
         num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         if not 0 < last <= num_layers:
-            raise GridError(f"decoder fine-tune: lora_layers {last} must be between 1 and the model's {num_layers} layers")
+            raise GridError(f"decoder fine-tune: lora_layers {last} must be between 1 "
+                            f"and the model's {num_layers} layers")
         layers = list(range(num_layers - last, num_layers))
         if targets == "all-linear":
             targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
@@ -415,7 +418,8 @@ def save_final(model: DecoderWithHeads, tokenizer: Any, job: FinetuneJob) -> Non
             meta = {"heads": {t: {"labels": labels} for t, labels in model.labels.items()},
                     "pooling": "last prompt token", "prompt": {"shots": job.shots, "format": job.prompt_format,
                                                               "text_budget": job.text_budget,
-                                                              "text_budget_unit": job.text_budget_unit, "seed": job.seed}}
+                                                              "text_budget_unit": job.text_budget_unit,
+                                                              "seed": job.seed}}
             (folder / HEADS_META).write_text(json.dumps(meta, indent=1))
 
     write("model", save_model)

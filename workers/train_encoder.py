@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from grid.errors import GridError
-from workers import artifacts, training
 from grid.jobs import FinetuneJob
+from workers import artifacts, training
 
 STATE_FILE = "state.pt"
 

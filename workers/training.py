@@ -27,14 +27,15 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from grid.errors import GridError
+from grid.jobs import FinetuneJob, Validation, hparams_schema, unknown_hparams
 from workers import artifacts
 from workers.batching import length_grouped_batches
-from grid.jobs import FinetuneJob, Validation, hparams_schema, unknown_hparams
 
 METRICS_FILE = "train_metrics.json"
 
@@ -76,10 +77,12 @@ def split_validation(rows: Any, validation: Validation | None, declared: Any = N
 
     held = set(random.Random(validation.seed).sample(range(len(rows)), validation_rows(len(rows), validation.fraction)))
     if len(held) == len(rows):
-        raise GridError(f"{len(rows)} train rows are too few to hold {validation.fraction:g} of them out for validation")
+        raise GridError(f"{len(rows)} train rows are too few to hold {validation.fraction:g} of them "
+                        "out for validation")
     held_out = rows.select(sorted(held))
     return rows.select([i for i in range(len(rows)) if i not in held]), held_out, {
-        "fraction": validation.fraction, "seed": validation.seed, "rows": len(held_out), "train_rows": len(rows) - len(held),
+        "fraction": validation.fraction, "seed": validation.seed, "rows": len(held_out),
+        "train_rows": len(rows) - len(held),
         "example_ids_sha256": _ids_hash(held_out)}
 
 

@@ -21,8 +21,7 @@ from typing import Any
 from grid.comparisons import ComparisonSpec, Group, pair_cells, pair_metric_columns
 from grid.errors import GridError
 from grid.report.table import Column, RowKey, Table, cell_label, sort_key
-from grid.significance import (FAMILY_METHOD, METHOD_NAME, Outcomes, adjust_results, compare_strata,
-                               per_seed_differences)
+from grid.significance import FAMILY_METHOD, METHOD_NAME, Outcomes, adjust_results, compare_strata, per_seed_differences
 from grid.store import Store
 
 FAMILIES = ("primary", "secondary", "exploratory")

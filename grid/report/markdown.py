@@ -74,7 +74,8 @@ def table_markdown(table: Table) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     majority = [table.majority(c) for c in cols]
     if any(m is not None for m in majority):
-        lines.append("| majority-class rate | " + " | ".join("–" if m is None else f"{100 * m:.1f}" for m in majority) + " |")
+        lines.append("| majority-class rate | "
+                     + " | ".join("–" if m is None else f"{100 * m:.1f}" for m in majority) + " |")
     return "\n".join(lines)
 
 

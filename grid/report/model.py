@@ -112,7 +112,8 @@ def to_json(model: ReportModel, plots: dict[str, str | None] | None) -> dict[str
         "comparisons": [c.__dict__ for c in model.comparisons],
         "families": [{"family": f, "tests": n, "correction": how} for f, n, how in model.families],
         "confusion": model.confusion.__dict__ if model.confusion else None, "forgetting": model.forgetting,
-        "merge_study": model.merge_study, **({"seeds": model.seeds} if model.seeds else {}), "plots": {k: v is not None for k, v in (plots or {}).items()},
+        "merge_study": model.merge_study, **({"seeds": model.seeds} if model.seeds else {}),
+        "plots": {k: v is not None for k, v in (plots or {}).items()},
         "n_boot": model.n_boot, "seed": model.seed, "provenance": model.provenance,
     }
 

@@ -1,4 +1,5 @@
-"""Results across seeds (numbers only; the views show them): each metric per seed with its CI, the mean and spread across seeds, and
+"""Results across seeds (numbers only; the views show them): each metric per seed with its CI, the
+mean and spread across seeds, and
 paired tests of a multi-task model against single-task ones that use every seed (seed 003 asks
 for significance across random seeds; its own numbers are one run each).
 
@@ -152,7 +153,8 @@ def _pct(x: float | None) -> str:
 
 def row_cells(r: dict[str, Any]) -> list[str]:
     """One variant's cells under SEED_HEADER (metrics x 100)."""
-    seeds = "; ".join(f"s{s['seed']}: {_pct(s['value'])} [{_pct(s['ci_low'])}, {_pct(s['ci_high'])}]" for s in r["seeds"])
+    seeds = "; ".join(f"s{s['seed']}: {_pct(s['value'])} [{_pct(s['ci_low'])}, {_pct(s['ci_high'])}]"
+                      for s in r["seeds"])
     return [r["variant"], r["task"], r["metric"], seeds, _pct(r["mean"]), _pct(r["sd"])]
 
 

@@ -168,7 +168,8 @@ def entry_of(record: dict[str, Any], col: Column) -> Entry:
     inv = m.get(f"{col.subtask}/invalid_rate", m.get("invalid_rate"))
     n = m.get("n", record.get("n_examples"))
     f1 = m.get(f"{col.subtask}/macro_f1") if col.metric == "accuracy" else None
-    return Entry(cell_id=record["cell_id"], status=record["status"], macro_f1=f1 if isinstance(f1, (int, float)) else None,
+    return Entry(cell_id=record["cell_id"], status=record["status"],
+                 macro_f1=f1 if isinstance(f1, (int, float)) else None,
                  value=float(value) if isinstance(value, (int, float)) else None,
                  ci_low=m.get(f"{key}_ci_low"), ci_high=m.get(f"{key}_ci_high"),
                  invalid_rate=float(inv) if isinstance(inv, (int, float)) else None,

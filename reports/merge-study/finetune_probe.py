@@ -75,7 +75,8 @@ def validation_rows(job: FinetuneJob, trained: set[int]) -> tuple[list[str], lis
 def accuracy_of(model, tokenizer, prompts: list[str], gold: list[str], labels: list[str]) -> tuple[float, dict]:
     model.eval()
     with torch.inference_mode():
-        scores = [s for i in range(0, len(prompts), 8) for s in label_scores(model, tokenizer, prompts[i:i + 8], labels)]
+        scores = [s for i in range(0, len(prompts), 8)
+                  for s in label_scores(model, tokenizer, prompts[i:i + 8], labels)]
     model.train()
     picks = [labels[max(range(len(labels)), key=s.__getitem__)] for s in scores]
     return sum(p == g for p, g in zip(picks, gold)) / len(gold), dict(Counter(picks))

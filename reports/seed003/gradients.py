@@ -30,7 +30,8 @@ job = FinetuneJob(model=path, family="decoder", task="sst2", mix_with=("dialogsu
                   hparams={"heads": ["sst2"], "head_norm": "standardize", "head_init": "probe", "head_lr": 1e-3,
                            "batch_size": 16, "group_batches": 1, "epochs": 1, "lr": 1e-3, "warmup_steps": 4,
                            "lora_r": 16, "lora_alpha": 32, "lora_layers": 8, "max_length": 512})
-hp = training.resolve_hparams(job); heads = head_labels(job, hp)
+hp = training.resolve_hparams(job)
+heads = head_labels(job, hp)
 ex, _ = build_examples(job, tok, hp["max_length"], heads)
 model = load_model(job, hp, heads)
 prepare_heads(model, ex, pad, torch.device("cpu"), "standardize", "probe")
@@ -46,6 +47,11 @@ for b in batches[:3]:
         model.zero_grad()
         loss.backward(retain_graph=True)
         out[name] = {"loss": round(loss.item(), 3),
-                     "body_grad_norm": round(float(torch.norm(torch.stack([p.grad.norm() for p in body if p.grad is not None]))), 3),
-                     "head_grad_norm": round(float(torch.norm(torch.stack([p.grad.norm() for p in model.heads.parameters() if p.grad is not None]))) if name == "sst2" else 0, 3)}
-    print(json.dumps({"rows": {n: int((batch["task"] == i).sum()) for i, n in enumerate(model.tasks)}, **out}), flush=True)
+                     "body_grad_norm": round(float(torch.norm(torch.stack([p.grad.norm() for p in body
+                                                                           if p.grad is not None]))), 3),
+                     "head_grad_norm": round(float(torch.norm(torch.stack([p.grad.norm()
+                                                                           for p in model.heads.parameters()
+                                                                           if p.grad is not None])))
+                                             if name == "sst2" else 0, 3)}
+    print(json.dumps({"rows": {n: int((batch["task"] == i).sum()) for i, n in enumerate(model.tasks)}, **out}),
+          flush=True)

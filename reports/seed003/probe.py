@@ -89,7 +89,8 @@ def main(only: list[int]) -> None:
     # validation: 200 other train rows (another seed's draw, minus any row of seed 0's 320)
     val_job = base.model_copy(update={"seed": 1000, "train_limit": 200})
     train_ids = {tuple(e.input_ids) for e in train}
-    val = [e for e in build_examples(val_job, tokenizer, hp["max_length"], heads)[0] if tuple(e.input_ids) not in train_ids]
+    val = [e for e in build_examples(val_job, tokenizer, hp["max_length"], heads)[0]
+           if tuple(e.input_ids) not in train_ids]
     y_train = np.array([e.class_id for e in train])
     y_val = np.array([e.class_id for e in val])
     majority = float(max(np.mean(y_val), 1 - np.mean(y_val)))
