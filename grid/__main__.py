@@ -78,6 +78,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"\n{len(store.unreadable)} cell records could not be read (their cells count as not run):")
         for reason in store.unreadable.values():
             print(f"  {reason}")
+    if damaged := store.damaged_predictions(records):
+        print(f"\n{len(damaged)} finished cells have a damaged predictions file (reports leave them out; "
+              "delete a cell's folder to run it again):")
+        for reason in damaged.values():
+            print(f"  {reason}")
     return 0
 
 

@@ -39,10 +39,7 @@ class Difference:
 
 
 def _answers(store: Store, cell_id: str) -> dict[str, tuple[Any, Any]]:
-    import pyarrow.parquet as pq
-
-    with store.fs.open_input_file(store.predictions_path(cell_id)) as fh:
-        rows = pq.read_table(fh, columns=["example_id", "raw_output", "prediction"]).to_pylist()
+    rows = store.read_predictions(cell_id, ["example_id", "raw_output", "prediction"]).to_pylist()
     return {r["example_id"]: (r["raw_output"], r["prediction"]) for r in rows}
 
 

@@ -239,8 +239,6 @@ def rescore_stale(plan: Plan, store: Store, data_dir: str | None, states: list[C
     raw answers are parsed and scored again, with their label log-probs where the file has them
     (the model is not run; a metric is not an input of the answers, so it is not in the cell id).
     Returns their ids."""
-    import pyarrow.parquet as pq
-
     by_id = {s.cell_id: s for s in states}
     redone = []
     for cell in plan.cells:
@@ -255,8 +253,7 @@ def rescore_stale(plan: Plan, store: Store, data_dir: str | None, states: list[C
             continue
         rows = {r["example_id"]: r for r in test_rows(cell, data_dir)}
         labels = label_sets(task, data_dir)
-        with store.fs.open_input_file(store.predictions_path(cell.id)) as fh:
-            table = pq.read_table(fh)
+        table = store.read_predictions(cell.id)
         answers = table.select(["example_id", "raw_output"]).to_pylist()
         golds = [gold_of(task, rows[a["example_id"]]) for a in answers]
         parsed = [parse_answer(a["raw_output"], task, labels, len(rows[a["example_id"]]["words"])) for a in answers]

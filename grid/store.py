@@ -253,6 +253,42 @@ class Store:
     def predictions_path(self, cell_id: str) -> str:
         return posixpath.join(self.cell_dir(cell_id), PREDICTIONS_FILE)
 
+    def damaged_predictions(self, records: list[dict[str, Any]]) -> dict[str, str]:
+        """Finished inference cells whose predictions file is missing, or is not parquet by its
+        size and its magic bytes at both ends (damaged after it was written: writes are atomic),
+        each with why; read before a report or a status uses them, a few bytes per cell."""
+        damaged = {}
+        for r in records:
+            if r["status"] != "done" or r["cell"].get("kind") != "infer":
+                continue
+            path = self.predictions_path(r["cell_id"])
+            try:
+                with self.fs.open_input_file(path) as fh:
+                    size = fh.size()
+                    ok = size >= 12 and fh.read_at(4, 0) == b"PAR1" and fh.read_at(4, size - 4) == b"PAR1"
+            except FileNotFoundError:
+                damaged[r["cell_id"]] = f"{path}: missing (the cell's record says done)"
+                continue
+            except OSError as exc:
+                damaged[r["cell_id"]] = f"{path}: unreadable ({exc})"
+                continue
+            if not ok:
+                damaged[r["cell_id"]] = f"{path}: not a parquet file ({size} bytes)"
+        return damaged
+
+    def read_predictions(self, cell_id: str, columns: list[str] | None = None) -> pa.Table:
+        """A finished cell's predictions table; a file that is missing, empty or not parquet
+        (damaged after it was written: writes are atomic) is one GridError naming it."""
+        path = self.predictions_path(cell_id)
+        try:
+            with self.fs.open_input_file(path) as fh:
+                table = pq.read_table(fh)
+        except FileNotFoundError:
+            raise GridError(f"{path}: missing (the cell's record says done)") from None
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise GridError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+        return table.select([c for c in columns if c in table.column_names]) if columns else table
+
     def run_files(self) -> list[pafs.FileInfo]:
         """The run records' files in runs/ (not the temporary files of writes in progress)."""
         selector = pafs.FileSelector(posixpath.join(self.root, RUNS_DIR), allow_not_found=True)

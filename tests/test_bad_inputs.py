@@ -37,6 +37,12 @@ tasks: [t]
 """
 
 
+# A finished inference cell's record, as far as `grid compare`, `grid status` and reports read it.
+DONE_INFER = {"cell_id": "abc", "status": "done", "metrics": {"label/accuracy": 1.0},
+              "cell": {"kind": "infer", "model": "m", "family": "decoder", "backend": "transformers", "task": "t",
+                       "shots": 0, "finetune": "none", "seed": 0, "decoding": None, "prompt_format": "plain"}}
+
+
 @dataclass
 class Case:
     """What to write (relative path -> text), the command, and what the one line must say."""
@@ -173,6 +179,12 @@ CASES = {
                                                                    "{tmp}/afile"], ["--out", "afile"]),
     "cli-status-missing": Case({}, ["-m", "grid", "status", "{tmp}/nowhere"], ["nowhere"]),
     "cli-report-missing": Case({}, ["-m", "grid", "report", "{tmp}/nowhere", "--out", "{tmp}/out"], ["nowhere"]),
+    "cli-compare-damaged-predictions": Case(
+        {"a/cells/abc/cell.json": json.dumps(DONE_INFER), "a/cells/abc/predictions.parquet": b"",
+         "b/cells/abc/cell.json": json.dumps(DONE_INFER),
+         "b/cells/abc/predictions.parquet": pa.table({"example_id": ["test-00000"], "raw_output": ["alarm"],
+                                                      "prediction": ['{"label": "alarm"}']})},
+        ["-m", "grid", "compare", "{tmp}/a", "{tmp}/b"], ["a/cells/abc/predictions.parquet", "not a readable parquet"]),
     # --- model outputs (a predictions parquet to score) ---
     "outputs-no-column": score_case(pa.table({"example_id": ["t-test-0"]}), "preds.parquet", "prediction"),
     "outputs-not-parquet": score_case(b"PAR1 but not really", "preds.parquet"),
@@ -209,7 +221,7 @@ def tree_hashes(folder: Path) -> dict[str, str]:
 
 
 def test_the_corpus_is_large_enough():
-    assert len(CASES) >= 56
+    assert len(CASES) >= 57
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -261,3 +273,24 @@ def test_a_results_path_that_is_a_symlink_loop_is_one_line(tmp_path):
         proc = run_cli(*args)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and "symlink loop" in lines[0], proc.stderr[-2000:]
+
+
+def test_a_damaged_predictions_file_is_named_by_status_and_left_out_of_a_report(tmp_path):
+    """A finished cell's predictions file damaged after it was written (writes are atomic): `grid
+    status` names it and says what to do, and a report leaves the cell out and says so, instead of
+    failing on it."""
+    import shutil
+
+    good = Path(__file__).resolve().parent.parent / "reports" / "merge-study" / "probe" / "results"
+    results = tmp_path / "results"
+    shutil.copytree(good, results)
+    victim = sorted(p.name for p in (results / "cells").iterdir())[0]
+    (results / "cells" / victim / "predictions.parquet").write_bytes(b"")
+    status = run_cli("-m", "grid", "status", str(results))
+    assert status.returncode == 0, status.stderr
+    assert ("1 finished cells have a damaged predictions file" in status.stdout
+            and f"cells/{victim}/predictions.parquet: not a parquet file (0 bytes)" in status.stdout), status.stdout
+    report = run_cli("-m", "grid", "report", str(results), "--out", str(tmp_path / "report"), "--n-boot", "50")
+    assert report.returncode == 0, report.stderr[-2000:]
+    model = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert victim not in json.dumps(model["rows"]) and "1 finished cells left out" in model["summary"]

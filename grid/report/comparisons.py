@@ -70,17 +70,12 @@ class OutcomeCache:
         self._cache: dict[tuple[str, str], Outcomes] = {}
 
     def get(self, record: dict[str, Any], subtask: str) -> Outcomes:
-        import pyarrow.parquet as pq
-
         from grid.significance import outcomes_from_rows
 
         key = (record["cell_id"], subtask)
         if key not in self._cache:
-            path = self.store.predictions_path(record["cell_id"])
             cols = ["example_id", "prediction", "gold", "invalid_reason", "label_logprobs"]
-            with self.store.fs.open_input_file(path) as fh:
-                table = pq.read_table(fh)
-            table = table.select([c for c in cols if c in table.column_names])
+            table = self.store.read_predictions(record["cell_id"], cols)
             self._cache[key] = outcomes_from_rows(table.to_pylist(), record["cell"]["task"], subtask)
         return self._cache[key]
 

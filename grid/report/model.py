@@ -5,6 +5,7 @@ format what `build_model` computed; report.json is `to_json` of the same model."
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,6 +21,8 @@ from grid.report.merge_study import study_numbers
 from grid.report.seeds import seed_numbers
 from grid.report.table import Column, RowKey, Table, build_table, cell_label, sort_key
 from grid.store import Store
+
+log = logging.getLogger(__name__)
 
 INVALID = "(invalid)"
 
@@ -77,11 +80,18 @@ def build_model(store: Store, results: str, pairs: list[tuple[str, str]] | None 
                 confusion_cell: str | None = None, n_boot: int = 1000, seed: int = 0,
                 default_pairs_on: bool = True, declared: tuple[ComparisonSpec, ...] = ()) -> ReportModel:
     records = store.records()
+    # a finished cell whose predictions file was damaged after it was written: left out, and said
+    damaged = store.damaged_predictions(records)
+    for reason in damaged.values():
+        log.warning("left out of the report: %s", reason)
+    records = [r for r in records if r["cell_id"] not in damaged]
     table = build_table(records)
     comparisons = run_comparisons(store, table, pairs, n_boot=n_boot, seed=seed, include_default=default_pairs_on,
                                   declared=declared)
     choice = choose_confusion(table, confusion_cell)
-    return ReportModel(results=results, summary=summary_line(records, results), table=table,
+    summary = summary_line(records, results) + (
+        f"; {len(damaged)} finished cells left out, their predictions file damaged" if damaged else "")
+    return ReportModel(results=results, summary=summary, table=table,
                        comparisons=comparisons, families=family_counts(comparisons),
                        forgetting=forgetting_rows(table),
                        confusion=confusion_of(store, *choice) if choice else None,
@@ -182,12 +192,9 @@ def choose_confusion(table: Table, wanted: str | None) -> tuple[dict[str, Any], 
 
 def confusion_of(store: Store, record: dict[str, Any], subtask: str) -> Confusion:
     """The confusion counts of one label sub-task, from the cell's predictions parquet."""
-    import pyarrow.parquet as pq
-
     from grid.significance import subtask_valid
 
-    with store.fs.open_input_file(store.predictions_path(record["cell_id"])) as fh:
-        rows = pq.read_table(fh).to_pylist()
+    rows = store.read_predictions(record["cell_id"]).to_pylist()
     pairs = []
     for r in rows:
         gold = json.loads(r["gold"])
