@@ -112,7 +112,8 @@ def describe_variant(s: dict[str, Any]) -> str:
     if s["kind"] == "merge":
         how = s["method"] + (f" w={s['weight']:g}" if s["weight"] is not None else "")
         how += f" d={s['density']:g}" if s["density"] is not None else ""
-        return f"merge: {how} of {s['parent']}"
+        inputs = s["parent"] or "the fine-tunes on " + ", ".join(s["seen_tasks"])  # several inputs: their tasks
+        return f"merge: {how} of {inputs}"
     if s["kind"] == "made":
         return "fine-tune on the mixture of " + ", ".join(s["seen_tasks"])
     return {"reference": "the reference (untuned)", "fine-tune": "fine-tune on " + ", ".join(s["seen_tasks"]),
