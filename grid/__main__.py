@@ -80,7 +80,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  {reason}")
     if damaged := store.damaged_predictions(records):
         print(f"\n{len(damaged)} finished cells have a damaged predictions file (reports leave them out; "
-              "delete a cell's folder to run it again):")
+              "the next run does them again):")
         for reason in damaged.values():
             print(f"  {reason}")
     return 0

@@ -457,6 +457,13 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
     work over when the other driver's claim goes stale.
     """
     states = store.states()  # one scan of the results dir: re-scoring changes no status
+    # A finished inference cell whose predictions file was damaged since (writes are atomic, so
+    # by something else): its answers are gone, so it runs again.
+    finished = {s.cell_id for s in states if s.status == "done"}
+    damaged = store.damaged([c.id for c in plan.cells if c.kind == "infer" and c.id in finished])
+    for why in damaged.values():
+        log.warning("running again: %s", why)
+    states = [s for s in states if s.cell_id not in damaged]
     rescored = rescore_stale(plan, store, data_dir, states)
     done = {s.cell_id for s in states if s.status == "done"}
     todo = [c for c in plan.cells if c.id not in done]

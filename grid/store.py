@@ -37,6 +37,7 @@ from workers.artifacts import filesystem, join
 CELL_FILE = "cell.json"
 RUNS_DIR = "runs"
 PREDICTIONS_FILE = "predictions.parquet"
+PARQUET_MAGIC = b"PAR1"  # a parquet file's first and last four bytes
 T = TypeVar("T", dict, "CellState")
 
 
@@ -253,28 +254,46 @@ class Store:
     def predictions_path(self, cell_id: str) -> str:
         return posixpath.join(self.cell_dir(cell_id), PREDICTIONS_FILE)
 
-    def damaged_predictions(self, records: list[dict[str, Any]]) -> dict[str, str]:
-        """Finished inference cells whose predictions file is missing, or is not parquet by its
-        size and its magic bytes at both ends (damaged after it was written: writes are atomic),
-        each with why; read before a report or a status uses them, a few bytes per cell."""
-        damaged = {}
-        for r in records:
-            if r["status"] != "done" or r["cell"].get("kind") != "infer":
-                continue
-            path = self.predictions_path(r["cell_id"])
-            try:
+    def predictions_problem(self, cell_id: str) -> str | None:
+        """Why a finished inference cell's predictions file cannot be its answers: missing, or not
+        parquet by its size and the magic bytes at both ends (damaged after it was written, since
+        writes are atomic); None when it looks whole. A few bytes read, not the file: a resume
+        checks every finished inference cell so."""
+        path = self.predictions_path(cell_id)
+        try:
+            if self.is_local:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    size = os.fstat(fd).st_size
+                    ends = (os.pread(fd, 4, 0), os.pread(fd, 4, size - 4)) if size >= 12 else None
+                finally:
+                    os.close(fd)
+            else:
                 with self.fs.open_input_file(path) as fh:
                     size = fh.size()
-                    ok = size >= 12 and fh.read_at(4, 0) == b"PAR1" and fh.read_at(4, size - 4) == b"PAR1"
-            except FileNotFoundError:
-                damaged[r["cell_id"]] = f"{path}: missing (the cell's record says done)"
-                continue
-            except OSError as exc:
-                damaged[r["cell_id"]] = f"{path}: unreadable ({exc})"
-                continue
-            if not ok:
-                damaged[r["cell_id"]] = f"{path}: not a parquet file ({size} bytes)"
-        return damaged
+                    ends = (fh.read_at(4, 0), fh.read_at(4, size - 4)) if size >= 12 else None
+        except FileNotFoundError:
+            return f"{path}: missing (the cell's record says done)"
+        except OSError as exc:
+            return f"{path}: unreadable ({exc.strerror or exc})"
+        return None if ends == (PARQUET_MAGIC, PARQUET_MAGIC) else f"{path}: not a parquet file ({size} bytes)"
+
+    def damaged(self, cell_ids: list[str]) -> dict[str, str]:
+        """Those of these finished inference cells whose predictions file is damaged
+        (`predictions_problem`), each with why; checked in parallel on an object store."""
+        if self.is_local:
+            found = zip(cell_ids, map(self.predictions_problem, cell_ids))
+        else:
+            with ThreadPoolExecutor(16) as pool:
+                found = zip(cell_ids, pool.map(self.predictions_problem, cell_ids))
+            found = list(found)
+        return {cell_id: why for cell_id, why in found if why}
+
+    def damaged_predictions(self, records: list[dict[str, Any]]) -> dict[str, str]:
+        """Finished inference cells of these records whose predictions file is damaged, each
+        with why: what status shows and a report leaves out."""
+        return self.damaged([r["cell_id"] for r in records
+                             if r["status"] == "done" and r["cell"].get("kind") == "infer"])
 
     def read_predictions(self, cell_id: str, columns: list[str] | None = None) -> pa.Table:
         """A finished cell's predictions table; a file that is missing, empty or not parquet

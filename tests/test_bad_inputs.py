@@ -277,8 +277,8 @@ def test_a_results_path_that_is_a_symlink_loop_is_one_line(tmp_path):
 
 def test_a_damaged_predictions_file_is_named_by_status_and_left_out_of_a_report(tmp_path):
     """A finished cell's predictions file damaged after it was written (writes are atomic): `grid
-    status` names it and says what to do, and a report leaves the cell out and says so, instead of
-    failing on it."""
+    status` names it, and a report leaves the cell out and says so, instead of failing on it (the
+    next run does it again: tests/test_grid_engine.py)."""
     import shutil
 
     good = Path(__file__).resolve().parent.parent / "reports" / "merge-study" / "probe" / "results"

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 import yaml
 
 from grid.query import cells, metrics, predictions
@@ -81,6 +82,15 @@ def test_run_rerun_and_add_a_seed(tmp_path):
     status = run_cli("-m", "grid", "status", str(results))
     assert status.returncode == 0 and "cells: 8 in all, 8 done, 0 to do, 0 failed" in status.stdout
     assert "intent/accuracy=" in status.stdout
+
+    # a predictions file damaged after it was written: the next run does that cell again, alone
+    victim = sorted(results.glob("cells/*/predictions.parquet"))[0]
+    answers = pq.read_table(victim, columns=["example_id", "raw_output"]).to_pylist()
+    victim.write_bytes(victim.read_bytes()[:100])  # cut short
+    redo = run_cli("grid/run.py", str(config), "--results", str(results))
+    assert redo.returncode == 0 and ran(redo) == (1, 7), redo.stdout + redo.stderr[-2000:]
+    assert f"running again: {victim}: not a parquet file (100 bytes)" in redo.stderr
+    assert pq.read_table(victim, columns=["example_id", "raw_output"]).to_pylist() == answers
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
