@@ -522,8 +522,8 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
         for c in unit.group:
             if not claims.claim(c.id):
                 summary.elsewhere[c.id] = claims.holder(c.id) or {}
-            elif _status(store, c.id) == "done":
-                claims.release(c.id)
+            elif _status(store, c.id) == "done" and (c.id not in damaged or not store.predictions_problem(c.id)):
+                claims.release(c.id)  # another driver did it (again, if its predictions were damaged)
             else:
                 mine.append(c)
         if producer is None and not mine:
