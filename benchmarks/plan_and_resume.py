@@ -84,15 +84,16 @@ def finished_record(cell: Cell) -> dict[str, Any]:
 
 def fill_store(store: Store, plan: Plan) -> None:
     """Every cell of the plan written as done, with the store's own atomic writes; an inference
-    cell also gets a predictions file (one small parquet file, hard-linked: a resume checks each
+    cell also gets a predictions file (one small parquet file's bytes: a resume checks each
     finished inference cell's file by its size and first and last bytes)."""
-    sample = Path(store.root) / "sample-predictions.parquet"
-    pq.write_table(pa.table({"example_id": ["test-00000"], "raw_output": ["x"]}), sample)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"example_id": ["test-00000"], "raw_output": ["x"]}), sink)
+    sample = sink.getvalue().to_pybytes()
 
     def write(cell: Cell) -> None:
         if cell.kind == "infer":
             Path(store.cell_dir(cell.id)).mkdir(parents=True, exist_ok=True)
-            os.link(sample, store.predictions_path(cell.id))
+            Path(store.predictions_path(cell.id)).write_bytes(sample)
         store.write_cell(cell.id, finished_record(cell))
 
     with ThreadPoolExecutor(4) as pool:  # file-system bound: the writes release the GIL
