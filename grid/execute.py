@@ -499,7 +499,7 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
                 try:
                     run_inference_group(unit.group, model_spec(unit.group[0], store, config), config, store,
                                         data_dir, progress, summary)
-                except Exception as exc:
+                except Exception as exc:  # a model that cannot load or answer fails its own cells
                     log.debug("inference of %s failed", unit.group[0].model, exc_info=True)
                     fail([c for c in unit.group if c.id not in summary.ran], one_line(exc))
             return True

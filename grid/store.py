@@ -282,12 +282,11 @@ class Store:
         """Those of these finished inference cells whose predictions file is damaged
         (`predictions_problem`), each with why; checked in parallel on an object store."""
         if self.is_local:
-            found = zip(cell_ids, map(self.predictions_problem, cell_ids))
+            problems = list(map(self.predictions_problem, cell_ids))
         else:
             with ThreadPoolExecutor(16) as pool:
-                found = zip(cell_ids, pool.map(self.predictions_problem, cell_ids))
-            found = list(found)
-        return {cell_id: why for cell_id, why in found if why}
+                problems = list(pool.map(self.predictions_problem, cell_ids))
+        return {cell_id: why for cell_id, why in zip(cell_ids, problems) if why}
 
     def damaged_predictions(self, records: list[dict[str, Any]]) -> dict[str, str]:
         """Finished inference cells of these records whose predictions file is damaged, each
