@@ -44,6 +44,13 @@ class Subtask(BaseModel):
     )
 
 
+# The metrics a task can name, and the kind of sub-task each needs (exact_match: any). They are
+# checked when the task loads, so a misspelt metric fails before any model runs.
+Metric = Literal["accuracy", "macro_f1", "slot_f1", "exact_match", "rouge"]
+METRIC_NEEDS: dict[str, SubtaskType] = {"accuracy": "label", "macro_f1": "label", "slot_f1": "word_tags",
+                                        "rouge": "text"}
+
+
 class TaskDef(BaseModel):
     """A declarative task: everything needed to build prompts for it and score answers."""
 
@@ -57,7 +64,7 @@ class TaskDef(BaseModel):
         default=None,
         description="template file under prompts/, without .jinja; default: the generic one of the task's kind")
     input_name: str = Field(default="Utter", description="the paper's <<...>> block name")
-    metrics: tuple[str, ...] = ("accuracy", "macro_f1")
+    metrics: tuple[Metric, ...] = ("accuracy", "macro_f1")
     encoder_epochs: int = Field(
         default=10, description="encoder fine-tune epochs when the recipe says epochs: null (the paper's)")
     text_budget: int | None = Field(
@@ -73,6 +80,10 @@ class TaskDef(BaseModel):
             if sub.field not in self.data.fields and sub.field != "text":  # a text task may echo its input
                 raise ValueError(f"subtasks.{i}.field: {sub.field!r} is not one of data.fields "
                                  f"({', '.join(self.data.fields)})")
+        for metric in self.metrics:
+            kind = METRIC_NEEDS.get(metric)
+            if kind and not any(s.type == kind for s in self.subtasks):
+                raise ValueError(f"metrics: {metric} needs a {kind} sub-task")
         return self
 
     def data_identity(self) -> dict[str, Any]:

@@ -98,6 +98,19 @@ def test_a_subtask_field_must_be_declared(tmp_path):
     assert "t.yaml" in one_line(exc) and "subtasks.1.field" in str(exc.value)
 
 
+def test_a_misspelt_metric_fails_when_the_task_loads(tmp_path):
+    """Not inside scoring, after a model has answered: then every answer of its cells was lost."""
+    with pytest.raises(GridError) as exc:
+        load_task_file(make(tmp_path, task=BASE + "metrics: [accuracy, macro-f1]\n"))
+    assert "t.yaml" in one_line(exc) and "metrics.1" in str(exc.value) and "macro_f1" in str(exc.value)
+
+
+def test_a_metric_without_its_kind_of_subtask_fails_when_the_task_loads(tmp_path):
+    with pytest.raises(GridError) as exc:
+        load_task_file(make(tmp_path, task=BASE + "metrics: [accuracy, rouge]\n"))
+    assert "t.yaml" in one_line(exc) and "rouge needs a text sub-task" in str(exc.value)
+
+
 def test_bad_bio_tag_names_the_row(tmp_path):
     from grid.annotations import bio_tags
 

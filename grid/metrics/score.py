@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from functools import partial
+from typing import get_args
 
 import numpy as np
 
@@ -51,10 +52,9 @@ from grid.metrics.proportion import proportion_ci
 from grid.metrics.rouge import ROUGE_TYPES, references, rouge_per_example
 from grid.metrics.slots import pad_or_cut, slot_f1_and_counts, slot_f1_statistic
 from grid.parsing import Parsed, gold_value
-from grid.tasks import Subtask, TaskDef
+from grid.tasks import METRIC_NEEDS, Metric, Subtask, TaskDef
 
-METRICS = ("accuracy", "macro_f1", "slot_f1", "exact_match", "rouge")
-_APPLIES_TO = {"accuracy": "label", "macro_f1": "label", "slot_f1": "word_tags", "rouge": "text"}
+METRICS: tuple[str, ...] = get_args(Metric)
 
 
 def _check(task: TaskDef, golds: Sequence[dict], parsed: Sequence[dict[str, Parsed]]) -> None:
@@ -134,11 +134,13 @@ def score(task: TaskDef, golds: list[dict[str, object]], parsed: list[dict[str, 
     n = len(golds)
     if n == 0:
         raise GridError(f"task {task.name}: no examples to score")
+    # A task's metrics are checked when it loads (grid/tasks.py); a task built in code is checked here.
     unknown = [m for m in task.metrics if m not in METRICS]
     if unknown:
         raise GridError(f"task {task.name}: unknown metric {unknown[0]!r}; known: {', '.join(METRICS)}")
-    for metric, kind in _APPLIES_TO.items():
-        if metric in task.metrics and not any(s.type == kind for s in task.subtasks):
+    for metric in task.metrics:
+        kind = METRIC_NEEDS.get(metric)
+        if kind and not any(s.type == kind for s in task.subtasks):
             raise GridError(f"task {task.name}: metric {metric} needs a {kind} sub-task")
 
     def ci(statistic, *arrays) -> tuple[float, float] | None:
