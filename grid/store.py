@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from grid.errors import GridError
 from grid.gcpause import gc_paused
-from workers.artifacts import filesystem, join
+from grid.uris import filesystem, join
 
 CELL_FILE = "cell.json"
 RUNS_DIR = "runs"

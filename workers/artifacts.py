@@ -22,7 +22,6 @@ AWS_ENDPOINT_URL for an S3-compatible server), never from a URI written in a fil
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import posixpath
@@ -38,32 +37,9 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from grid.errors import GridError
+from grid.uris import filesystem, is_remote
 
 MANIFEST_SUFFIX = ".manifest.json"
-
-
-def is_remote(uri: str | Path) -> bool:
-    """True for a filesystem URI other than a local file (s3://, gs://, ...)."""
-    text = str(uri)
-    return "://" in text and not text.startswith("file://")
-
-
-def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem of `uri` and the path inside it; a plain path is a local one, made
-    absolute (a Ray job's working dir is not the user's)."""
-    text = str(uri)
-    if "://" in text:
-        return pafs.FileSystem.from_uri(text)
-    try:
-        return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
-    except RuntimeError as exc:  # Path.resolve on a symlink loop: an OSError, as every other bad path
-        raise OSError(errno.ELOOP, "a symlink loop", text) from exc
-
-
-def join(uri: str | Path, *parts: str) -> str:
-    """`uri` with path parts appended (before a URI's `?options`, if any)."""
-    base, sep, query = str(uri).partition("?")
-    return posixpath.join(base, *parts) + sep + query
 
 
 # --- writing -----------------------------------------------------------------------------
@@ -105,20 +81,6 @@ def publish(folder: Path, uri: str) -> None:
         out.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
     size = sum(f["size"] for f in manifest.values())
     _say(f"published {uri} ({len(manifest)} files, {size / 1e6:.1f} MB) in {time.perf_counter() - start:.2f}s")
-
-
-def write_text(uri: str, text: str) -> None:
-    """A small file (one object on an object store: it appears whole)."""
-    fs, path = filesystem(uri)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(text.encode())
-
-
-def read_text(uri: str) -> str:
-    fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as fh:
-        return fh.read().decode()
 
 
 def remove(uri: str) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from grid import uris
 from grid.errors import GridError
 from grid.jobs import FinetuneJob
 from workers import artifacts, training
@@ -402,7 +403,7 @@ def save_final(model: DecoderWithHeads, tokenizer: Any, job: FinetuneJob) -> Non
     at all. A model with heads keeps them beside the LM's weights (read by workers/decoder_heads.py)."""
 
     def write(folder: str, save) -> None:
-        with artifacts.staging(artifacts.join(job.output_dir, folder)) as tmp:
+        with artifacts.staging(uris.join(job.output_dir, folder)) as tmp:
             save(tmp)
 
     lm = model.lm

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from grid import uris
 from grid.errors import GridError
 from grid.jobs import FinetuneJob
 from workers import artifacts, training
@@ -113,7 +114,7 @@ def train_loop(config: dict[str, Any]) -> None:
     recipe = training.Recipe(step, save_state, load_state, scheduler, evaluate if val_features else None)
     metrics = training.train(recipe, lengths, hp, job.seed)
     if ray.train.get_context().get_world_rank() == 0:
-        with artifacts.staging(artifacts.join(job.output_dir, "model")) as folder:
+        with artifacts.staging(uris.join(job.output_dir, "model")) as folder:
             bare.save(folder, tokenizer)
         training.write_metrics(job, metrics)
 
@@ -150,5 +151,5 @@ def run(job: FinetuneJob, callbacks: tuple = ()) -> dict[str, Any]:
     config = {"job": job.model_dump(), "hp": hp, "labels": labels, "features": ray.put(features),
               "val_features": ray.put(val_features) if val_features else None}
     metrics = training.fit(train_loop, config, job, hp["checkpoints_to_keep"], callbacks)
-    return metrics | {"hparams": hp, "model_dir": artifacts.join(job.output_dir, "model")} | (
+    return metrics | {"hparams": hp, "model_dir": uris.join(job.output_dir, "model")} | (
         {"validation": validation} if validation else {})

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grid import uris
 from grid.errors import GridError
 from grid.jobs import FinetuneJob, Validation, hparams_schema, unknown_hparams
 from workers import artifacts
@@ -338,21 +339,21 @@ def fit(worker_loop: Callable[[dict[str, Any]], None], config: dict[str, Any], j
 
     if not ray.is_initialized():
         ray.init()
-    metrics_uri = artifacts.join(job.output_dir, METRICS_FILE)
+    metrics_uri = uris.join(job.output_dir, METRICS_FILE)
     artifacts.remove(metrics_uri)
-    storage_fs, storage_path = artifacts.filesystem(job.output_dir)
+    storage_fs, storage_path = uris.filesystem(job.output_dir)
     TorchTrainer(
         worker_loop,
         train_loop_config=config,
         scaling_config=job.resources.scaling_config(),
         run_config=RunConfig(name="checkpoints", storage_path=storage_path,
-                             storage_filesystem=storage_fs if artifacts.is_remote(job.output_dir) else None,
+                             storage_filesystem=storage_fs if uris.is_remote(job.output_dir) else None,
                              checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
                              callbacks=list(callbacks)),
     ).fit()
-    return json.loads(artifacts.read_text(metrics_uri))
+    return json.loads(uris.read_text(metrics_uri))
 
 
 def write_metrics(job: FinetuneJob, metrics: dict[str, Any]) -> None:
     """Rank 0's metrics, for `fit` to return (the driver may be on another node)."""
-    artifacts.write_text(artifacts.join(job.output_dir, METRICS_FILE), json.dumps(metrics, indent=1))
+    uris.write_text(uris.join(job.output_dir, METRICS_FILE), json.dumps(metrics, indent=1))

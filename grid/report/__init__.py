@@ -48,15 +48,15 @@ def write_report(results: str | Path, out: str | Path = "reports", *, pairs: lis
     # Imported here, not at the top: `python -m grid` builds every subcommand's arguments from
     # add_arguments below, and these modules pull in matplotlib, scipy, nltk and scikit-learn
     # (2 to 12 s, measured with python -X importtime), which `grid status` has no use for.
+    from grid import uris
     from grid.report import markdown, page
     from grid.report.comparisons import parse_pairs
     from grid.report.model import build_model, to_json
     from grid.report.plots import draw_plots
     from grid.store import Store
-    from workers import artifacts
 
     store = Store.open(results, create=False)
-    if not artifacts.is_remote(str(out)):  # before the work, and writing nothing: a file in the way
+    if not uris.is_remote(str(out)):  # before the work, and writing nothing: a file in the way
         blocking = next((q for q in (Path(out).resolve(), *Path(out).resolve().parents) if q.exists()), None)
         if blocking is not None and not blocking.is_dir():
             raise GridError(f"--out {out}: {blocking} is a file, not a folder")
@@ -68,9 +68,9 @@ def write_report(results: str | Path, out: str | Path = "reports", *, pairs: lis
              "report.json": json.dumps(to_json(model, plots), indent=1, default=str)}
     paths = []
     for name, text in texts.items():
-        paths.append(artifacts.join(str(out), name))
+        paths.append(uris.join(str(out), name))
         try:
-            artifacts.write_text(paths[-1], text)
+            uris.write_text(paths[-1], text)
         except OSError as exc:
             raise GridError(f"--out {out}: cannot write {name}: {exc.strerror or exc}") from None
     return paths
