@@ -29,7 +29,7 @@ from functools import lru_cache
 from typing import Any
 
 from grid.errors import GridError
-from grid.tasks import OUTSIDE_TAG, Subtask, TaskDef
+from grid.tasks import Subtask, TaskDef, tag_set
 
 _MAX_LITERAL_CHARS = 100_000  # ast.literal_eval on longer text is not worth the time
 _MAX_OBJECT_TRIES = 8  # `{` (or `[`) starting points tried before giving up
@@ -251,12 +251,9 @@ def _parse_one(raw: str, sub: Subtask, labels: tuple[str, ...], n_words: int | N
     if sub.type == "label":
         return _parse_label(raw, labels)
     if sub.type == "word_tags":
-        return _parse_word_tags(raw, _tag_set(labels), n_words)
+        return _parse_word_tags(raw, tag_set(labels), n_words)
     return _parse_text(raw)
 
-
-def _tag_set(labels: tuple[str, ...]) -> tuple[str, ...]:
-    return labels if OUTSIDE_TAG in labels else tuple(labels) + (OUTSIDE_TAG,)
 
 
 def _json_type(value: object) -> str:
@@ -271,9 +268,9 @@ def _parse_value(value: object, key: str, sub: Subtask, labels: tuple[str, ...],
     """One sub-task's value from the multi-task JSON object."""
     if sub.type == "word_tags":
         if isinstance(value, (list, tuple)):
-            return _tags_from_items(list(value), _tag_set(labels), n_words)
+            return _tags_from_items(list(value), tag_set(labels), n_words)
         if isinstance(value, str):
-            return _parse_word_tags(value, _tag_set(labels), n_words)
+            return _parse_word_tags(value, tag_set(labels), n_words)
         return _invalid(f"{key}: expected a list of word tags, got {_json_type(value)}")
     if not isinstance(value, str):
         return _invalid(f"{key}: expected a string, got {_json_type(value)}")

@@ -14,6 +14,7 @@ one dataset share its `data:` block). Files whose names start with `_` are not t
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,11 @@ from grid.errors import GridError, read_yaml_mapping, validate_file
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 TASKS_ENV = "CLFGRID_TASKS"  # `--tasks DIR` sets it, so Ray workers (which inherit it) read the same tasks
 OUTSIDE_TAG = "Other"  # the paper's word label for "no slot"; MASSIVE's `outside` value
+
+
+def tag_set(labels: Sequence[str]) -> tuple[str, ...]:
+    """The tags a word may get: a word-tag sub-task's labels, and OUTSIDE_TAG if they lack it."""
+    return tuple(labels) if OUTSIDE_TAG in labels else (*labels, OUTSIDE_TAG)
 
 SubtaskType = Literal["label", "word_tags", "text"]
 

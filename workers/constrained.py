@@ -72,7 +72,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from grid.tasks import OUTSIDE_TAG, TaskDef, get_task
+from grid.tasks import TaskDef, get_task, tag_set
 
 STRATEGIES = ("score", "greedy")
 MAX_LEAD_SPACE = 2  # whitespace characters greedy may write before / after the answer
@@ -103,9 +103,6 @@ def _choice(name: str, labels: Sequence[str], in_json: bool) -> Choice:
     return Choice(name, options, labels)
 
 
-def _tag_set(labels: Sequence[str]) -> tuple[str, ...]:
-    return tuple(labels) if OUTSIDE_TAG in labels else (*labels, OUTSIDE_TAG)
-
 
 def _tags_program(name: str, tags: tuple[str, ...], n_words: int) -> list:
     if n_words == 0:
@@ -130,7 +127,7 @@ def answer_program(task: TaskDef, labels: dict[str, Sequence[str]], n_words: int
         if sub.type == "label":
             segs = [_choice(sub.name, labels[sub.name], in_json=False)]
         else:
-            segs = _tags_program(sub.name, _tag_set(labels[sub.name]), n_words)
+            segs = _tags_program(sub.name, tag_set(labels[sub.name]), n_words)
     else:
         segs.append(Fixed("{"))
         for i, sub in enumerate(task.subtasks, 1):
@@ -138,7 +135,7 @@ def answer_program(task: TaskDef, labels: dict[str, Sequence[str]], n_words: int
             if sub.type == "label":
                 segs += [Fixed('"'), _choice(sub.name, labels[sub.name], in_json=True), Fixed('"')]
             else:
-                segs += _tags_program(sub.name, _tag_set(labels[sub.name]), n_words)
+                segs += _tags_program(sub.name, tag_set(labels[sub.name]), n_words)
         segs.append(Fixed("}"))
     merged: list = []  # adjacent fixed texts as one segment
     for s in segs:

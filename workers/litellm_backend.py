@@ -45,7 +45,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from grid.tasks import OUTSIDE_TAG, TaskDef, get_task
+from grid.tasks import TaskDef, get_task, tag_set
 from workers.request_cache import RequestCache, default_cache_dir, request_key
 
 log = logging.getLogger("clfgrid.litellm")
@@ -55,9 +55,6 @@ RETRY_STATUS = {408, 409, 425, 429}
 
 # --- structured outputs (pure) ---------------------------------------------------------------
 
-
-def _tags(labels: list[str]) -> list[str]:
-    return list(labels) if OUTSIDE_TAG in labels else [*labels, OUTSIDE_TAG]
 
 
 def answer_schema(task: TaskDef, labels: dict[str, list[str]], n_words: int | None) -> dict[str, Any]:
@@ -69,7 +66,7 @@ def answer_schema(task: TaskDef, labels: dict[str, list[str]], n_words: int | No
         if sub.type == "label":
             props[key] = {"type": "string", "enum": list(labels[sub.name])}
         elif sub.type == "word_tags":
-            props[key] = {"type": "array", "items": {"type": "string", "enum": _tags(labels[sub.name])}}
+            props[key] = {"type": "array", "items": {"type": "string", "enum": list(tag_set(labels[sub.name]))}}
             if n_words is not None:
                 props[key].update(minItems=n_words, maxItems=n_words)
         else:

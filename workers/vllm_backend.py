@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from grid.tasks import OUTSIDE_TAG, TaskDef, get_task
+from grid.tasks import TaskDef, get_task, tag_set
 
 ENGINE_OPTIONS = ("gpu_memory_utilization", "max_model_len", "tensor_parallel_size", "max_num_seqs")
 
@@ -45,12 +45,9 @@ def sampling_kwargs(decoding: dict[str, Any], seed: int | None = 0) -> dict[str,
     return kwargs
 
 
-def _tags(labels: list[str]) -> list[str]:
-    return list(labels) if OUTSIDE_TAG in labels else [*labels, OUTSIDE_TAG]
-
 
 def tags_schema(tags: list[str], n_words: int | None) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "array", "items": {"type": "string", "enum": _tags(tags)}}
+    schema: dict[str, Any] = {"type": "array", "items": {"type": "string", "enum": list(tag_set(tags))}}
     if n_words is not None:
         schema.update(minItems=n_words, maxItems=n_words)
     return schema
