@@ -134,7 +134,8 @@ class Resources(BaseModel):
     @model_serializer(mode="wrap")
     def _omit_no_offload(self, handler: Any) -> dict[str, Any]:
         """Without offload (or custom resources) the field is left out, so the cell ids of recipes
-        written before it existed stay the same (a cell id hashes its recipe)."""
+        written before it existed stay the same (a cell id hashes its recipe; custom resources,
+        a placement, never enter it: grid/plan.py)."""
         data = handler(self)
         if self.zero_offload == "none":
             data.pop("zero_offload", None)

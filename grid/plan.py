@@ -85,8 +85,18 @@ class Cell(BaseModel):
         # through pydantic's serializer was a third of a large plan's time.
         identity = {k: v for k, v in self.__dict__.items()
                     if k not in _NOT_IN_ID and not (v is None and k in _IN_ID_WHEN_SET)}
+        resources = (self.recipe or {}).get("resources") or {}
+        if any(k in _PLACEMENT for k in resources):  # where a job runs is not what it is
+            kept = {k: v for k, v in resources.items() if k not in _PLACEMENT}
+            identity["recipe"] = {**self.recipe, "resources": kept}
         blob = _ID_ENCODER.encode(identity)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def inputs(self) -> list[str]:
+        """The cells whose models this one reads: a fine-tune's or inference's parent, a merge's inputs."""
+        if self.kind == "merge":
+            return [ref["cell"] for ref in (self.recipe or {})["inputs"].values() if "cell" in ref]
+        return [self.depends_on] if self.depends_on else []
 
     def label(self) -> str:
         dec = f" {decoding_name(self.decoding)}" if self.decoding else ""
@@ -94,6 +104,8 @@ class Cell(BaseModel):
 
 
 _NOT_IN_ID = frozenset({"model", "lineage", "id"})  # "id": the cached id itself, once computed
+# A fine-tune's placement: which nodes its workers may run on, not what they compute.
+_PLACEMENT = frozenset({"custom_resources"})
 _IN_ID_WHEN_SET = frozenset({"runtime", "budget_unit"})  # fields added later: None keeps old ids
 # json.dumps(identity, sort_keys=True, default=str), the ids' encoding, with one encoder for all cells
 _ID_ENCODER = json.JSONEncoder(sort_keys=True, default=str)

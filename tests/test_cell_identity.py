@@ -93,6 +93,20 @@ def test_the_train_limit_and_the_sampler_reach_the_cells_that_use_them():
     assert five.sampler == "stratified/2"
 
 
+def test_where_a_fine_tune_runs_is_not_part_of_its_id():
+    """custom_resources pins a fine-tune's workers to some nodes; the same job elsewhere is the same
+    cell. How many workers train it (the effective batch) is part of it, and the placement still
+    reaches the job."""
+    def finetunes(resources: dict[str, Any]) -> dict[int, Any]:
+        raw = copy.deepcopy(BASE) | {"finetune": ["lora"], "recipes": {"decoder/lora": {"resources": resources}}}
+        return {c.seed: c for c in build_plan(GridConfig.model_validate(raw)).cells if c.kind == "finetune"}
+
+    plain, pinned = finetunes({}), finetunes({"custom_resources": {"trainer": 1}})
+    assert [c.id for c in plain.values()] == [c.id for c in pinned.values()]
+    assert pinned[0].recipe["resources"]["custom_resources"] == {"trainer": 1}
+    assert finetunes({"num_workers": 2})[0].id != plain[0].id
+
+
 def test_a_hub_model_s_revision_changes_the_id():
     hub = {"models.0.source": "HuggingFaceTB/SmolLM2-135M-Instruct"}
     assert untuned_infer_id(hub | {"models.0.revision": "abc123"}) != untuned_infer_id(hub)
