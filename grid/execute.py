@@ -8,7 +8,8 @@ stream through it concurrently. A cell is written (predictions, then cell.json) 
 last chunk comes back.
 
 The driver runs units (a fine-tune or merge cell, then the group that reads its model; or a base
-model's group) in up to `parallel` threads, each unit once the cells it reads are done (execute).
+model's group) in up to `parallel` threads, each unit once the cells it reads are done: the order
+is grid/schedule.py's, and this module wires what running a unit means.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import time
 import traceback
 from collections import defaultdict
 from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -35,10 +35,11 @@ from grid.data import label_sets, load_split, sample_test_rows, warn_unseen_test
 from grid.errors import GridError
 from grid.metrics.label_scores import label_logprobs_column, stored_label_logprobs
 from grid.metrics.score import score
-from grid.parsing import parse_answer
 from grid.plan import Cell, Plan
 from grid.progress import Progress
-from grid.prompting import Prompt, PromptBuilder, gold_of, prompt_hash
+from grid.prompting import Prompt, PromptBuilder, prompt_hash
+from grid.schedule import Unit, plan_units, schedule
+from grid.scoring import golds_and_parsed
 from grid.store import CellState, Store
 from grid.tasks import get_task
 from workers.artifacts import fetch, staging
@@ -140,7 +141,7 @@ def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCe
 
 
 def finish_cell(store: Store, prepared: PreparedCell, results: list[dict[str, Any]], started_at: float) -> dict:
-    """Parse, score and write one cell. Returns its record (done, or failed with the error).
+    """Parse, write and score one cell. Returns its record (done, or failed with the error).
 
     The cells of a model stream through its actors together, so a cell has no wall time of its
     own: `seconds` is the model's time on its chunks (their latencies summed), `started_at` the
@@ -156,11 +157,8 @@ def finish_cell(store: Store, prepared: PreparedCell, results: list[dict[str, An
         return record
     task = get_task(cell.task)
     labels = prepared.labels
-    golds = [gold_of(task, r) for r in prepared.rows]
-    parsed = [parse_answer(res["raw_output"], task, labels, len(r["words"]))
-              for res, r in zip(results, prepared.rows)]
+    golds, parsed = golds_and_parsed(task, labels, prepared.rows, [res["raw_output"] for res in results])
     label_logprobs = [stored_label_logprobs(task, res.get("label_logprobs"), g) for res, g in zip(results, golds)]
-    metrics = score(task, golds, parsed, seed=cell.seed, label_logprobs=label_logprobs)
     table = pa.table({
         "cell_id": [cell.id] * len(results),
         "example_id": [r["example_id"] for r in prepared.rows],
@@ -178,8 +176,15 @@ def finish_cell(store: Store, prepared: PreparedCell, results: list[dict[str, An
         "cached": pa.array([bool(res.get("cached")) for res in results], pa.bool_()),
         "label_logprobs": pa.array([None if lp is None else json.dumps(lp) for lp in label_logprobs], pa.string()),
     })
-    store.write_predictions(cell.id, table)
+    store.write_predictions(cell.id, table)  # before scoring: a scoring error loses no answer
     usage = cell_usage(results)
+    try:
+        metrics = score(task, golds, parsed, seed=cell.seed, label_logprobs=label_logprobs)
+    except GridError as exc:
+        record = cell_record(cell, "failed", error=f"scoring: {exc} (its answers are in "
+                             f"{store.predictions_path(cell.id)})", seconds=seconds, usage=usage, started_at=started_at)
+        store.write_cell(cell.id, record)
+        return record
     record = cell_record(cell, "done", metrics=metrics, scored_with=list(task.metrics), seconds=seconds,
                          n_examples=len(results), usage=usage, started_at=started_at, finished_at=time.time())
     store.write_cell(cell.id, record)
@@ -255,8 +260,8 @@ def rescore_stale(plan: Plan, store: Store, data_dir: str | None, states: list[C
         labels = label_sets(task, data_dir)
         table = store.read_predictions(cell.id)
         answers = table.select(["example_id", "raw_output"]).to_pylist()
-        golds = [gold_of(task, rows[a["example_id"]]) for a in answers]
-        parsed = [parse_answer(a["raw_output"], task, labels, len(rows[a["example_id"]]["words"])) for a in answers]
+        golds, parsed = golds_and_parsed(task, labels, [rows[a["example_id"]] for a in answers],
+                                         [a["raw_output"] for a in answers])
         metrics = score(task, golds, parsed, seed=cell.seed, label_logprobs=label_logprobs_column(table))
         store.write_cell(cell.id, {**record, "metrics": metrics, "scored_with": list(task.metrics)})
         log.info("re-scored %s with %s (was %s)", cell.label(), ", ".join(task.metrics), ", ".join(state.scored_with))
@@ -413,44 +418,56 @@ def run_merge_cell(cell: Cell, store: Store) -> dict[str, Any]:
 # --- the whole plan -----------------------------------------------------------------------
 
 
-@dataclass
-class Unit:
-    """What one driver thread runs: a fine-tune or merge cell (unless done already), then the
-    inference group that reads its model; or a base model's inference group alone."""
+class OtherDrivers:
+    """Other drivers on the same results dir, through the claims (grid/claims.py): the scheduler's
+    `Others` (grid/schedule.py). A cell another driver holds is recorded in the run's summary."""
 
-    producer: Cell | None  # the cell to run first, None when there is none or it is done
-    inputs: list[str]  # cells whose models the producer (or else the group) reads
-    group: list[Cell]  # inference cells of one model
+    def __init__(self, store: Store, plan: Plan, claims: Claims, summary: RunSummary, damaged: dict[str, str]):
+        self.store, self.plan, self.claims, self.summary, self.damaged = store, plan, claims, summary, damaged
 
+    def claim(self, unit: Unit, done: set[str]) -> Unit | None:
+        producer, inputs = unit.producer, unit.inputs
+        if producer is not None:
+            if not self.claims.claim(producer.id):
+                return None
+            if _status(self.store, producer.id) == "done":  # another driver made it after this run started
+                self.claims.release(producer.id)
+                done.add(producer.id)
+                producer, inputs = None, [producer.id]
+        mine = []
+        for c in unit.group:
+            if not self.claims.claim(c.id):
+                self.summary.elsewhere[c.id] = self.claims.holder(c.id) or {}
+            elif _status(self.store, c.id) == "done" and (
+                    c.id not in self.damaged or not self.store.predictions_problem(c.id)):
+                self.claims.release(c.id)  # another driver did it (again, if its predictions were damaged)
+            else:
+                mine.append(c)
+        if producer is None and not mine:
+            return None
+        return Unit(producer, inputs, mine)
 
-def plan_units(plan: Plan, todo: list[Cell]) -> list[Unit]:
-    """The units of the cells to do: base models' groups first (no training, results soonest),
-    then every fine-tune or merge cell in plan order (each input before what reads it)."""
-    todo_ids = {c.id for c in todo}
-    groups: dict[str, list[Cell]] = defaultdict(list)
-    for c in todo:
-        if c.kind == "infer":
-            groups[c.depends_on or f"model:{c.model}"].append(c)
-    units = [Unit(None, [], cells) for key, cells in groups.items() if key.startswith("model:")]
-    for cell in plan.cells:
-        if cell.kind not in ("finetune", "merge"):
-            continue
-        if cell.id in todo_ids:
-            inputs = [cell.depends_on] if cell.kind == "finetune" else \
-                [ref["cell"] for ref in (cell.recipe or {})["inputs"].values() if "cell" in ref]
-            units.append(Unit(cell, [i for i in inputs if i], groups.get(cell.id, [])))
-        elif cell.id in groups:  # trained earlier; its inference cells are still to do
-            units.append(Unit(None, [cell.id], groups[cell.id]))
-    return units
+    def making(self, cell_id: str) -> bool:
+        return self.claims.holder(cell_id) is not None
+
+    def refresh(self, done: set[str], failed: set[str], made_here: set[str]) -> None:
+        """Done cells join `done`; an input that no one makes any more (failed elsewhere, and not
+        to be made here) joins `failed`."""
+        statuses = self.store.statuses()
+        done.update(cid for cid, s in statuses.items() if s == "done")
+        producers = {c.id for c in self.plan.cells if c.kind in ("finetune", "merge")}
+        for cid in producers - done - made_here:
+            if statuses.get(cid) == "failed":
+                failed.add(cid)
 
 
 def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
             num_cpus: int | None = None, poll_s: float = 3.0) -> RunSummary:
     """Run every cell not yet done; Ray is started (or joined) only when there is work.
 
-    Up to `config.parallel` units run at once, each in a driver thread: a unit starts when the
-    cells it reads are done, and Ray queues its workers and actors until the cluster can place
-    them. With `parallel: 1` units run one after another, in `plan_units` order.
+    Up to `config.parallel` units run at once, each in a driver thread (grid/schedule.py): a unit
+    starts when the cells it reads are done, and Ray queues its workers and actors until the
+    cluster can place them. With `parallel: 1` units run one after another, in `plan_units` order.
 
     Another driver on the same results dir (grid/claims.py): a cell it has claimed is left to it;
     a unit whose model it is making waits for that model (every `poll_s` seconds), or takes the
@@ -504,77 +521,12 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
                     fail([c for c in unit.group if c.id not in summary.ran], one_line(exc))
             return True
         finally:
-            for c in ([unit.producer] if unit.producer else []) + unit.group:
+            for c in unit.cells():
                 claims.release(c.id)
 
-    def claim(unit: Unit) -> Unit | None:
-        """The part of a unit this driver runs, its cells claimed; None when another driver has
-        its producer (the unit waits) or every cell of it."""
-        producer, inputs = unit.producer, unit.inputs
-        if producer is not None:
-            if not claims.claim(producer.id):
-                return None
-            if _status(store, producer.id) == "done":  # another driver made it after this run started
-                claims.release(producer.id)
-                done.add(producer.id)
-                producer, inputs = None, [producer.id]
-        mine = []
-        for c in unit.group:
-            if not claims.claim(c.id):
-                summary.elsewhere[c.id] = claims.holder(c.id) or {}
-            elif _status(store, c.id) == "done" and (c.id not in damaged or not store.predictions_problem(c.id)):
-                claims.release(c.id)  # another driver did it (again, if its predictions were damaged)
-            else:
-                mine.append(c)
-        if producer is None and not mine:
-            return None
-        return Unit(producer, inputs, mine)
-
-    pending = plan_units(plan, todo)
-    failed: set[str] = set()
-    running: dict[Future, Unit] = {}
     try:
-        with ThreadPoolExecutor(max_workers=config.parallel, thread_name_prefix="unit") as pool:
-            while pending or running:
-                waiting = False
-                for unit in list(pending):
-                    if len(running) >= config.parallel:
-                        break
-                    broken = [i for i in unit.inputs if i in failed]
-                    missing = [i for i in unit.inputs if i not in done]
-                    if not broken and missing:
-                        waiting = waiting or any(claims.holder(i) for i in missing)  # another driver makes it
-                        continue  # an input is still being made
-                    if broken:
-                        pending.remove(unit)
-                        fail([unit.producer, *unit.group] if unit.producer else unit.group,
-                             f"input cell {broken[0]} is not done")
-                        if unit.producer:
-                            failed.add(unit.producer.id)
-                        continue
-                    mine = claim(unit)
-                    if mine is None and unit.producer is not None and unit.producer.id not in done:
-                        waiting = True  # another driver is making its model
-                        continue
-                    pending.remove(unit)
-                    if mine is not None:
-                        running[pool.submit(run_unit, mine)] = mine
-                if waiting and (not running or len(running) < config.parallel):
-                    _refresh(store, plan, done, failed, made_here={u.producer.id for u in [*pending, *running.values()]
-                                                                   if u.producer is not None})
-                if not running:
-                    if pending and not waiting:  # inputs that no unit makes: fail instead of waiting forever
-                        missing = next(i for i in pending[0].inputs if i not in done)
-                        failed.add(missing)
-                    elif pending:
-                        time.sleep(poll_s)
-                    continue
-                finished, _ = wait(running, timeout=poll_s if waiting else None, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    unit = running.pop(future)
-                    ok = future.result()  # a bug of the engine itself still stops the grid
-                    if unit.producer is not None:
-                        (done if ok else failed).add(unit.producer.id)
+        schedule(plan_units(plan, todo), run=run_unit, fail=fail, done=done, parallel=config.parallel,
+                 others=OtherDrivers(store, plan, claims, summary, damaged), poll_s=poll_s)
     finally:
         claims.close()
         progress.close()
@@ -584,17 +536,6 @@ def execute(plan: Plan, config: GridConfig, store: Store, data_dir: str | None,
 def _status(store: Store, cell_id: str) -> str | None:
     record = store.read_cell(cell_id)
     return record["status"] if record else None
-
-
-def _refresh(store: Store, plan: Plan, done: set[str], failed: set[str], made_here: set[str]) -> None:
-    """What other drivers finished: done cells join `done`; an input that no one makes any more
-    (failed elsewhere, or neither claimed nor to be made here) joins `failed`."""
-    statuses = store.statuses()
-    done.update(cid for cid, s in statuses.items() if s == "done")
-    producers = {c.id for c in plan.cells if c.kind in ("finetune", "merge")}
-    for cid in producers - done - made_here:
-        if statuses.get(cid) == "failed":
-            failed.add(cid)
 
 
 def connect_ray(num_cpus: int | None = None, state_api: bool = False) -> None:

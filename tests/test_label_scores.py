@@ -337,6 +337,24 @@ def test_cell_keeps_top_labels_and_gold_and_rescoring_reads_them(tiny, tmp_path)
     assert store.read_cell(cell_id)["metrics"] == metrics
 
 
+def test_a_scoring_error_keeps_the_answers(tiny, tmp_path, monkeypatch):
+    """Predictions are written before scoring: a cell whose scoring fails is failed, and names the
+    file its answers are in."""
+    from grid import execute
+
+    def broken(*args, **kwargs):
+        raise execute.GridError("task fpb-sentiment: a scoring bug")
+
+    model, tok = tiny
+    _, (prepared,) = grid_cells(tok, "fpb-sentiment", 0, 3)
+    store = Store.open(tmp_path / "r")
+    monkeypatch.setattr(execute, "score", broken)
+    record = _finished(store, prepared, constrained_answers(model, tok, prepared.items, strategy="greedy"))
+    path = store.predictions_path(prepared.cell.id)
+    assert record["status"] == "failed" and record["error"].startswith("scoring: task fpb-sentiment: a scoring bug")
+    assert path in record["error"] and pq.read_table(path).num_rows == 3
+
+
 def test_cells_without_label_scores_write_a_null_column(tiny, tmp_path):
     model, tok = tiny
     _, (prepared,) = grid_cells(tok, "fpb-sentiment", 0, 3)
