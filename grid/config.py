@@ -31,9 +31,10 @@ from grid.comparisons import ComparisonSpec
 from grid.errors import GridError, first_error, read_yaml_mapping, validate_file
 from grid.jobs import Family, PromptFormat, Resources, unknown_hparams
 from grid.merges import MergeSpec
+from grid.registry import BACKENDS, FAMILIES
 from grid.search import SearchBudget, SearchSpec
 
-Backend = Literal["transformers", "vllm", "litellm"]
+Backend = Literal[tuple(BACKENDS)]  # the backends of grid/registry.py
 FinetuneMode = Literal["none", "full", "lora"]
 
 
@@ -83,10 +84,9 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _family_backend(self) -> ModelSpec:
-        if self.family == "api" and self.backend != "litellm":
-            raise ValueError("api models use backend litellm")
-        if self.family == "encoder" and self.backend != "transformers":
-            raise ValueError("encoder models use backend transformers")
+        backends = FAMILIES[self.family].backends
+        if self.backend not in backends:
+            raise ValueError(f"{self.family} models use backend {' or '.join(backends)}")
         return self
 
 

@@ -38,6 +38,7 @@ from grid.metrics.score import score
 from grid.plan import Cell, Plan
 from grid.progress import Progress
 from grid.prompting import Prompt, PromptBuilder, prompt_hash
+from grid.registry import BACKENDS, FAMILIES, load
 from grid.schedule import Unit, plan_units, schedule
 from grid.scoring import golds_and_parsed
 from grid.store import CellState, Store
@@ -289,10 +290,11 @@ def run_inference_group(
     progress.add_examples(sum(len(p.items) for p in prepared.values()))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     remote_args: dict[str, Any] = {}
-    if spec["backend"] == "vllm" and os.environ.get("CLFGRID_VLLM_PYTHON"):
-        # vLLM pins its own torch/transformers: its actors run in the separate environment that
-        # cluster.yaml installs on every node and names in this variable.
-        remote_args["runtime_env"] = {"py_executable": os.environ["CLFGRID_VLLM_PYTHON"]}
+    python_env = BACKENDS[spec["backend"]].python_env
+    if python_env and os.environ.get(python_env):
+        # a backend that pins its own torch/transformers (vLLM): its actors run in the separate
+        # environment that cluster.yaml installs on every node and names in this variable
+        remote_args["runtime_env"] = {"py_executable": os.environ[python_env]}
     out = ds.map_batches(
         Predictor, fn_constructor_kwargs={"spec": spec, "retries": inf.retries},
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=inf.concurrency), num_cpus=inf.num_cpus,
@@ -357,10 +359,8 @@ def run_finetune(cell: Cell, store: Store, data_dir: str | None, retries: int) -
         from workers.search import run_search
 
         run = partial(run_search, spec=SearchSpec.model_validate(recipe["search"]))
-    elif cell.family == "encoder":
-        from workers.train_encoder import run
     else:
-        from workers.train_decoder import run
+        run = load(FAMILIES[cell.family].trainer)
     error = None
     start, started_at = time.perf_counter(), time.time()
     for attempt in range(retries + 1):

@@ -9,7 +9,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-Family = Literal["encoder", "decoder", "api"]
+from grid.registry import FAMILIES
+
+Family = Literal[tuple(FAMILIES)]  # the families of grid/registry.py
 PromptFormat = Literal["chat", "inst", "plain"]
 
 

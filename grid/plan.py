@@ -22,6 +22,7 @@ from grid.data import data_fingerprint
 from grid.errors import GridError
 from grid.gcpause import gc_paused
 from grid.prompting import SAMPLER_IDS, template_source_hash
+from grid.registry import BACKENDS, FAMILIES, planned
 from grid.sources import check_source, is_local_path, source_revision
 from grid.tasks import TaskDef, get_task
 
@@ -129,14 +130,6 @@ def _matches(rule: dict[str, Any], combo: dict[str, Any]) -> bool:
     return True
 
 
-def _builtin_skip(model: ModelSpec, shots: int, finetune: str) -> bool:
-    if model.family == "encoder":
-        return finetune != "full" or shots != 0
-    if model.family == "api":
-        return finetune != "none"
-    return False
-
-
 def _headless(config: GridConfig, decoding: Decoding, model: ModelSpec, mode: str, task: str) -> bool:
     """Decoding `head` needs a fine-tune that trained a classification head for the task: the
     model's own (`finetuned_from` with `heads`) or the recipe of the fine-tune mode."""
@@ -159,8 +152,8 @@ def _uncalibratable(decoding: Decoding, model: ModelSpec, task: TaskDef) -> bool
     transformers backend computes them, and only a single-label task is one choice (word tags and
     multi-task answers chain many). Encoders answer from their heads and ignore decodings."""
     single_label = not task.is_multi and task.subtasks[0].type == "label"
-    return (decoding.calibration != "none" and model.family != "encoder"
-            and (model.backend != "transformers" or not single_label))
+    return (decoding.calibration != "none" and FAMILIES[model.family].prompted
+            and (not BACKENDS[model.backend].label_logprobs or not single_label))
 
 
 def validate_references(config: GridConfig, source: str | Path = "grid config", hub_cache: bool = True) -> None:
@@ -232,7 +225,7 @@ def build_plan(config: GridConfig, data_dir: str | Path | None = None) -> Plan:
         # other rules say what is trained.
         cross_eval = mode != "none" and model.family == "decoder" and config.finetuned_eval == "all"
         trains = cross_eval and not any(_matches(r, combo) for r in config.exclude if "decoding" not in r)
-        if _builtin_skip(model, shots, mode) or not (own or trains):
+        if not planned(model.family, mode, shots) or not (own or trains):
             skipped += 1
             continue
         common = {
@@ -303,7 +296,8 @@ OPERATIONAL_OPTIONS = frozenset({
 def budget_unit(config: GridConfig, model: ModelSpec) -> str | None:
     """"tokens" where the grid counts text budgets in the model's tokens and the model's tokenizer
     is at hand (a local decoder); None (words) otherwise."""
-    tokens = config.text_budget_unit == "tokens" and model.family == "decoder" and model.backend != "litellm"
+    tokens = (config.text_budget_unit == "tokens" and FAMILIES[model.family].prompted
+              and BACKENDS[model.backend].local_tokenizer)
     return "tokens" if tokens else None
 
 

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from grid.registry import BACKENDS, FAMILIES, load
 from workers.artifacts import fetch
 
 log = logging.getLogger("clfgrid.predict")
@@ -31,33 +32,24 @@ class Backend(Protocol):
 
 
 def make_backend(spec: dict[str, Any]) -> Backend:
-    """Build the backend a model group names (`family`, `backend`, `path`, `dtype`, `options`)."""
-    family, backend = spec["family"], spec["backend"]
-    if family == "encoder":
-        from workers.encoder import EncoderPredictor
-
-        return _EncoderBackend(EncoderPredictor(spec["path"], device=spec.get("device", "cpu")))
-    if backend == "transformers":
-        from workers.transformers_backend import TransformersBackend
-
-        return TransformersBackend(spec["path"], dtype=spec.get("dtype", "float32"), **spec.get("options", {}))
-    if backend == "litellm":
-        from workers.litellm_backend import LiteLLMBackend
-
-        return LiteLLMBackend(spec)
-    if backend == "vllm":
-        from workers.vllm_backend import VLLMBackend
-
-        return VLLMBackend(spec)
-    raise ValueError(f"unknown backend {backend!r}")
+    """Build the backend a model group names (`family`, `backend`, `path`, `dtype`, `options`):
+    its family's own answerer (encoder heads), else its backend's class (grid/registry.py)."""
+    factory = FAMILIES[spec["family"]].answerer or BACKENDS[spec["backend"]].factory
+    return load(factory)(spec)
 
 
-class _EncoderBackend:
+class EncoderBackend:
     """Encoders answer from their heads, in the canonical answer format, with their label heads'
     log-probs."""
 
     def __init__(self, predictor: Any):
         self.predictor = predictor
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> EncoderBackend:
+        from workers.encoder import EncoderPredictor
+
+        return cls(EncoderPredictor(spec["path"], device=spec.get("device", "cpu")))
 
     def generate(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{**a, "n_prompt_tokens": None, "n_output_tokens": None} for a in self.predictor.answers(items)]

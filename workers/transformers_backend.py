@@ -18,6 +18,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class TransformersBackend:
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> TransformersBackend:
+        """The backend of a model group's spec (workers/predict.py): its path, dtype and options."""
+        return cls(spec["path"], dtype=spec.get("dtype", "float32"), **spec.get("options", {}))
+
     def __init__(self, path: str, dtype: str = "float32", device: str | None = None, **_: Any):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
