@@ -13,7 +13,7 @@ from grid.execute import data_dir_arg, prepare_cell
 from grid.parsing import format_answer, parse_answer
 from grid.plan import build_plan
 from grid.prompting import gold_of
-from grid.tasks import catalog, get_task
+from grid.tasks import catalog, get_task, tag_set
 from workers import constrained
 from workers.constrained import answer_program, constrained_answers, prefill, render_answer
 
@@ -60,7 +60,7 @@ def test_program_spells_format_answer(task_name):
         program = answer_program(task, labels, len(row["words"]))
         picks = []
         for sub in task.subtasks:
-            tags = constrained._tag_set(labels[sub.name]) if sub.type == "word_tags" else labels[sub.name]
+            tags = tag_set(labels[sub.name]) if sub.type == "word_tags" else labels[sub.name]
             values = gold[sub.name] if sub.type == "word_tags" else [gold[sub.name]]
             picks += [list(tags).index(v) for v in values]
         assert render_answer(program, picks) == format_answer(task, gold)
