@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from grid.claims import CLAIM_FILE, Claims
@@ -72,6 +73,7 @@ def test_the_heartbeat_keeps_a_claim_fresh(tmp_path):
         other.close()
 
 
+@pytest.mark.slow
 def test_two_drivers_on_one_grid_run_each_cell_once(tmp_path):
     grid = {"name": "two", "models": [{"name": "tiny", "source": "tiny:llama", "family": "decoder",
                                        "prompt_format": "chat"}],

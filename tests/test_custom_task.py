@@ -77,6 +77,7 @@ def to_bio(tags: list[str]) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_custom_task_end_to_end_with_minilm(tmp_path):
     rng = random.Random(12)
     data, tasks = tmp_path / "data", tmp_path / "tasks"

@@ -1,5 +1,6 @@
-"""The grid engine end to end on a real local Ray: run, resume, kill and resume, add a seed,
-config errors before any work, and `ray job submit` against a real head."""
+"""The grid engine end to end on a real local Ray: run, resume, add a seed, a damaged file, a
+fine-tune killed and resumed from its checkpoint and units in parallel. The driver killed at random
+and resumed: tests/test_kills.py; `ray job submit`: tests/test_job_submit.py."""
 
 from __future__ import annotations
 
@@ -7,21 +8,19 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from grid.query import cells, metrics, predictions
-from tests.conftest import DATA, ROOT, run_cli
+from tests.conftest import ROOT, run_cli
 
 TINY = {"name": "tiny-llama", "source": "tiny:llama", "family": "decoder", "prompt_format": "chat"}
 
@@ -48,6 +47,7 @@ def ran(proc) -> tuple[int, int]:
 
 # --- run, rerun, add a seed ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_run_rerun_and_add_a_seed(tmp_path):
     config = write_grid(tmp_path / "grid.yaml")
     results = tmp_path / "results"
@@ -101,91 +101,9 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     assert not (tmp_path / "r").exists()  # a dry run writes nothing, not even the results dir
 
 
-# --- kill the driver midway ----------------------------------------------------------------
-
-def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(tmp_path):
-    config = write_grid(tmp_path / "grid.yaml", tasks=["massive-intent", "20ng-7", "fpb-sentiment", "fomc-stance"],
-                        limits={"test": 24})
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "grid/run.py", str(config), "--results", str(killed)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(killed.glob("cells/*/cell.json"))) < 2:
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.wait()
-    finished = {p.parent.name for p in killed.glob("cells/*/cell.json")}
-    assert 2 <= len(finished) < 8, "the kill should land midway"
-    before = file_hashes(killed)
-
-    resumed = run_cli("grid/run.py", str(config), "--results", str(killed))
-    assert resumed.returncode == 0, resumed.stderr
-    assert ran(resumed) == (8 - len(finished), len(finished))  # no finished cell ran again
-    after = file_hashes(killed)
-    for name, value in before.items():
-        if name.split("/")[1] in finished:
-            assert after[name] == value
-
-    clean = tmp_path / "clean"
-    assert run_cli("grid/run.py", str(config), "--results", str(clean)).returncode == 0
-    cols = ["cell_id", "example_id", "prompt_hash", "raw_output", "prediction", "valid"]
-    a = predictions(killed).select(cols).sort("cell_id", "example_id").collect()
-    b = predictions(clean).select(cols).sort("cell_id", "example_id").collect()
-    assert a.height == 8 * 24 and a.equals(b)
-
-
-# --- ray job submit against a real head ----------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ray_job_submit_against_a_local_head(tmp_path):
-    ray_bin = Path(sys.executable).parent / "ray"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    gcs, dash = free_port(), free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay short
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         # other Rays on this machine may hold the default agent ports: take free ones
-         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-         f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            probe = subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
-                                   capture_output=True, text=True)
-            if probe.returncode == 0:
-                break
-            time.sleep(2)
-        config = write_grid(tmp_path / "grid.yaml", tasks=["massive-intent"], shots=[0])
-        results = tmp_path / "results"
-        for _ in range(30):  # the head answers before its job agent is up: wait for the agent
-            job = subprocess.run(
-                [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-                 sys.executable, "grid/run.py", str(config), "--results", str(results), "--data", str(DATA)],
-                env=env, capture_output=True, text=True, timeout=600)
-            if "No available agent" not in job.stderr + job.stdout:
-                break
-            time.sleep(2)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in job.stdout
-        table = cells(results).collect()
-        assert table.height == 1 and table["status"].to_list() == ["done"]
-        assert predictions(results).collect().height == 12
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 # --- kill a training cell midway -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_during_a_finetune_cell_resumes_from_its_checkpoint(tmp_path):
     config = write_grid(
         tmp_path / "grid.yaml", tasks=["massive-intent"], shots=[0], finetune=["full"],
@@ -215,34 +133,23 @@ def test_sigkill_during_a_finetune_cell_resumes_from_its_checkpoint(tmp_path):
 
 # --- units in parallel -----------------------------------------------------------------------
 
-def test_parallel_units_overlap_and_equal_a_one_at_a_time_run(tmp_path):
-    """With `parallel: 2` the base model's cells and a fine-tune run at the same time, the
-    fine-tuned model's cells wait for their fine-tune, and every prediction equals a run with
-    `parallel: 1` (which runs the fine-tune only after the base model's cells)."""
-    common = {"tasks": ["massive-intent"], "shots": [0], "finetune": ["none", "lora"],
-              "limits": {"test": 24, "train": 64},
-              "recipes": {"decoder/lora": {"hparams": {"max_steps": 12, "batch_size": 4, "lr": 1e-3,
-                                                    "max_length": 1024}}}}
-    runs = {}
-    for parallel in (2, 1):
-        config = write_grid(tmp_path / f"p{parallel}.yaml", parallel=parallel, **common)
-        proc = run_cli("grid/run.py", str(config), "--results", str(tmp_path / f"p{parallel}"))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        records = [json.loads(p.read_text()) for p in (tmp_path / f"p{parallel}").glob("cells/*/cell.json")]
-        assert {r["status"] for r in records} == {"done"} and len(records) == 3
-        span = {("base" if r["cell"]["finetune"] == "none" else r["cell"]["kind"]):
-                (r["started_at"], r["finished_at"]) for r in records}
-        assert span["infer"][0] >= span["finetune"][1]  # the tuned model's cells after its fine-tune
-        runs[parallel] = span
-    two, one = runs[2], runs[1]
-    assert two["base"][0] < two["finetune"][1] and two["finetune"][0] < two["base"][1]  # they overlapped
-    assert one["finetune"][0] >= one["base"][1]  # one at a time
-
-    def table(folder: str) -> pl.DataFrame:
-        return (predictions(tmp_path / folder).select("cell_id", "example_id", "raw_output")
-                .sort("cell_id", "example_id").collect())
-
-    assert table("p2").equals(table("p1"))
+@pytest.mark.slow
+def test_parallel_units_overlap_on_a_real_ray(tmp_path):
+    """With `parallel: 2` the base model's cells and a fine-tune run at the same time on Ray, and
+    the fine-tuned model's cells wait for their fine-tune. (The order with `parallel: 1`, and every
+    other case of the scheduler, is tested on plain functions: tests/test_schedule.py.)"""
+    config = write_grid(tmp_path / "p2.yaml", parallel=2, tasks=["massive-intent"], shots=[0],
+                        finetune=["none", "lora"], limits={"test": 24, "train": 64},
+                        recipes={"decoder/lora": {"hparams": {"max_steps": 12, "batch_size": 4, "lr": 1e-3,
+                                                              "max_length": 1024}}})
+    proc = run_cli("grid/run.py", str(config), "--results", str(tmp_path / "p2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "p2").glob("cells/*/cell.json")]
+    assert {r["status"] for r in records} == {"done"} and len(records) == 3
+    span = {("base" if r["cell"]["finetune"] == "none" else r["cell"]["kind"]):
+            (r["started_at"], r["finished_at"]) for r in records}
+    assert span["infer"][0] >= span["finetune"][1]  # the tuned model's cells after its fine-tune
+    assert span["base"][0] < span["finetune"][1] and span["finetune"][0] < span["base"][1]  # they overlapped
 
 
 def test_a_model_that_cannot_load_fails_its_own_cells_and_the_grid_finishes(tmp_path):

@@ -55,6 +55,7 @@ def accuracy_by_cell(results) -> dict[str, list[bool]]:
     return out
 
 
+@pytest.mark.slow
 def test_finetune_merge_infer_chain_through_execute(tmp_path, ray_local):
     from grid.config import load_config
     from grid.execute import execute

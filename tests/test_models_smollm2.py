@@ -135,6 +135,7 @@ def finetuned(smollm2, tmp_path_factory, ray_local) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_finetuned_smollm2_reloads_and_predicts(smollm2, finetuned, mode):
     base = AutoModelForCausalLM.from_pretrained(smollm2).state_dict()

@@ -52,6 +52,7 @@ def s3_files(uri: str) -> list[str]:
     return sorted(i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File)
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_against_s3(s3, tmp_path):
     grid = {**FINETUNE_GRID, "finetune": ["none"],
             "tasks": ["massive-intent", "20ng-7", "fpb-sentiment", "fomc-stance"],

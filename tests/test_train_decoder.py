@@ -182,6 +182,7 @@ def test_lora_with_two_ddp_workers_saves_merged_model_and_adapter(local_ray, tin
     assert isinstance(generate(tmp_path / "model", prompt), str)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,mode,offload", [(2, "full", "none"), (3, "lora", "none"), (3, "full", "optimizer")])
 def test_deepspeed_zero_two_workers(local_ray, tiny, tmp_path, stage, mode, offload):
     """ZeRO-2 and -3 with 2 CPU workers, and ZeRO-3 with the optimizer offloaded (DeepSpeed's CPU
