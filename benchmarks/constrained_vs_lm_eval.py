@@ -51,7 +51,8 @@ TASK = "massive-intent"
 
 def prepare(source: str, tokenizer, n: int, shots: int, seed: int, label_logprobs: bool = False):
     from grid.config import GridConfig
-    from grid.execute import data_dir_arg, prepare_cell
+    from grid.data import data_dir_arg
+    from grid.execute import prepare_cell
     from grid.plan import build_plan
 
     data = data_dir_arg(None)

@@ -48,6 +48,13 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     return DEFAULT_LOCAL_DATA if DEFAULT_LOCAL_DATA.is_dir() else None
 
 
+def data_dir_arg(data_dir: str | Path | None) -> str | None:
+    """`--data` as the engine passes it on (to Ray workers too): an existing folder's path, or None
+    for the hub."""
+    resolved = resolve_data_dir(data_dir)
+    return str(resolved) if resolved else None
+
+
 # --- normalized rows ---------------------------------------------------------------------
 
 _TRANSFORMS: dict[str, Callable[[str], str]] = {

@@ -24,7 +24,6 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -567,10 +566,3 @@ def connect_ray(num_cpus: int | None = None, state_api: bool = False) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-
-
-def data_dir_arg(data_dir: str | Path | None) -> str | None:
-    from grid.data import resolve_data_dir
-
-    resolved = resolve_data_dir(data_dir)
-    return str(resolved) if resolved else None

@@ -70,7 +70,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.num_cpus is not None and args.num_cpus < 1:  # Ray would wait forever for a CPU (0) or fail (< 0)
         raise GridError(f"--num-cpus {args.num_cpus}: the local Ray needs at least 1 CPU")
-    from grid.execute import data_dir_arg, execute
+    from grid.data import data_dir_arg
     from grid.plan import build_plan, validate_references
     from grid.store import Store
     from grid.tables import plan_table, print_table, search_table, status_table
@@ -108,6 +108,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
         print_resources(plan, config, data_dir)
         return 0
+    from grid.execute import execute  # Ray Data, the workers' code: only once there is work
+
     store = store or Store.open(args.results)
     run, name, clock = _start_record(store, argv, args.config)
     try:

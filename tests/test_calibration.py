@@ -11,8 +11,9 @@ import torch
 from pydantic import ValidationError
 
 from grid.config import GridConfig, decoding_name, load_config
+from grid.data import data_dir_arg
 from grid.errors import GridError
-from grid.execute import data_dir_arg, prepare_cell
+from grid.execute import prepare_cell
 from grid.plan import build_plan
 from grid.prompting import cut_text
 from workers import constrained

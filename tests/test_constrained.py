@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from grid.config import GridConfig
-from grid.data import label_sets, load_split
-from grid.execute import data_dir_arg, prepare_cell
+from grid.data import data_dir_arg, label_sets, load_split
+from grid.execute import prepare_cell
 from grid.parsing import format_answer, parse_answer
 from grid.plan import build_plan
 from grid.prompting import gold_of

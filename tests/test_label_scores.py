@@ -18,8 +18,8 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 from grid.config import GridConfig
-from grid.data import label_sets
-from grid.execute import data_dir_arg, finish_cell, prepare_cell, rescore_stale
+from grid.data import data_dir_arg, label_sets
+from grid.execute import finish_cell, prepare_cell, rescore_stale
 from grid.metrics import score
 from grid.metrics.bootstrap import resample_blocks
 from grid.metrics.classification import balanced_accuracy, balanced_accuracy_statistic, class_indices

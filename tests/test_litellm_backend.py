@@ -212,7 +212,8 @@ RUNNER = r"""
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 from grid.config import load_config
-from grid.execute import data_dir_arg, execute
+from grid.data import data_dir_arg
+from grid.execute import execute
 from grid.plan import build_plan
 from grid.store import Store
 import ray

@@ -21,9 +21,9 @@ pytest.importorskip("gguf")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from grid.config import GridConfig  # noqa: E402
-from grid.data import label_sets  # noqa: E402
+from grid.data import data_dir_arg, label_sets  # noqa: E402
 from grid.errors import GridError  # noqa: E402
-from grid.execute import data_dir_arg, prepare_cell  # noqa: E402
+from grid.execute import prepare_cell  # noqa: E402
 from grid.parsing import parse_answer  # noqa: E402
 from grid.plan import build_plan, validate_references  # noqa: E402
 from grid.sources import PACKAGED_GGUF, check_source, gguf_file, packaged_gguf_path, source_revision  # noqa: E402
