@@ -91,7 +91,7 @@ def cli_status(results: str) -> None:
 
 def cli_startup() -> None:
     """A process that starts and imports what `grid status` imports, and does nothing else."""
-    subprocess.run([sys.executable, "-c", "import grid.__main__, grid.store, grid.tables, grid.tasks"], check=True,
+    subprocess.run([sys.executable, "-c", "import grid.__main__, grid.store, grid.terminal, grid.tasks"], check=True,
                    cwd=ROOT)
 
 

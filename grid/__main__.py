@@ -16,8 +16,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     import polars as pl
 
     from grid.data import label_sets, load_split, warn_unseen_test_labels
-    from grid.tables import print_table
     from grid.tasks import TASKS_DIR, catalog, get_task
+    from grid.terminal import print_table
 
     # Named tasks; else a --tasks DIR's own tasks (the catalog's read other data); else the catalog.
     names = args.names or [n for n, t in catalog().items()
@@ -65,7 +65,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from grid.store import Store
-    from grid.tables import print_table, search_table, status_table
+    from grid.terminal import print_table, search_table, status_table
 
     store = Store.open(args.results, create=False)
     records = store.records()

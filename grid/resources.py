@@ -401,7 +401,7 @@ def search_budgets(plan: Plan, config: GridConfig, data_dir: str | None = None) 
 
 
 def print_resources(plan: Plan, config: GridConfig, data_dir: str | None = None, gpu: str = "A100") -> Estimate:
-    from grid.tables import print_table
+    from grid.terminal import print_table
 
     est = estimate(plan, config, data_dir, gpu)
     pgs, inf, line = resources_tables(est)

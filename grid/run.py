@@ -73,8 +73,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from grid.data import data_dir_arg
     from grid.plan import build_plan, validate_references
     from grid.store import Store
-    from grid.tables import plan_table, print_table, search_table, status_table
     from grid.tasks import use_tasks_dir
+    from grid.terminal import plan_table, print_table, search_table, status_table
 
     use_tasks_dir(args.tasks)  # before the config: its task names are checked against the catalog
     config = load_config(args.config)

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from grid.forgetting import forgetting_frame, headline_scores
-from grid.tables import forgetting_table
+from grid.terminal import forgetting_table
 
 LABEL_KEY = {"fpb-sentiment": "sentiment", "fomc-stance": "stance", "sst2": "sentiment", "massive-intent": "intent"}
 

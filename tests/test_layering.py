@@ -22,7 +22,7 @@ def test_config_and_plan_import_no_worker_merge_or_heavy_module():
 def test_grid_status_imports_no_data_reader_or_report_library():
     """`python -m grid status` on a large results dir answers in about a second: its parser and its
     code path must not load HF datasets or the report's plotting and statistics stack."""
-    code = ("import json, sys; import grid.__main__ as m; m.parser(); import grid.store, grid.tables; "
+    code = ("import json, sys; import grid.__main__ as m; m.parser(); import grid.store, grid.terminal; "
             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
     proc = run_cli("-c", code)
     assert proc.returncode == 0, proc.stderr

@@ -76,6 +76,6 @@ def test_dialogsum_rouge_is_max_over_three_references():
                    for r, p in zip(rows, preds)) / len(rows)
         assert got[f"summary/{rouge_type}"] == pytest.approx(want, abs=1e-12)
     # status and the run's closing table show ROUGE-L (the scorer's key is rougeL) with its CI
-    from grid.tables import headline
+    from grid.terminal import headline
 
     assert f"summary/rougeL={got['summary/rougeL']:.3f} [" in headline(got)

@@ -30,8 +30,8 @@ from grid.plan import Cell
 from grid.report import write_report
 from grid.report.table import PAPER_COLUMNS, build_table
 from grid.store import Store
-from grid.tables import headline
 from grid.tasks import get_task
+from grid.terminal import headline
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 60
