@@ -509,7 +509,7 @@ def train_loop(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
 
     model.train()
-    metrics = training.train(training.Recipe(step, save_state, load_state, scheduler), lengths, hp, job.seed)
+    metrics = training.train(training.Hooks(step, save_state, load_state, scheduler), lengths, hp, job.seed)
     metrics |= {"dropped_examples": dropped, **({"head_features": head_stats} if head_stats else {}),
                 # what DeepSpeed actually did with the optimizer (ZeRO-Offload steps it on the CPU)
                 "optimizer_offloaded": bool(stage and engine.zero_cpu_offload())}

@@ -111,8 +111,8 @@ def train_loop(config: dict[str, Any]) -> None:
         return {"val_loss": loss_sum / len(val_features), "val_accuracy": accuracy}
 
     model.train()
-    recipe = training.Recipe(step, save_state, load_state, scheduler, evaluate if val_features else None)
-    metrics = training.train(recipe, lengths, hp, job.seed)
+    hooks = training.Hooks(step, save_state, load_state, scheduler, evaluate if val_features else None)
+    metrics = training.train(hooks, lengths, hp, job.seed)
     if ray.train.get_context().get_world_rank() == 0:
         with artifacts.staging(uris.join(job.output_dir, "model")) as folder:
             bare.save(folder, tokenizer)

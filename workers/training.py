@@ -1,6 +1,6 @@
 """The training core that both trainers use, so that they cannot drift apart.
 
-torchtune's shape: each recipe (workers/train_encoder.py, workers/train_decoder.py) reads top to
+torchtune's shape: each trainer (workers/train_encoder.py, workers/train_decoder.py) reads top to
 bottom and keeps only what is its own (the model and its heads, the collation, the loss); what
 they share lives here, once:
 
@@ -14,7 +14,7 @@ they share lives here, once:
 - `train`: the step loop, with resume from Ray Train's newest checkpoint, checkpoints every
   `checkpoint_every_steps`, at each epoch end and at the last step, per-head loss logging, and
   throughput (non-pad tokens summed over workers, divided by the slowest worker's step time);
-- `fit`: the Ray Train job around a recipe's worker loop; its metrics come back in a file
+- `fit`: the Ray Train job around a trainer's worker loop; its metrics come back in a file
   (Ray's `Result.metrics` holds the newest checkpoint's metrics, not the last report's).
 """
 
@@ -132,7 +132,7 @@ class StepResult:
 
 
 @dataclass
-class Recipe:
+class Hooks:
     """What a trainer hands the loop: one optimizer step on a batch of example indices, and the
     state a checkpoint keeps (written into / read from a folder, by this worker)."""
 
@@ -145,7 +145,7 @@ class Recipe:
     evaluate: Callable[[], dict[str, float]] | None = None
 
 
-def train(recipe: Recipe, lengths: list[int], hp: dict[str, Any], seed: int) -> dict[str, Any]:
+def train(hooks: Hooks, lengths: list[int], hp: dict[str, Any], seed: int) -> dict[str, Any]:
     """Run the optimizer steps left (after resuming from Ray Train's newest checkpoint) and return
     the run's metrics (every worker returns the same, reduced across workers)."""
     import ray.train
@@ -162,7 +162,7 @@ def train(recipe: Recipe, lengths: list[int], hp: dict[str, Any], seed: int) -> 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            start = _restore(Path(d), rank, recipe)
+            start = _restore(Path(d), rank, hooks)
     else:
         torch.manual_seed(seed * 1000 + rank)  # dropout: each worker its own stream
 
@@ -170,12 +170,12 @@ def train(recipe: Recipe, lengths: list[int], hp: dict[str, Any], seed: int) -> 
 
     def save_checkpoint(step: int, loss: float) -> None:
         report = {"step": step, "loss": loss, "epoch": step / steps_per_epoch}
-        if recipe.evaluate is not None and (step % steps_per_epoch == 0 or step == total):
-            report |= recipe.evaluate()
+        if hooks.evaluate is not None and (step % steps_per_epoch == 0 or step == total):
+            report |= hooks.evaluate()
             val_curve.append(report)
         name = f"step_{step:08d}"
         with _checkpoint_folder(name) as (folder, checkpoint):
-            recipe.save_state(folder, rank)
+            hooks.save_state(folder, rank)
             (folder / "rng").mkdir(exist_ok=True)  # every worker saves its RNG state in the one folder
             torch.save(torch.get_rng_state(), folder / "rng" / f"rank{rank}.pt")
             if rank == 0:
@@ -192,7 +192,7 @@ def train(recipe: Recipe, lengths: list[int], hp: dict[str, Any], seed: int) -> 
         if position == 0 or not batches:
             batches = epoch_batches(lengths, hp, seed, epoch, rank, world)
         t0 = time.perf_counter()
-        result = recipe.step(batches[position])
+        result = hooks.step(batches[position])
         step_seconds += time.perf_counter() - t0
         tokens, pads = tokens + result.tokens, pads + result.pads
         log.add(epoch, result)
@@ -218,7 +218,7 @@ def train(recipe: Recipe, lengths: list[int], hp: dict[str, Any], seed: int) -> 
         "nonpad_tokens": tokens,
         "resumed_from_step": start,
         "world_size": world,
-    } | ({"val_curve": val_curve} if recipe.evaluate is not None else {})
+    } | ({"val_curve": val_curve} if hooks.evaluate is not None else {})
 
 
 @contextlib.contextmanager
@@ -243,7 +243,7 @@ def _checkpoint_folder(name: str) -> Iterator[tuple[Path, dict[str, Any]]]:
             yield Path(tmp), {"checkpoint": ray.train.Checkpoint.from_directory(tmp)}
 
 
-def _restore(folder: Path, rank: int, recipe: Recipe) -> int:
+def _restore(folder: Path, rank: int, hooks: Hooks) -> int:
     """Load a checkpoint's state and this worker's RNG; the step to go on from."""
     import torch
 
@@ -251,10 +251,10 @@ def _restore(folder: Path, rank: int, recipe: Recipe) -> int:
     if not progress.is_file():
         raise GridError(f"{folder}: a checkpoint without progress.json (written by an older clfgrid); "
                         "delete the fine-tune's checkpoints/ folder to start it again")
-    recipe.load_state(folder)
+    hooks.load_state(folder)
     step = json.loads(progress.read_text())["step"]
-    for group, base_lr, factor in zip(recipe.scheduler.optimizer.param_groups, recipe.scheduler.base_lrs,
-                                      recipe.scheduler.lr_lambdas):
+    for group, base_lr, factor in zip(hooks.scheduler.optimizer.param_groups, hooks.scheduler.base_lrs,
+                                      hooks.scheduler.lr_lambdas):
         group["lr"] = base_lr * factor(step)
     rng = folder / "rng" / f"rank{rank}.pt"
     if rng.is_file():  # absent when the number of workers grew
