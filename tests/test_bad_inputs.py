@@ -1,12 +1,14 @@
 """The bad-input corpus: grid YAML, task YAML, data files, model sources, merge recipes, CLI
-arguments and model outputs that cannot be used. Each, run the way a user runs it, gives exit
-code 2 and one line on stderr that names the file and the field or row, no traceback, and leaves
-the results dir byte for byte as it was."""
+arguments and model outputs that cannot be used. Each, run the way a user runs it (a few in a
+process of their own, the rest through the same main(argv) in-process), gives exit code 2 and one
+line on stderr that names the file and the field or row, no traceback, and leaves the results dir
+byte for byte as it was."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 TASK = """\
 name: t
@@ -220,12 +222,44 @@ def tree_hashes(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+# Run as a user runs them, in a process of their own; the other cases run through the same entry
+# point's main(argv) in the test's process (a Python start-up and its imports, about 2 s, spared
+# per case), which sees the same stderr: what is printed there, and every log record a run prints.
+IN_A_PROCESS = {"yaml-syntax", "yaml-not-utf8", "task-missing-column", "data-row-not-json", "cli-num-cpus-zero",
+                "cli-status-missing", "cli-compare-damaged-predictions", "outputs-not-parquet"}
+
+
+def run_in_process(argv: list[str], capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture,
+                   monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """`python <argv>` (grid/run.py or -m grid) through its main(argv): the exit code, and stderr
+    as the process would have written it (printed lines, then the log records at INFO and above
+    that grid/run.py's logging sends there)."""
+    import grid.__main__
+    import grid.run
+
+    if argv[0] == "grid/run.py":
+        main, args = grid.run.main, argv[1:]
+    else:
+        assert argv[:2] == ["-m", "grid"], argv
+        main, args = grid.__main__.main, argv[2:]
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("CLFGRID_TASKS", raising=False)  # --tasks sets it: restored after the case
+    caplog.set_level(logging.INFO)
+    capsys.readouterr()
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, "\n".join([*err, *(f"{r.levelname}: {r.getMessage()}" for r in caplog.records)])
+
+
 def test_the_corpus_is_large_enough():
-    assert len(CASES) >= 57
+    assert len(CASES) >= 57 and set(CASES) >= IN_A_PROCESS
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_gives_one_line_and_changes_nothing(tmp_path, name):
+def test_bad_input_gives_one_line_and_changes_nothing(tmp_path, name, capsys, caplog, monkeypatch):
     case = CASES[name]
     argv = write_case(case, tmp_path)
     results = tmp_path / "results"
@@ -233,10 +267,14 @@ def test_bad_input_gives_one_line_and_changes_nothing(tmp_path, name):
         (results / "cells" / "abc").mkdir(parents=True)
         (results / "cells" / "abc" / "cell.json").write_text(json.dumps({"cell_id": "abc", "status": "done"}))
     before = tree_hashes(results) if results.is_dir() else None
-    proc = run_cli(*argv, timeout=300)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    if name in IN_A_PROCESS:
+        proc = run_cli(*argv, timeout=300)
+        code, stderr = proc.returncode, proc.stderr
+    else:
+        code, stderr = run_in_process(argv, capsys, caplog, monkeypatch)
+    lines = stderr.strip().splitlines()
+    assert code == 2, (code, stderr[-2000:])
+    assert "Traceback" not in stderr and len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
     for fragment in case.says:
         assert fragment.replace("{tmp}", str(tmp_path)) in lines[0], lines[0]
     if before is not None:
