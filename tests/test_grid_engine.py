@@ -1,6 +1,7 @@
-"""The grid engine end to end on a real local Ray: run, resume, add a seed, a damaged file, a
-fine-tune killed and resumed from its checkpoint and units in parallel. The driver killed at random
-and resumed: tests/test_kills.py; `ray job submit`: tests/test_job_submit.py."""
+"""The grid engine end to end on a real local Ray: run (and its provenance record), resume, add a
+seed, a damaged file, a fine-tune killed and resumed from its checkpoint, and units in parallel.
+The driver killed at random and resumed: tests/test_kills.py; `ray job submit`:
+tests/test_job_submit.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from grid.provenance import report_provenance
 from grid.query import cells, metrics, predictions
+from grid.store import Store
 from tests.conftest import ROOT, run_cli
 
 TINY = {"name": "tiny-llama", "source": "tiny:llama", "family": "decoder", "prompt_format": "chat"}
@@ -68,10 +71,22 @@ def test_run_rerun_and_add_a_seed(tmp_path):
     acc = metrics(results).filter(pl.col("metric").str.ends_with("/accuracy")).collect()
     assert acc.height == 4
 
+    # the run's provenance record (grid/provenance.py): what it ran, its command, the grid's bytes
+    (run_file,) = sorted((results / "runs").glob("*.json"))
+    record = json.loads(run_file.read_text())
+    assert record["ran"] == sorted(table["cell_id"]) and record["failed"] == [] and record["already_done"] == []
+    assert record["wall_s"] > 0 and record["finished_at"] >= record["started_at"]
+    assert record["command"] == f"python grid/run.py {config} --results {results}"
+    assert record["grid_sha256"] == hashlib.sha256(config.read_bytes()).hexdigest()
+
     before = file_hashes(results)
     again = run_cli("grid/run.py", str(config), "--results", str(results))
     assert again.returncode == 0 and ran(again) == (0, 4)
-    assert file_hashes(results) == before  # no work, no file touched
+    assert file_hashes(results) == before  # no work, no file touched: no run record either
+    prov = report_provenance(Store.open(results, create=False), [json.loads(p.read_text())
+                                                                 for p in results.glob("cells/*/cell.json")])
+    assert len(prov["runs"]) == 1 and set(prov["cell_seconds"]) == set(table["cell_id"])
+    assert prov["cell_seconds_total"] > 0
 
     write_grid(config, seeds=[0, 1])
     more = run_cli("grid/run.py", str(config), "--results", str(results))
@@ -108,8 +123,8 @@ def test_sigkill_during_a_finetune_cell_resumes_from_its_checkpoint(tmp_path):
     config = write_grid(
         tmp_path / "grid.yaml", tasks=["massive-intent"], shots=[0], finetune=["full"],
         limits={"test": 4, "train": 200},
-        recipes={"decoder/full": {"hparams": {"max_steps": 60, "batch_size": 4, "lr": 1e-3,
-                                              "checkpoint_every_steps": 5, "max_length": 1024}}})
+        recipes={"decoder/full": {"hparams": {"max_steps": 30, "batch_size": 4, "lr": 1e-3,
+                                              "checkpoint_every_steps": 6, "max_length": 1024}}})
     results = tmp_path / "results"
     proc = subprocess.Popen([sys.executable, "grid/run.py", str(config), "--results", str(results)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -127,8 +142,8 @@ def test_sigkill_during_a_finetune_cell_resumes_from_its_checkpoint(tmp_path):
     finetune = cells(results).filter(pl.col("kind") == "finetune").collect()
     assert finetune["status"].to_list() == ["done"]
     record = json.loads(next(results.glob(f"cells/{finetune['cell_id'][0]}/cell.json")).read_text())
-    assert 0 < record["metrics"]["resumed_from_step"] < 60  # from the checkpoint, not from step 0
-    assert record["metrics"]["steps"] == 60
+    assert 0 < record["metrics"]["resumed_from_step"] < 30  # from the checkpoint, not from step 0
+    assert record["metrics"]["steps"] == 30
 
 
 # --- units in parallel -----------------------------------------------------------------------

@@ -11,12 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from grid.errors import GridError
 from grid.provenance import PACKAGES, capture, provenance_markdown, report_provenance
 from grid.store import Store
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT
 from tests.s3server import start_s3
 
 GRID = "name: g\nmodels: [{name: m, source: \"tiny:llama\", family: decoder}]\ntasks: [massive-intent]\n"
@@ -183,34 +182,7 @@ def test_a_results_dir_without_runs_and_a_run_without_an_end(tmp_path):
     assert "no end recorded (killed, or still running)" in text
 
 
-# --- end to end -----------------------------------------------------------------------------
-
-def test_a_run_records_its_provenance_and_a_rerun_with_nothing_to_do_adds_none(tmp_path):
-    config = tmp_path / "grid.yaml"
-    config.write_text(yaml.safe_dump({"name": "t", "models": [{"name": "tiny-llama", "source": "tiny:llama",
-                                                               "family": "decoder", "prompt_format": "chat"}],
-                                      "tasks": ["massive-intent"], "shots": [0],
-                                      "decoding": {"mode": "free", "max_new_tokens": 4}, "limits": {"test": 4},
-                                      "text_budget": 48}))
-    results = tmp_path / "results"
-    first = run_cli("grid/run.py", str(config), "--results", str(results), "--num-cpus", "2")
-    assert first.returncode == 0, first.stderr[-3000:]
-    files = sorted((results / "runs").glob("*.json"))
-    assert len(files) == 1
-    record = json.loads(files[0].read_text())
-    cells = sorted(p.parent.name for p in results.glob("cells/*/cell.json"))
-    assert record["ran"] == cells and record["failed"] == [] and record["already_done"] == []
-    assert record["wall_s"] > 0 and record["finished_at"] >= record["started_at"]
-    assert record["command"] == f"python grid/run.py {config} --results {results} --num-cpus 2"
-    assert record["grid_sha256"] == hashlib.sha256(config.read_bytes()).hexdigest()
-
-    again = run_cli("grid/run.py", str(config), "--results", str(results))
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert sorted((results / "runs").glob("*.json")) == files  # nothing ran: no record
-    prov = report_provenance(Store.open(results, create=False), [json.loads(p.read_text())
-                                                                 for p in results.glob("cells/*/cell.json")])
-    assert len(prov["runs"]) == 1 and set(prov["cell_seconds"]) == set(cells) and prov["cell_seconds_total"] > 0
-
+# --- a run's own record: tests/test_grid_engine.py::test_run_rerun_and_add_a_seed ------------
 
 @pytest.mark.parametrize("raised, kept", [(RuntimeError("worker lost"), True), (GridError("refused"), False)])
 def test_a_crashed_run_keeps_its_record_with_the_error_and_a_refused_one_none(tmp_path, monkeypatch, raised, kept):
