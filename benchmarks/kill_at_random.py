@@ -10,6 +10,7 @@ the grid is run to the end. Each run's own log says which cells it finished; a c
 before a run started must not be finished again in it.
 
     python benchmarks/kill_at_random.py [--kills 20] [--seed 0] [--max-delay 40] [--out kills.json]
+        [--tasks fpb-sentiment fomc-stance]
 
 Prints one line per kill, then the figures: kills, of the driver and of a worker, runs, cells,
 cells run twice (goal 0), corrupt parquet files (goal 0), predictions equal (goal true).
@@ -32,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+TASKS = ("fpb-sentiment", "fomc-stance")
 GRID = """\
 name: kills
 models:
@@ -111,13 +113,15 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run(kills: int, seed: int, max_delay: float, work: Path) -> dict:
+def run(kills: int, seed: int, max_delay: float, work: Path, tasks: tuple[str, ...] = TASKS) -> dict:
     import pyarrow.parquet as pq
 
     from grid.compare import compare
 
+    if "fpb-sentiment" not in tasks:  # the merge's input is the fpb-sentiment LoRA
+        raise SystemExit(f"--tasks {' '.join(tasks)}: fpb-sentiment must be among them (the merge reads its LoRA)")
     config = work / "grid.yaml"
-    config.write_text(GRID)
+    config.write_text(GRID.replace(f"tasks: [{', '.join(TASKS)}]", f"tasks: [{', '.join(tasks)}]"))
     clean, killed = work / "clean", work / "killed"
     t0 = time.perf_counter()
     proc = start(config, clean, work / "clean.log")
@@ -184,10 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-delay", type=float, default=40.0, help="seconds; kills fall in [2, max-delay]")
     p.add_argument("--work", default=None, help="folder for the two results dirs (default: a temp dir)")
     p.add_argument("--out", default=None, help="write the figures as JSON")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS),
+                   help="the grid's tasks (fpb-sentiment among them; the test's short form runs it alone)")
     args = p.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="kills-"))
     work.mkdir(parents=True, exist_ok=True)
-    figures = run(args.kills, args.seed, args.max_delay, work)
+    figures = run(args.kills, args.seed, args.max_delay, work, tuple(args.tasks))
     print(f"kills {figures['kills']} ({figures['driver_kills']} of the driver, {figures['worker_kills']} of a "
           f"worker), runs {figures['runs']}, cells {figures['cells']}, all done {figures['all_done']}, "
           f"cells run twice {figures['cells_run_twice']}, corrupt parquet {len(figures['corrupt_parquet'])}, "

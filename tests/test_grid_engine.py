@@ -1,7 +1,7 @@
 """The grid engine end to end on a real local Ray: run (and its provenance record), resume, add a
 seed, a damaged file, a fine-tune killed and resumed from its checkpoint, and units in parallel.
-The driver killed at random and resumed: tests/test_kills.py; `ray job submit`:
-tests/test_job_submit.py."""
+The driver killed at random and resumed: tests/test_kills.py; `ray job submit` to a real head:
+tests/test_multinode.py."""
 
 from __future__ import annotations
 

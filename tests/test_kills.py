@@ -1,7 +1,8 @@
 """Kills at random, the short version of benchmarks/kill_at_random.py: 3 SIGKILLs of the driver
-(with its local Ray) or of a Ray worker, across a grid with inference, fine-tune and merge cells,
-each followed by a rerun; the end state equals an uninterrupted run's: its predictions, no
-finished cell run again, no corrupt parquet. The suite's one proof of a driver killed midway."""
+(with its local Ray) or of a Ray worker, across a grid with inference, fine-tune and merge cells
+(the benchmark's grid on its first task only), each followed by a rerun; the end state equals an
+uninterrupted run's: its predictions, no finished cell run again, no corrupt parquet. The suite's
+one proof of a driver killed midway."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tests.conftest import run_cli
 def test_three_kills_change_nothing(tmp_path):
     out = tmp_path / "kills.json"
     proc = run_cli("benchmarks/kill_at_random.py", "--kills", "3", "--seed", "1", "--max-delay", "30",
-                   "--work", str(tmp_path / "work"), "--out", str(out), timeout=1500)
+                   "--tasks", "fpb-sentiment", "--work", str(tmp_path / "work"), "--out", str(out), timeout=1500)
     figures = json.loads(out.read_text()) if out.exists() else {}
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:], figures)
     assert figures["kills"] == 3 and figures["runs"] == 4 and figures["all_done"]
