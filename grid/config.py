@@ -329,13 +329,23 @@ class GridConfig(Strict):
                 raise ValueError(f"recipe key {key!r} must be encoder/full, decoder/full or decoder/lora")
         return value
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> GridConfig:
-        names = [m.name for m in self.models]
+    @field_validator("tasks", "shots", "finetune", "seeds")
+    @classmethod
+    def _no_repeats(cls, values: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A value listed twice would plan its cells twice (the same ids): refuse it instead."""
+        repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if repeated:
+            raise ValueError(f"{', '.join(repr(v) for v in repeated)} is listed more than once")
+        return values
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
+        names = [m.name for m in models]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
-            raise ValueError(f"model names must be unique: {', '.join(sorted(dupes))}")
-        return self
+            raise ValueError(f"model names must be unique: {', '.join(repr(n) for n in sorted(dupes))}")
+        return models
 
     @model_validator(mode="after")
     def _known_hparams(self) -> GridConfig:

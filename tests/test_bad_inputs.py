@@ -124,7 +124,36 @@ CASES = {
     "yaml-not-utf8": grid_case(GRID.encode() + b"# caf\xe9\n", "grid.yaml", "not UTF-8", "0xe9"),
     "seeds-negative": grid_case(GRID + "seeds: [-1]\n", "grid.yaml", "field seeds.0"),
     "shots-too-few-train-rows": grid_case(GRID + "shots: [5]\n", "grid.yaml", "field shots", "5-shot", "has 3"),
+    "finetune-mode": grid_case(GRID + "finetune: [qlora]\n", "grid.yaml", "field finetune.0"),
+    "decoding-mode": grid_case(GRID + "decoding: {mode: beam}\n", "grid.yaml", "field decoding", "mode"),
+    "backend-unknown": grid_case(GRID.replace("family: decoder}", "family: decoder, backend: vlm}"), "grid.yaml",
+                                 "field models.0.backend"),
+    "backend-of-another-family": grid_case(GRID.replace("family: decoder}", "family: api, backend: transformers}"),
+                                           "grid.yaml", "models.0", "api models use backend litellm"),
+    "prompt-format": grid_case(GRID.replace("family: decoder}", "family: decoder, prompt_format: xml}"),
+                               "grid.yaml", "field models.0.prompt_format"),
+    "dtype": grid_case(GRID.replace("family: decoder}", "family: decoder, dtype: float8}"), "grid.yaml",
+                       "field models.0.dtype"),
+    "top-level-typo": grid_case(GRID + "seed: [0]\n", "grid.yaml", "seed"),
+    "parallel-zero": grid_case(GRID + "parallel: 0\n", "grid.yaml", "field parallel"),
+    "text-budget-negative": grid_case(GRID + "text_budget: -1\n", "grid.yaml", "field text_budget"),
+    "batch-size-zero": grid_case(GRID + "inference: {batch_size: 0}\n", "grid.yaml", "field inference.batch_size"),
+    "shots-not-a-list": grid_case(GRID + "shots: five\n", "grid.yaml", "field shots"),
+    "exclude-not-a-list": grid_case(GRID + "exclude: {shots: 5}\n", "grid.yaml", "field exclude"),
+    "recipe-key-unknown": grid_case(GRID + "recipes: {decoder/qlora: {hparams: {lr: 0.1}}}\n", "grid.yaml",
+                                    "recipes", "decoder/qlora"),
+    "model-name-twice": grid_case(GRID.replace("tasks: [t]", '  - {name: m, source: "tiny:mistral", family: decoder}\n'
+                                               "tasks: [t]"), "grid.yaml", "field models", "'m'"),
+    "task-listed-twice": grid_case(GRID.replace("tasks: [t]", "tasks: [t, t]"), "grid.yaml", "field tasks",
+                                   "'t' is listed more than once"),
+    "seed-listed-twice": grid_case(GRID + "seeds: [0, 1, 0]\n", "grid.yaml", "field seeds", "0 is listed more"),
+    "no-tasks": grid_case(GRID.replace("tasks: [t]", "tasks: []"), "grid.yaml", "field tasks"),
     # --- task YAML ---
+    "task-name-not-file-name": task_case(TASK.replace("name: t", "name: u"), "t.yaml", "field name", "'u'"),
+    "task-metric-misspelt": task_case(TASK + "metrics: [accuracy, macro-f1]\n", "t.yaml", "metrics.1", "macro_f1"),
+    "task-metric-without-its-subtask": task_case(TASK + "metrics: [accuracy, slot_f1]\n", "t.yaml",
+                                                 "slot_f1 needs a word_tags sub-task"),
+    "task-include-missing": task_case("include: _nope.yaml\n" + TASK, "t.yaml", "field include", "_nope.yaml"),
     "task-not-utf8": task_case(TASK.encode() + b"# \xff\n", "t.yaml", "not UTF-8"),
     "task-format": task_case(TASK.replace("format: jsonl", "format: xml"), "t.yaml", "data.read.format"),
     "task-missing-file": task_case(TASK.replace("d/test.jsonl", "d/nope.jsonl"), "nope.jsonl"),
@@ -187,6 +216,12 @@ CASES = {
          "b/cells/abc/predictions.parquet": pa.table({"example_id": ["test-00000"], "raw_output": ["alarm"],
                                                       "prediction": ['{"label": "alarm"}']})},
         ["-m", "grid", "compare", "{tmp}/a", "{tmp}/b"], ["a/cells/abc/predictions.parquet", "not a readable parquet"]),
+    "cli-prompt-unknown-task": Case(grid_case(GRID).files, PROMPT[:3] + ["nope"] + PROMPT[4:], ["unknown task 'nope'"]),
+    "cli-prompt-index-out-of-range": Case(grid_case(GRID).files, [*PROMPT[:5], "99", *PROMPT[6:]], ["99"]),
+    "cli-score-unknown-task": Case({"preds.parquet": pa.table({"example_id": ["test-00000"], "prediction": ["x"]})},
+                                   ["-m", "grid", "score", "{tmp}/preds.parquet", "--task", "nope", "--tasks",
+                                    "{tmp}/tasks", "--data", "{tmp}/data"], ["unknown task 'nope'"]),
+    "cli-compare-missing": Case({}, ["-m", "grid", "compare", "{tmp}/nowhere", "{tmp}/nothere"], ["nowhere"]),
     # --- model outputs (a predictions parquet to score) ---
     "outputs-no-column": score_case(pa.table({"example_id": ["t-test-0"]}), "preds.parquet", "prediction"),
     "outputs-not-parquet": score_case(b"PAR1 but not really", "preds.parquet"),
@@ -255,7 +290,7 @@ def run_in_process(argv: list[str], capsys: pytest.CaptureFixture, caplog: pytes
 
 
 def test_the_corpus_is_large_enough():
-    assert len(CASES) >= 57 and set(CASES) >= IN_A_PROCESS
+    assert len(CASES) >= 80 and set(CASES) >= IN_A_PROCESS
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
