@@ -278,7 +278,10 @@ def run_in_process(argv: list[str], capsys: pytest.CaptureFixture, caplog: pytes
         assert argv[:2] == ["-m", "grid"], argv
         main, args = grid.__main__.main, argv[2:]
     monkeypatch.chdir(ROOT)
-    monkeypatch.delenv("CLFGRID_TASKS", raising=False)  # --tasks sets it: restored after the case
+    # --tasks sets it in os.environ: setenv first records its value (or its absence) for the undo,
+    # which delenv alone does not when it is absent, and a later test would read this case's tasks
+    monkeypatch.setenv("CLFGRID_TASKS", "")
+    monkeypatch.delenv("CLFGRID_TASKS")
     caplog.set_level(logging.INFO)
     capsys.readouterr()
     try:
