@@ -12,6 +12,7 @@ the file and the field path.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -198,6 +199,11 @@ class Inference(Strict):
     retries: int = Field(default=2, ge=0, description="tries per batch after the first")
 
 
+def _repeated(values: Sequence[Any]) -> str:
+    """The values that occur more than once, as an error names them ('' when none)."""
+    return ", ".join(repr(v) for v in sorted({v for v in values if values.count(v) > 1}, key=str))
+
+
 class GridConfig(Strict):
     name: str
     models: tuple[ModelSpec, ...] = Field(min_length=1)
@@ -332,19 +338,17 @@ class GridConfig(Strict):
     @field_validator("tasks", "shots", "finetune", "seeds")
     @classmethod
     def _no_repeats(cls, values: tuple[Any, ...]) -> tuple[Any, ...]:
-        """A value listed twice would plan its cells twice (the same ids): refuse it instead."""
-        repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
-        if repeated:
-            raise ValueError(f"{', '.join(repr(v) for v in repeated)} is listed more than once")
+        """A value listed twice is a typo the plan would hide (it keeps one copy of each cell, so
+        seeds [0, 1, 0] would run one seed fewer than written): refuse it instead."""
+        if repeated := _repeated(values):
+            raise ValueError(f"{repeated} is listed more than once")
         return values
 
     @field_validator("models")
     @classmethod
     def _unique_names(cls, models: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
-        names = [m.name for m in models]
-        dupes = {n for n in names if names.count(n) > 1}
-        if dupes:
-            raise ValueError(f"model names must be unique: {', '.join(repr(n) for n in sorted(dupes))}")
+        if repeated := _repeated([m.name for m in models]):
+            raise ValueError(f"model names must be unique: {repeated}")
         return models
 
     @model_validator(mode="after")

@@ -57,6 +57,16 @@ METRIC_NEEDS: dict[str, SubtaskType] = {"accuracy": "label", "macro_f1": "label"
                                         "rouge": "text"}
 
 
+def unscorable_metric(metrics: Sequence[str], subtasks: Sequence[Subtask]) -> str | None:
+    """Why these metrics cannot score these sub-tasks (a metric whose kind of sub-task is absent),
+    or None: the one rule, read when a task loads and when one built in code is scored."""
+    for metric in metrics:
+        kind = METRIC_NEEDS.get(metric)
+        if kind and not any(s.type == kind for s in subtasks):
+            return f"{metric} needs a {kind} sub-task"
+    return None
+
+
 class TaskDef(BaseModel):
     """A declarative task: everything needed to build prompts for it and score answers."""
 
@@ -86,10 +96,8 @@ class TaskDef(BaseModel):
             if sub.field not in self.data.fields and sub.field != "text":  # a text task may echo its input
                 raise ValueError(f"subtasks.{i}.field: {sub.field!r} is not one of data.fields "
                                  f"({', '.join(self.data.fields)})")
-        for metric in self.metrics:
-            kind = METRIC_NEEDS.get(metric)
-            if kind and not any(s.type == kind for s in self.subtasks):
-                raise ValueError(f"metrics: {metric} needs a {kind} sub-task")
+        if problem := unscorable_metric(self.metrics, self.subtasks):
+            raise ValueError(f"metrics: {problem}")
         return self
 
     def data_identity(self) -> dict[str, Any]:

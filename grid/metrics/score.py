@@ -52,7 +52,7 @@ from grid.metrics.proportion import proportion_ci
 from grid.metrics.rouge import ROUGE_TYPES, references, rouge_per_example
 from grid.metrics.slots import pad_or_cut, slot_f1_and_counts, slot_f1_statistic
 from grid.parsing import Parsed, gold_value
-from grid.tasks import METRIC_NEEDS, Metric, Subtask, TaskDef
+from grid.tasks import Metric, Subtask, TaskDef, unscorable_metric
 
 METRICS: tuple[str, ...] = get_args(Metric)
 
@@ -138,10 +138,8 @@ def score(task: TaskDef, golds: list[dict[str, object]], parsed: list[dict[str, 
     unknown = [m for m in task.metrics if m not in METRICS]
     if unknown:
         raise GridError(f"task {task.name}: unknown metric {unknown[0]!r}; known: {', '.join(METRICS)}")
-    for metric in task.metrics:
-        kind = METRIC_NEEDS.get(metric)
-        if kind and not any(s.type == kind for s in task.subtasks):
-            raise GridError(f"task {task.name}: metric {metric} needs a {kind} sub-task")
+    if problem := unscorable_metric(task.metrics, task.subtasks):
+        raise GridError(f"task {task.name}: metric {problem}")
 
     def ci(statistic, *arrays) -> tuple[float, float] | None:
         return bootstrap_ci(statistic, arrays, n_boot=n_boot, seed=seed) if n_boot > 0 else None
