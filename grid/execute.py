@@ -422,7 +422,8 @@ class OtherDrivers:
     `Others` (grid/schedule.py). A cell another driver holds is recorded in the run's summary."""
 
     def __init__(self, store: Store, plan: Plan, claims: Claims, summary: RunSummary, damaged: dict[str, str]):
-        self.store, self.plan, self.claims, self.summary, self.damaged = store, plan, claims, summary, damaged
+        self.store, self.claims, self.summary, self.damaged = store, claims, summary, damaged
+        self.producers = {c.id for c in plan.cells if c.kind in ("finetune", "merge")}  # cells others may make
 
     def claim(self, unit: Unit, done: set[str]) -> Unit | None:
         producer, inputs = unit.producer, unit.inputs
@@ -454,8 +455,7 @@ class OtherDrivers:
         to be made here) joins `failed`."""
         statuses = self.store.statuses()
         done.update(cid for cid, s in statuses.items() if s == "done")
-        producers = {c.id for c in self.plan.cells if c.kind in ("finetune", "merge")}
-        for cid in producers - done - made_here:
+        for cid in self.producers - done - made_here:
             if statuses.get(cid) == "failed":
                 failed.add(cid)
 

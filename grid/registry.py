@@ -2,7 +2,7 @@
 
 The config's checks, the plan's skip rules and the wiring that runs jobs (grid/execute.py,
 workers/predict.py) read these tables instead of testing names, so a new backend or trainer is
-one entry here and the code it names (README, "Adding a backend or a trainer"). Code is named by
+one entry here and the code it names (README, "Add a backend or a trainer"). Code is named by
 a dotted path, "module:attribute", and imported only where it runs: planning a grid imports
 nothing from workers/ (tests/test_layering.py).
 """
