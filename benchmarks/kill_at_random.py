@@ -12,8 +12,11 @@ before a run started must not be finished again in it.
     python benchmarks/kill_at_random.py [--kills 20] [--seed 0] [--max-delay 40] [--out kills.json]
         [--tasks fpb-sentiment fomc-stance]
 
-Prints one line per kill, then the figures: kills, of the driver and of a worker, runs, cells,
-cells run twice (goal 0), corrupt parquet files (goal 0), predictions equal (goal true).
+Prints one line per kill, then the figures: kills, of the driver and of a worker (which kind:
+a Ray Train worker or an inference actor), runs, cells, cells run twice (goal 0), corrupt parquet
+files (goal 0), cells never finished (goal 0), predictions equal (goal true). `--out` writes them
+to a file of your choice; without it they go to `reports/benchmarks/kill_at_random.json` with the
+commit, machine and load (the committed figures).
 """
 
 from __future__ import annotations
@@ -82,8 +85,12 @@ def labels_by_id(results: Path) -> dict[str, str]:
     return out
 
 
-def ray_workers(root_pid: int) -> list[int]:
-    """Ray worker processes (a trainer, an actor) started by the driver."""
+WORKER_KINDS = {"ray::RayTrainWorker": "fine-tune worker", "ray::MapWorker": "inference actor",
+                "ray::_MapWorker": "inference actor"}
+
+
+def ray_workers(root_pid: int) -> list[tuple[int, str]]:
+    """Ray worker processes (a trainer, an actor) started by the driver, each with its kind."""
     import psutil
 
     try:
@@ -93,10 +100,12 @@ def ray_workers(root_pid: int) -> list[int]:
     picked = []
     for p in children:
         try:
-            if p.cmdline() and p.cmdline()[0].startswith(("ray::RayTrainWorker", "ray::MapWorker", "ray::_MapWorker")):
-                picked.append(p.pid)
+            name = p.cmdline()[0] if p.cmdline() else ""
         except psutil.Error:
             continue
+        kind = next((k for prefix, k in WORKER_KINDS.items() if name.startswith(prefix)), None)
+        if kind:
+            picked.append((p.pid, kind))
     return picked
 
 
@@ -150,15 +159,17 @@ def run(kills: int, seed: int, max_delay: float, work: Path, tasks: tuple[str, .
             print(f"kill {k + 1}: the run finished before {delay:.1f} s", flush=True)
             continue
         if target == "worker" and (workers := ray_workers(proc.pid)):
-            victim = rng.choice(workers)
+            victim, kind = rng.choice(workers)
             os.kill(victim, signal.SIGKILL)
-            print(f"kill {k + 1}: a Ray worker (pid {victim}) at {delay:.1f} s; the driver goes on", flush=True)
-            events.append({"kill": k + 1, "after_s": round(delay, 1), "target": "worker"})
+            print(f"kill {k + 1}: a Ray {kind} (pid {victim}) at {delay:.1f} s; the driver goes on", flush=True)
+            events.append({"kill": k + 1, "after_s": round(delay, 1), "target": "worker", "worker": kind})
             proc.wait()  # the driver records what failed and ends; the next run redoes it
         else:
             kill_group(proc)
-            print(f"kill {k + 1}: the driver and its Ray at {delay:.1f} s", flush=True)
-            events.append({"kill": k + 1, "after_s": round(delay, 1), "target": "driver"})
+            why = "" if target == "driver" else " (no Ray worker was running to pick)"
+            print(f"kill {k + 1}: the driver and its Ray at {delay:.1f} s{why}", flush=True)
+            events.append({"kill": k + 1, "after_s": round(delay, 1), "target": "driver",
+                           **({"drawn": "worker"} if why else {})})
     labels = labels_by_id(killed)
     for before, log in logs:
         text = log.read_text()
@@ -170,10 +181,11 @@ def run(kills: int, seed: int, max_delay: float, work: Path, tasks: tuple[str, .
         except Exception:  # noqa: BLE001 - any unreadable file counts
             corrupt.append(str(path))
     diff = compare(clean, killed)
-    statuses = {json.loads(p.read_text())["status"] for p in killed.glob("cells/*/cell.json")}
+    statuses = [json.loads(p.read_text())["status"] for p in killed.glob("cells/*/cell.json")]
     return {"kills": kills, "driver_kills": sum(e["target"] == "driver" for e in events),
             "worker_kills": sum(e["target"] == "worker" for e in events), "runs": runs,
-            "cells": len(labels), "all_done": statuses == {"done"}, "cells_run_twice": len(twice),
+            "cells": len(labels), "all_done": set(statuses) == {"done"},
+            "cells_not_done": sum(s != "done" for s in statuses), "cells_run_twice": len(twice),
             "run_twice": twice, "corrupt_parquet": corrupt, "predictions_equal": diff.equal,
             "difference": {"answers": diff.answers, "metrics": {k: {m: list(v) for m, v in ms.items()}
                                                                  for k, ms in diff.metrics.items()},
@@ -193,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="kills-"))
     work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     figures = run(args.kills, args.seed, args.max_delay, work, tuple(args.tasks))
     print(f"kills {figures['kills']} ({figures['driver_kills']} of the driver, {figures['worker_kills']} of a "
           f"worker), runs {figures['runs']}, cells {figures['cells']}, all done {figures['all_done']}, "
@@ -200,6 +213,20 @@ def main(argv: list[str] | None = None) -> int:
           f"predictions equal to the uninterrupted run: {figures['predictions_equal']}")
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1))
+    else:
+        from benchmarks.common import claim, write_figures
+
+        kinds = f"{figures['driver_kills']} of the driver, {figures['worker_kills']} of a worker"
+        figures["claims"] = [
+            claim(f"cells run twice after {figures['kills']} SIGKILLs ({kinds})", figures["cells_run_twice"],
+                  "cells", "0", figures["cells_run_twice"] == 0, f"{figures['cells']} cells, {figures['runs']} runs"),
+            claim("corrupt predictions.parquet after the kills", len(figures["corrupt_parquet"]), "files", "0",
+                  not figures["corrupt_parquet"], f"every predictions file of {figures['cells']} cells read"),
+            claim("cells not finished after the last run", figures["cells_not_done"], "cells", "0",
+                  figures["cells_not_done"] == 0, f"{figures['cells']} cells"),
+            claim("predictions and metrics equal to the uninterrupted run", float(figures["predictions_equal"]),
+                  "(1 = equal)", "1", figures["predictions_equal"], "an uninterrupted run of the same grid")]
+        write_figures("kill_at_random", figures, started)
     ok = figures["all_done"] and not figures["cells_run_twice"] and not figures["corrupt_parquet"] \
         and figures["predictions_equal"]
     return 0 if ok else 1
