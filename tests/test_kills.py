@@ -17,7 +17,8 @@ from tests.conftest import run_cli
 def test_three_kills_change_nothing(tmp_path):
     out = tmp_path / "kills.json"
     proc = run_cli("benchmarks/kill_at_random.py", "--kills", "3", "--seed", "1", "--max-delay", "30",
-                   "--tasks", "fpb-sentiment", "--work", str(tmp_path / "work"), "--out", str(out), timeout=1500)
+                   "--tasks", "fpb-sentiment", "--test-rows", "24", "--work", str(tmp_path / "work"), "--out", str(out),
+                   timeout=1500)
     figures = json.loads(out.read_text()) if out.exists() else {}
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:], figures)
     assert figures["kills"] == 3 and figures["runs"] == 4 and figures["all_done"]
