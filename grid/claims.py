@@ -1,16 +1,23 @@
 """Claims: which driver is running which cell, so that two drivers on one results dir never run
 the same cell at the same time (a user who starts a second driver to go faster, or starts one by
-mistake).
+mistake), on a disk or on an object store.
 
 Before a driver runs a cell it creates `cells/<id>/claim.json` (host, pid, a driver id, when)
-with an exclusive create: of two drivers only one succeeds. While it holds claims a thread
-touches them every `beat_every` seconds; a claim not touched for `stale_after` seconds, or one
-whose owner is a dead process on this host, is stale, and another driver takes it over (it first
-renames the stale file away, which only one driver can do, then claims). After the cell's record
-is written the claim is removed, so a finished results dir holds no claim files.
+with a write that succeeds only if no claim is there: of two drivers only one succeeds. While it
+holds claims a thread refreshes them every `beat_every` seconds; a claim not refreshed for
+`stale_after` seconds, or one whose owner is a dead process on this host, is stale, and another
+driver takes it over with a write that only one driver can win. After the cell's record is
+written the claim is removed, so a finished results dir holds no claim files.
 
-Claims need a filesystem with exclusive create and atomic rename: a local or shared (NFS) disk.
-On an object store they are not available, and the driver says so once.
+The conditional writes come from the storage:
+- a local or shared (NFS) disk: exclusive create (`O_EXCL`), a rename to take over (only one
+  driver can move the stale file away), the file's mtime as its heartbeat;
+- S3 and S3-compatible servers: conditional writes (`If-None-Match: *` to create, `If-Match` on the
+  claim's ETag to refresh, take over or remove it), and the age of a claim by the server's own
+  clock (its `Date` minus the claim's `Last-Modified`), so drivers' clocks need not agree.
+A store that cannot write conditionally (another object store, or an S3-compatible server that
+ignores the headers, found by a probe at start) cannot keep two drivers apart: there a driver
+announces itself in `drivers/<id>.json` and refuses to start while another driver's is fresh.
 """
 
 from __future__ import annotations
@@ -18,127 +25,366 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
 
+from grid.errors import GridError
 from grid.store import Store
 
 log = logging.getLogger("clfgrid.claims")
 
 CLAIM_FILE = "claim.json"
+DRIVERS_DIR = "drivers"
 
 
-class Claims:
-    def __init__(self, store: Store, stale_after: float = 60.0, beat_every: float = 10.0):
+@dataclass
+class Seen:
+    """A claim as read: its owner, seconds since its last refresh, and the version a conditional
+    write must match (an ETag on S3; on a disk, the file's identity)."""
+
+    owner: dict[str, Any]
+    age: float
+    version: Any
+
+
+class ClaimFiles(Protocol):
+    """The four conditional writes claims need, on one kind of storage."""
+
+    def create(self, cell_id: str, body: dict[str, Any]) -> Any | None:
+        """Write the claim if there is none; its version, or None when one exists."""
+
+    def read(self, cell_id: str) -> Seen | None: ...
+
+    def replace(self, cell_id: str, seen: Seen, body: dict[str, Any]) -> Any | None:
+        """Overwrite the claim if it is still at `seen`'s version (a take-over, a heartbeat): the
+        new version, or None when another driver wrote it meanwhile."""
+
+    def remove(self, cell_id: str, version: Any) -> None:
+        """Delete the claim if it is still at `version`."""
+
+
+class DiskClaims:
+    """Claims on a local or shared disk: exclusive create, rename, mtime. A claim's version is the
+    nonce in its body (every claim written gets a new one)."""
+
+    def __init__(self, store: Store):
         self.store = store
-        self.enabled = store.is_local
-        if not self.enabled:
-            log.warning("results dir %s is not on a local or shared disk: cells are not claimed, so two "
-                        "drivers on it could run the same cell", store.uri)
-        self.stale_after, self.beat_every = stale_after, beat_every
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "driver": uuid.uuid4().hex[:12]}
-        self.held: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._beat = threading.Thread(target=self._heartbeat, name="claims-heartbeat", daemon=True)
-        if self.enabled:
-            self._beat.start()
 
     def _path(self, cell_id: str) -> Path:
         return Path(self.store.cell_dir(cell_id)) / CLAIM_FILE
 
+    def create(self, cell_id: str, body: dict[str, Any]) -> Any | None:
+        path = self._path(cell_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return None
+        with os.fdopen(fd, "w") as fh:
+            json.dump(body, fh)
+        return body["nonce"]
+
+    def read(self, cell_id: str) -> Seen | None:
+        return _read_file(self._path(cell_id))
+
+    def replace(self, cell_id: str, seen: Seen, body: dict[str, Any]) -> Any | None:
+        path = self._path(cell_id)
+        if body.get("driver") == seen.owner.get("driver"):  # a heartbeat: touch our own file
+            now = _read_file(path)
+            if now is None or now.version != seen.version:
+                return None
+            os.utime(path)
+            return seen.version
+        aside = path.with_name(f"{CLAIM_FILE}.stale-{body['driver']}")
+        try:  # only one driver can move the file away ...
+            path.rename(aside)
+        except FileNotFoundError:
+            return None
+        moved = _read_file(aside)
+        if moved is not None and moved.version != seen.version:  # ... and it was a fresh one: give it back
+            os.rename(aside, path)
+            return None
+        aside.unlink(missing_ok=True)
+        return self.create(cell_id, body)
+
+    def remove(self, cell_id: str, version: Any) -> None:
+        path = self._path(cell_id)
+        seen = _read_file(path)
+        if seen is not None and seen.version == version:
+            path.unlink(missing_ok=True)
+
+
+def _read_file(path: Path) -> Seen | None:
+    try:
+        stat = path.stat()
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        owner = json.loads(text)
+    except json.JSONDecodeError:  # being written: it is someone's, and fresh
+        owner = {"host": "?", "pid": -1, "driver": "?"}
+    return Seen(owner, time.time() - stat.st_mtime, owner.get("nonce"))
+
+
+class S3Claims:
+    """Claims on S3 or an S3-compatible server, through boto3's conditional writes."""
+
+    def __init__(self, store: Store):
+        import boto3
+        import botocore.config
+
+        parts = urlsplit(store.uri)
+        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        endpoint = None
+        if "endpoint_override" in options:
+            endpoint = f"{options.get('scheme', 'https')}://{options['endpoint_override']}"
+        self.bucket, _, prefix = store.root.partition("/")
+        self.prefix = prefix.strip("/")
+        # boto3 reads the credentials and AWS_ENDPOINT_URL from the environment, as pyarrow does;
+        # a throttled or failed request is retried by botocore's standard mode (its retries logged
+        # at DEBUG by botocore.retryhandler)
+        self.s3 = boto3.client("s3", endpoint_url=endpoint, region_name=options.get("region"),
+                               config=botocore.config.Config(retries={"mode": "standard", "max_attempts": 5}))
+
+    def key(self, cell_id: str) -> str:
+        return posixpath.join(self.prefix, "cells", cell_id, CLAIM_FILE)
+
+    def _put(self, key: str, body: dict[str, Any], **condition: str) -> str | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.s3.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(body).encode(), **condition)["ETag"]
+        except ClientError as exc:
+            if _precondition_failed(exc):
+                # also when a retry of our own write found it done: the caller reads the claim back
+                return None
+            raise
+
+    def create(self, cell_id: str, body: dict[str, Any]) -> Any | None:
+        etag = self._put(self.key(cell_id), body, IfNoneMatch="*")
+        return etag if etag is not None else self._ours(cell_id, body)
+
+    def read(self, cell_id: str) -> Seen | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            got = self.s3.get_object(Bucket=self.bucket, Key=self.key(cell_id))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        text = got["Body"].read()
+        try:
+            owner = json.loads(text)
+        except json.JSONDecodeError:  # not a claim this code wrote: someone's, of unknown age
+            owner = {"host": "?", "pid": -1, "driver": "?"}
+        now = parsedate_to_datetime(got["ResponseMetadata"]["HTTPHeaders"]["date"])
+        return Seen(owner, (now - got["LastModified"]).total_seconds(), got["ETag"])
+
+    def replace(self, cell_id: str, seen: Seen, body: dict[str, Any]) -> Any | None:
+        etag = self._put(self.key(cell_id), body, IfMatch=seen.version)
+        return etag if etag is not None else self._ours(cell_id, body)
+
+    def remove(self, cell_id: str, version: Any) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.delete_object(Bucket=self.bucket, Key=self.key(cell_id), IfMatch=version)
+        except ClientError as exc:
+            if not _precondition_failed(exc) and exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+                raise
+
+    def _ours(self, cell_id: str, body: dict[str, Any]) -> Any | None:
+        """After a refused write: the claim's version if it is the very body we wrote (a retry
+        whose first attempt had landed), else None."""
+        seen = self.read(cell_id)
+        return seen.version if seen is not None and seen.owner.get("nonce") == body["nonce"] else None
+
+    def conditional(self) -> bool:
+        """Does the server honour `If-None-Match` (some S3-compatible servers ignore it)? Probed by
+        creating one object twice under the results prefix."""
+        key = posixpath.join(self.prefix, DRIVERS_DIR, f"probe-{uuid.uuid4().hex}")
+        try:
+            first = self._put(key, {}, IfNoneMatch="*")
+            second = self._put(key, {}, IfNoneMatch="*")
+        finally:
+            self.s3.delete_object(Bucket=self.bucket, Key=key)
+        return first is not None and second is None
+
+
+def _precondition_failed(exc: Exception) -> bool:
+    error = getattr(exc, "response", {}).get("Error", {})
+    # 409 ConditionalRequestConflict: a concurrent conditional write to the same key won
+    return error.get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
+class Claims:
+    """This driver's claims on a results dir (see the module docstring)."""
+
+    def __init__(self, store: Store, stale_after: float = 60.0, beat_every: float = 10.0):
+        self.store = store
+        self.stale_after, self.beat_every = stale_after, beat_every
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "driver": uuid.uuid4().hex[:12]}
+        self.files: ClaimFiles | None = _claim_files(store)
+        self.held: dict[str, Any] = {}  # cell id -> the version of our claim
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._alone: str | None = None  # our drivers/ file where claims are not possible
+        if self.files is None:
+            self._alone = announce_alone(store, self.me, stale_after)
+        self._beat = threading.Thread(target=self._heartbeat, name="claims-heartbeat", daemon=True)
+        self._beat.start()
+
+    @property
+    def enabled(self) -> bool:
+        return self.files is not None
+
+    def _body(self) -> dict[str, Any]:
+        return {**self.me, "since": time.time(), "nonce": uuid.uuid4().hex}
+
     def claim(self, cell_id: str) -> bool:
         """True when this driver now holds the cell (always, without claims); False when another
         live driver does."""
-        if not self.enabled:
+        if self.files is None:
             return True
-        path = self._path(cell_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):  # a stale claim is taken over once
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not self._take_over_if_stale(path):
+            version = self.files.create(cell_id, self._body())
+            if version is None:
+                seen = self.files.read(cell_id)
+                if seen is None:  # released meanwhile
+                    continue
+                if not self._stale(seen):
                     return False
-                continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump({**self.me, "since": time.time()}, fh)
+                version = self.files.replace(cell_id, seen, self._body())
+                if version is None:  # another driver took it over first
+                    return False
+                log.warning("taking over %s from %s:%s (stale)", cell_id, seen.owner.get("host"),
+                            seen.owner.get("pid"))
             with self._lock:
-                self.held.add(cell_id)
+                self.held[cell_id] = version
             return True
         return False
 
-    def _take_over_if_stale(self, path: Path) -> bool:
-        owner = read_claim(path)
-        if owner is None:  # released meanwhile
+    def _stale(self, seen: Seen) -> bool:
+        if seen.age > self.stale_after:
             return True
-        if not self._stale(path, owner):
-            return False
-        try:  # only one driver can move the stale file away
-            path.rename(path.with_name(f"{CLAIM_FILE}.stale-{self.me['driver']}"))
-        except FileNotFoundError:
-            return False
-        path.with_name(f"{CLAIM_FILE}.stale-{self.me['driver']}").unlink(missing_ok=True)
-        log.warning("taking over %s from %s:%s (stale)", path.parent.name, owner.get("host"), owner.get("pid"))
-        return True
-
-    def _stale(self, path: Path, owner: dict[str, Any]) -> bool:
-        try:
-            age = time.time() - path.stat().st_mtime
-        except FileNotFoundError:
-            return True
-        if age > self.stale_after:
-            return True
+        owner = seen.owner
         return owner.get("host") == self.me["host"] and not _alive(int(owner.get("pid", -1)))
 
     def release(self, cell_id: str) -> None:
-        if not self.enabled:
+        if self.files is None:
             return
         with self._lock:
-            self.held.discard(cell_id)
-        path = self._path(cell_id)
-        owner = read_claim(path)
-        if owner is not None and owner.get("driver") == self.me["driver"]:
-            path.unlink(missing_ok=True)
+            version = self.held.pop(cell_id, None)
+        if version is not None:
+            self.files.remove(cell_id, version)
 
     def holder(self, cell_id: str) -> dict[str, Any] | None:
         """Another live driver's claim on the cell, or None."""
-        if not self.enabled:
+        if self.files is None:
             return None
-        path = self._path(cell_id)
-        owner = read_claim(path)
-        if owner is None or owner.get("driver") == self.me["driver"] or self._stale(path, owner):
+        seen = self.files.read(cell_id)
+        if seen is None or seen.owner.get("driver") == self.me["driver"] or self._stale(seen):
             return None
-        return owner
+        return seen.owner
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.beat_every):
+            if self._alone is not None:
+                _write_json(self.store, self._alone, self._body())
+                continue
             with self._lock:
-                held = list(self.held)
-            for cell_id in held:
+                held = dict(self.held)
+            for cell_id, version in held.items():
                 try:
-                    os.utime(self._path(cell_id))
-                except FileNotFoundError:
-                    pass
+                    new = self.files.replace(cell_id, Seen(self.me, 0.0, version), self._body())
+                except Exception as exc:  # noqa: BLE001 - a failed refresh is retried at the next beat
+                    log.warning("could not refresh the claim on %s (%s); retrying in %.0f s", cell_id, exc,
+                                self.beat_every)
+                    continue
+                with self._lock:
+                    if cell_id not in self.held:  # released meanwhile
+                        continue
+                    if new is None:
+                        log.warning("the claim on %s was taken over by another driver (this one was seen as "
+                                    "stale: no refresh for %.0f s)", cell_id, self.stale_after)
+                        del self.held[cell_id]
+                    else:
+                        self.held[cell_id] = new
 
     def close(self) -> None:
         """Stop the heartbeat and give back every claim still held (a cell that was interrupted)."""
         self._stop.set()
         for cell_id in list(self.held):
             self.release(cell_id)
+        if self._alone is not None:
+            try:
+                self.store.fs.delete_file(self._alone)
+            except OSError:
+                pass
 
 
-def read_claim(path: Path) -> dict[str, Any] | None:
+def _claim_files(store: Store) -> ClaimFiles | None:
+    """The claims this store can keep, or None when it cannot write conditionally."""
+    if store.is_local:
+        return DiskClaims(store)
+    if store.fs.type_name == "s3":
+        files = S3Claims(store)
+        if files.conditional():
+            return files
+        log.warning("results dir %s: the S3 server ignores conditional writes (If-None-Match), so cells "
+                    "cannot be claimed", store.uri)
+    return None
+
+
+def announce_alone(store: Store, me: dict[str, Any], stale_after: float) -> str:
+    """On a store without conditional writes: refuse to start beside another live driver, then
+    announce this one (`drivers/<id>.json`, refreshed by the heartbeat). Two drivers started in the
+    same second can still both pass; the README says to use one prefix per driver there."""
+    import pyarrow.fs as pafs
+
+    folder = posixpath.join(store.root, DRIVERS_DIR)
+    store.fs.create_dir(folder, recursive=True)
+    for info in store.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+        if not info.base_name.endswith(".json") or info.mtime is None:
+            continue
+        age = time.time() - info.mtime.timestamp()
+        if age < stale_after:
+            try:
+                with store.fs.open_input_stream(info.path) as fh:
+                    other = json.loads(fh.read())
+            except (OSError, json.JSONDecodeError):
+                other = {}
+            raise GridError(
+                f"results dir {store.uri}: another driver ({other.get('host', '?')}, pid {other.get('pid', '?')}) "
+                f"is running on it (seen {age:.0f} s ago), and this store cannot write conditionally, so two "
+                "drivers cannot be kept apart: wait for it to finish, or give this run its own --results prefix")
+    path = posixpath.join(folder, f"{me['driver']}.json")
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError:  # being written: it is someone's, and fresh
-        return {"host": "?", "pid": -1, "driver": "?"}
+        with store.fs.open_output_stream(path) as out:
+            out.write(json.dumps({**me, "since": time.time()}).encode())
+    except OSError as exc:
+        raise GridError(f"results dir {store.uri}: cannot write {path}: {exc}") from None
+    log.warning("results dir %s cannot write conditionally: cells are not claimed, and a second driver "
+                "on it will be refused while this one runs", store.uri)
+    return path
+
+
+def _write_json(store: Store, path: str, body: dict[str, Any]) -> None:
+    try:
+        with store.fs.open_output_stream(path) as out:
+            out.write(json.dumps(body).encode())
+    except OSError as exc:  # retried at the next beat
+        log.warning("could not refresh %s (%s)", path, exc)
 
 
 def _alive(pid: int) -> bool:

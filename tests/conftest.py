@@ -38,6 +38,24 @@ def ray_local():
     yield ray
 
 
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 server on loopback (tests/s3server.py), its address and dummy credentials in this
+    process's environment (the query helpers, boto3) and so in every driver a test starts."""
+    from tests.s3server import start_s3
+
+    server = start_s3()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Files with long end-to-end runs (marked slow) first, the most first: the suite runs a file
     to a worker on two workers (pyproject.toml), and the longest files starting early keep one

@@ -5,11 +5,15 @@
     proxy.stop()
 
 Each request is, with probability `fault_rate` (a seeded RNG, so a run is repeatable), answered
-by a fault instead of the upstream: a 429 (with Retry-After: 0), a 500, or a hang of `hang_s`
-seconds and a dropped connection (the client times out first). `faults` picks among them. Every
-other request is forwarded as is and the upstream's answer returned. Counters: `requests`
-(all that arrived), `forwarded`, `injected` (per fault kind), and `auth_headers` (distinct
-Authorization values seen, so a test can check a key was sent without printing it).
+by a fault instead of the upstream: a 429 (with Retry-After: 0), a 500, a 503 (S3's SlowDown), a
+reset (the connection closed with no answer), or a hang of `hang_s` seconds and a dropped
+connection (the client times out first). `faults` picks among them; `errors` says how an error's
+body is written, as an OpenAI-style API (`json`) or S3 (`s3`: an XML <Error> with its code).
+Every other request is forwarded (GET, HEAD, PUT, POST, DELETE) and the upstream's answer
+returned; `drop_headers` are removed from requests on the way, which makes a server that ignores
+them (an S3-compatible server without conditional writes, for `If-None-Match`). Counters:
+`requests` (all that arrived), `forwarded`, `injected` (per fault kind), and `auth_headers`
+(distinct Authorization values seen, so a test can check a key was sent without printing it).
 Only loopback addresses are used.
 """
 
@@ -24,17 +28,24 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 FAULTS = ("429", "500", "timeout")
+S3_FAULTS = ("500", "503", "reset", "timeout")
+S3_ERRORS = {"429": ("SlowDown", "Please reduce your request rate."),
+             "500": ("InternalError", "We encountered an internal error. Please try again."),
+             "503": ("SlowDown", "Please reduce your request rate.")}
 
 
 class FaultProxy:
     def __init__(self, upstream: str, fault_rate: float = 0.0, seed: int = 0,
-                 faults: tuple[str, ...] = FAULTS, hang_s: float = 3.0, port: int = 0):
+                 faults: tuple[str, ...] = FAULTS, hang_s: float = 3.0, port: int = 0, errors: str = "json",
+                 drop_headers: tuple[str, ...] = ()):
         parts = urlsplit(upstream)
         assert parts.hostname in ("127.0.0.1", "localhost", "::1"), "loopback upstreams only"
         self.upstream = (parts.hostname, parts.port or 80)
         self.fault_rate = fault_rate
         self.faults = faults
         self.hang_s = hang_s
+        self.errors = errors
+        self.drop_headers = {h.lower() for h in drop_headers}
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.requests = 0
@@ -82,35 +93,29 @@ class FaultProxy:
                 pass
 
             def _relay(self, method: str) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
+                body = self._body()
                 auth = self.headers.get("Authorization")
                 if auth:
                     with proxy.lock:
                         proxy.auth_headers.add(auth)
                 fault = proxy._decide()
-                if fault == "timeout":
-                    time.sleep(proxy.hang_s)
+                if fault in ("timeout", "reset"):
+                    if fault == "timeout":
+                        time.sleep(proxy.hang_s)
                     self.close_connection = True
                     try:
                         self.connection.shutdown(2)
                     except OSError:
                         pass
                     return
-                if fault in ("429", "500"):
-                    payload = (b'{"error": {"message": "injected fault", "type": "server_error", "code": '
-                               + fault.encode() + b"}}")
-                    self.send_response(int(fault))
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    if fault == "429":
-                        self.send_header("Retry-After", "0")
-                    self.end_headers()
-                    self.wfile.write(payload)
+                if fault in ("429", "500", "503"):
+                    self._error(int(fault), method)
                     return
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=600)
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("host", "connection", "accept-encoding")}
+                drop = {"host", "connection", "accept-encoding", "transfer-encoding", "expect"} | proxy.drop_headers
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in drop}
+                if body is not None:
+                    headers["Content-Length"] = str(len(body))
                 conn.request(method, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
@@ -120,13 +125,56 @@ class FaultProxy:
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                if method != "HEAD":
+                    self.wfile.write(data)
                 conn.close()
+
+            def _body(self) -> bytes | None:
+                """The request's body, also when sent in chunks (the S3 client's uploads): it is
+                forwarded whole, with its length."""
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    length = int(self.headers.get("Content-Length") or 0)
+                    return self.rfile.read(length) if length else None
+                chunks = []
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                    pass
+                return b"".join(chunks)
+
+            def _error(self, status: int, method: str) -> None:
+                if proxy.errors == "s3":
+                    code, message = S3_ERRORS[str(status)]
+                    payload = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                               f"<Message>{message}</Message></Error>").encode()
+                    kind = "application/xml"
+                else:
+                    payload = (b'{"error": {"message": "injected fault", "type": "server_error", "code": '
+                               + str(status).encode() + b"}}")
+                    kind = "application/json"
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(payload)))
+                if status == 429:
+                    self.send_header("Retry-After", "0")
+                self.end_headers()
+                if method != "HEAD":
+                    self.wfile.write(payload)
 
             def do_POST(self):
                 self._relay("POST")
 
             def do_GET(self):
                 self._relay("GET")
+
+            def do_PUT(self):
+                self._relay("PUT")
+
+            def do_HEAD(self):
+                self._relay("HEAD")
+
+            def do_DELETE(self):
+                self._relay("DELETE")
 
         return Handler

@@ -62,3 +62,12 @@ def start_s3(bucket: str = "clfgrid-test") -> S3Server:
             else:
                 os.environ[k] = v
     return server
+
+
+def s3_files(uri: str) -> list[str]:
+    """Every file under `uri`, as paths relative to it."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File)

@@ -19,7 +19,7 @@ import yaml
 from grid.errors import GridError
 from grid.query import cells
 from tests.conftest import ROOT, run_cli
-from tests.s3server import start_s3
+from tests.s3server import s3_files
 
 TINY = {"name": "tiny-llama", "source": "tiny:llama", "family": "decoder", "prompt_format": "chat"}
 # a full fine-tune of the tiny decoder (4 steps) and its inference cell
@@ -30,26 +30,6 @@ FINETUNE_GRID = {
     "recipes": {"decoder/full": {"hparams": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "max_length": 1024,
                                              "log_every_steps": 0}}},
 }
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = start_s3()
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)  # this process (the query helpers) and the drivers it starts
-    yield server
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
-
-
-def s3_files(uri: str) -> list[str]:
-    fs, root = pafs.FileSystem.from_uri(uri)
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    return sorted(i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File)
 
 
 @pytest.mark.slow
