@@ -6,8 +6,9 @@ fine-tune checkpointed every 2 steps, a task-arithmetic merge of it) runs once u
 into one results dir. Into a second, the driver is started and, after a seeded random delay,
 SIGKILLed with everything it started (its process group: the local Ray too), or one of its Ray
 worker processes is SIGKILLed (a fine-tune worker, an inference actor; the driver, where no
-worker is up at that moment); then started again, until `--kills` kills have landed; then the
-grid is run to the end. A run that finishes before its kill lands ends the kills early: the
+worker is up at that moment; after a worker kill the driver goes on, and the next kill's delay
+runs from there); a killed or ended driver is started again, until `--kills` kills have landed;
+then the grid is run to the end. A run that finishes the grid before its kill ends the kills early: the
 figures then say how many landed, and the claim is missed (a bigger grid is needed: more
 `--tasks` or `--test-rows`). Each run's own log says which cells it finished; a cell finished
 before a run started must not be finished again in it.
@@ -145,36 +146,46 @@ def run(kills: int, seed: int, max_delay: float, work: Path, tasks: tuple[str, .
     rng = random.Random(seed)
     runs, twice, events = 0, [], []
     logs: list[tuple[set[str], Path]] = []
+    proc: subprocess.Popen | None = None
+    after_last = 0  # runs started after the last kill (a worker kill's failed cells need one more)
     while True:
-        before = done_before(killed) if killed.exists() else set()
-        log = work / f"run{runs}.log"
-        proc = start(config, killed, log)
-        runs += 1
-        logs.append((before, log))
-        if len(events) == kills:  # the last run goes to the end
+        if proc is None or proc.poll() is not None:
+            if proc is not None and proc.returncode == 0:  # the grid is done
+                break
+            if len(events) == kills:
+                if after_last == 3:
+                    raise SystemExit(f"the grid still fails after {after_last} runs past the last kill: "
+                                     f"see {logs[-1][1]}")
+                after_last += 1
+            before = done_before(killed) if killed.exists() else set()
+            log = work / f"run{runs}.log"
+            proc = start(config, killed, log)
+            runs += 1
+            logs.append((before, log))
+        if len(events) == kills:  # the runs after the last kill go to the end
             proc.wait()
-            break
+            continue
         delay = rng.uniform(2.0, max_delay)
         target = "driver" if rng.random() < 0.6 else "worker"
         deadline = time.time() + delay
         while time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
-        if proc.poll() is not None:  # the grid is done: no kill can land any more
-            print(f"run {runs} finished before its kill at {delay:.1f} s: {len(events)} of {kills} kills landed",
-                  flush=True)
-            break
+        if proc.poll() is not None:  # ended first: the next run starts, unless the grid is done
+            if proc.returncode == 0:
+                print(f"run {runs} finished the grid before its kill at {delay:.1f} s: "
+                      f"{len(events)} of {kills} kills landed", flush=True)
+            continue
         k = len(events) + 1
         if target == "worker" and (workers := ray_workers(proc.pid)):
             victim, kind = rng.choice(workers)
-            os.kill(victim, signal.SIGKILL)
+            os.kill(victim, signal.SIGKILL)  # the driver goes on, and the next kill comes to it
             print(f"kill {k}: a Ray {kind} (pid {victim}) at {delay:.1f} s; the driver goes on", flush=True)
-            events.append({"kill": k, "after_s": round(delay, 1), "target": "worker", "worker": kind})
-            proc.wait()  # the driver records what failed and ends; the next run redoes it
+            events.append({"kill": k, "run": runs, "after_s": round(delay, 1), "target": "worker", "worker": kind})
         else:
             kill_group(proc)
             why = "" if target == "driver" else " (no Ray worker was running to pick)"
             print(f"kill {k}: the driver and its Ray at {delay:.1f} s{why}", flush=True)
-            events.append({"kill": k, "after_s": round(delay, 1), "target": "driver",
+            events.append({"kill": k, "run": runs, "after_s": round(delay, 1), "target": "driver",
                            **({"drawn": "worker"} if why else {})})
     labels = labels_by_id(killed)
     for before, log in logs:

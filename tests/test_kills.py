@@ -21,7 +21,7 @@ def test_three_kills_change_nothing(tmp_path):
                    timeout=1500)
     figures = json.loads(out.read_text()) if out.exists() else {}
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:], figures)
-    assert figures["kills"] == 3 and figures["runs"] == 4 and figures["all_done"]
+    assert figures["kills"] == 3 and figures["runs"] >= 2 and figures["all_done"]
     # seed 1 kills the driver with its local Ray at 9.1 s (and at 5.8 s and 14.6 s a worker, or
     # the driver where no worker is up yet)
     assert figures["driver_kills"] >= 1, figures["events"]
