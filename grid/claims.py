@@ -43,6 +43,7 @@ log = logging.getLogger("clfgrid.claims")
 
 CLAIM_FILE = "claim.json"
 DRIVERS_DIR = "drivers"
+ATTEMPTS = 5  # each S3 request of a claim, retried by botocore
 
 
 @dataclass
@@ -150,10 +151,10 @@ class S3Claims:
         self.bucket, _, prefix = store.root.partition("/")
         self.prefix = prefix.strip("/")
         # boto3 reads the credentials and AWS_ENDPOINT_URL from the environment, as pyarrow does;
-        # a throttled or failed request is retried by botocore's standard mode (its retries logged
-        # at DEBUG by botocore.retryhandler)
+        # a throttled or failed request is retried by botocore's standard mode, each retry logged
         self.s3 = boto3.client("s3", endpoint_url=endpoint, region_name=options.get("region"),
-                               config=botocore.config.Config(retries={"mode": "standard", "max_attempts": 5}))
+                               config=botocore.config.Config(retries={"mode": "standard", "max_attempts": ATTEMPTS}))
+        self.s3.meta.events.register("needs-retry.s3", _log_retry)
 
     def key(self, cell_id: str) -> str:
         return posixpath.join(self.prefix, "cells", cell_id, CLAIM_FILE)
@@ -219,6 +220,21 @@ class S3Claims:
         finally:
             self.s3.delete_object(Bucket=self.bucket, Key=key)
         return first is not None and second is None
+
+
+def _log_retry(attempts: int, operation: Any = None, response: Any = None, caught_exception: Any = None,
+               **_: Any) -> None:
+    """botocore's needs-retry event: say why a claim request failed (a 5xx, SlowDown, a reset or
+    timed-out connection) before botocore retries it. Its own retry decision is left to it."""
+    if caught_exception is not None:
+        reason = f"{type(caught_exception).__name__}: {caught_exception}"
+    elif response is not None and (response[0].status_code >= 500 or response[0].status_code == 429):
+        reason = f"HTTP {response[0].status_code} {response[1].get('Error', {}).get('Code', '')}".strip()
+    else:
+        return
+    then = "giving up" if attempts >= ATTEMPTS else "retrying"
+    log.warning("S3 %s: attempt %d of %d failed (%s); %s", getattr(operation, "name", "request"), attempts,
+                ATTEMPTS, reason, then)
 
 
 def _precondition_failed(exc: Exception) -> bool:

@@ -56,10 +56,15 @@ def same_number(a: Any, b: Any) -> bool:
     return a == b
 
 
+# Where a fine-tune saved its model: a path inside its own results dir, so two results dirs
+# always differ there.
+LOCATIONS = frozenset({"model_dir"})
+
+
 def _numbers(metrics: dict[str, Any] | None) -> dict[str, Any]:
-    """The metrics that are results, not timings or throughput."""
+    """The metrics that are results, not timings, throughput or locations."""
     skip = ("seconds", "_per_s")
-    return {k: v for k, v in (metrics or {}).items() if not any(k.endswith(s) for s in skip)}
+    return {k: v for k, v in (metrics or {}).items() if k not in LOCATIONS and not any(k.endswith(s) for s in skip)}
 
 
 def compare(a: str | Path, b: str | Path) -> Difference:

@@ -9,10 +9,14 @@ by a fault instead of the upstream: a 429 (with Retry-After: 0), a 500, a 503 (S
 reset (the connection closed with no answer), or a hang of `hang_s` seconds and a dropped
 connection (the client times out first). `faults` picks among them; `errors` says how an error's
 body is written, as an OpenAI-style API (`json`) or S3 (`s3`: an XML <Error> with its code).
-Every other request is forwarded (GET, HEAD, PUT, POST, DELETE) and the upstream's answer
+No request is faulted more than `max_in_a_row` times running (per method and path), so a
+client that retries more often than that always gets through; `fail_paths` are the exception:
+every request whose path holds one of them is answered 503, a fault no retry outlasts. Every
+other request is forwarded (GET, HEAD, PUT, POST, DELETE) and the upstream's answer
 returned; `drop_headers` are removed from requests on the way, which makes a server that ignores
 them (an S3-compatible server without conditional writes, for `If-None-Match`). Counters:
-`requests` (all that arrived), `forwarded`, `injected` (per fault kind), and `auth_headers`
+`requests` (all that arrived), `forwarded`, `injected` (per fault kind), `injected_by` (per
+client, from its User-Agent: `boto3`, `aws-sdk-cpp` for pyarrow, or `other`), and `auth_headers`
 (distinct Authorization values seen, so a test can check a key was sent without printing it).
 Only loopback addresses are used.
 """
@@ -37,7 +41,8 @@ S3_ERRORS = {"429": ("SlowDown", "Please reduce your request rate."),
 class FaultProxy:
     def __init__(self, upstream: str, fault_rate: float = 0.0, seed: int = 0,
                  faults: tuple[str, ...] = FAULTS, hang_s: float = 3.0, port: int = 0, errors: str = "json",
-                 drop_headers: tuple[str, ...] = ()):
+                 drop_headers: tuple[str, ...] = (), max_in_a_row: int | None = None,
+                 fail_paths: tuple[str, ...] = ()):
         parts = urlsplit(upstream)
         assert parts.hostname in ("127.0.0.1", "localhost", "::1"), "loopback upstreams only"
         self.upstream = (parts.hostname, parts.port or 80)
@@ -46,6 +51,10 @@ class FaultProxy:
         self.hang_s = hang_s
         self.errors = errors
         self.drop_headers = {h.lower() for h in drop_headers}
+        self.max_in_a_row = max_in_a_row
+        self.fail_paths = fail_paths
+        self.in_a_row: Counter[str] = Counter()  # method and path -> faults running
+        self.injected_by: Counter[str] = Counter()
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.requests = 0
@@ -73,13 +82,23 @@ class FaultProxy:
             self.requests = self.forwarded = 0
             self.injected.clear()
 
-    def _decide(self) -> str | None:
+    def _decide(self, key: str, agent: str) -> str | None:
+        client = "boto3" if agent.startswith("Boto3") else "aws-sdk-cpp" if agent.startswith("aws-sdk-cpp") \
+            else "other"
         with self.lock:
             self.requests += 1
-            if self.rng.random() < self.fault_rate:
+            if any(p in key for p in self.fail_paths):
+                self.injected["outlasting 503"] += 1
+                self.injected_by[client] += 1
+                return "503"
+            capped = self.max_in_a_row is not None and self.in_a_row[key] >= self.max_in_a_row
+            if not capped and self.rng.random() < self.fault_rate:
                 fault = self.rng.choice(self.faults)
                 self.injected[fault] += 1
+                self.injected_by[client] += 1
+                self.in_a_row[key] += 1
                 return fault
+            self.in_a_row.pop(key, None)
             self.forwarded += 1
             return None
 
@@ -98,7 +117,7 @@ class FaultProxy:
                 if auth:
                     with proxy.lock:
                         proxy.auth_headers.add(auth)
-                fault = proxy._decide()
+                fault = proxy._decide(f"{method} {self.path.split('?')[0]}", self.headers.get("User-Agent", ""))
                 if fault in ("timeout", "reset"):
                     if fault == "timeout":
                         time.sleep(proxy.hang_s)
@@ -123,7 +142,9 @@ class FaultProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # a HEAD's answer has no body, but its length is the object's
+                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if method == "HEAD"
+                                 else str(len(data)))
                 self.end_headers()
                 if method != "HEAD":
                     self.wfile.write(data)
