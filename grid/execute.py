@@ -40,6 +40,7 @@ from grid.prompting import Prompt, PromptBuilder, prompt_hash
 from grid.registry import BACKENDS, FAMILIES, load
 from grid.schedule import Unit, plan_units, schedule
 from grid.scoring import golds_and_parsed
+from grid.sources import portable
 from grid.store import CellState, Store
 from grid.tasks import get_task
 from workers.artifacts import fetch, staging
@@ -233,8 +234,8 @@ def model_spec(cell: Cell, store: Store, config: GridConfig) -> dict[str, Any]:
     model = config.model(cell.model)  # a declared model, or a merge of the grid
     if cell.depends_on:  # a local path or an object-store URI: each actor fetches it (workers/artifacts.py)
         path = store.cell_uri(cell.depends_on, "model")
-    else:
-        path = resolve(model.source, model.revision)
+    else:  # resolved by each actor on its own node (workers/artifacts.fetch)
+        path = portable(model.source)
     return {"family": cell.family, "backend": cell.backend, "path": path, "dtype": model.dtype,
             "options": model.options, "model_name": model.source, "revision": model.revision}
 
@@ -340,7 +341,7 @@ def run_finetune(cell: Cell, store: Store, data_dir: str | None, retries: int) -
 
     recipe = cell.recipe or {}
     # A model the grid made (finetuned_from) trains from its parent cell's saved model.
-    start_from = store.cell_uri(cell.depends_on, "model") if cell.depends_on else resolve(cell.source)
+    start_from = store.cell_uri(cell.depends_on, "model") if cell.depends_on else portable(cell.source)
     job = FinetuneJob(
         model=start_from, family=cell.family, task=cell.task, mode=cell.finetune,
         shots=cell.shots, prompt_format=cell.prompt_format if cell.family == "decoder" else "plain",

@@ -100,6 +100,14 @@ def is_local_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~"))
 
 
+def portable(source: str) -> str:
+    """A model source as the driver hands it to a job on any node: a local path made absolute (a
+    job's working dir is not the driver's), any other source as named. The node that runs the job
+    resolves it (workers.artifacts.fetch): a tiny model is built, a GGUF file dequantized, into
+    that node's own cache, never read from a path on the driver's disk."""
+    return str(Path(source).expanduser().resolve()) if is_local_path(source) else source
+
+
 def check_source(source: str, revision: str | None = None) -> None:
     """Fail before any work if a model source cannot be had; does not load weights."""
     if source.startswith("tiny:"):

@@ -1,8 +1,9 @@
 """Two Ray nodes on this machine that share no path, only a real S3 server (moto on loopback):
 a head (`ray start --head`, custom resource `trainer`) and a second node (`ray start --address`,
 custom resource `predictor`), each with its own temp dir, HOME and model cache. The grid is
-submitted with `ray job submit`; its fine-tune cell is placed on the head, its inference cell on
-the other node (which can only get the model from S3), and the predictions equal a local run's.
+submitted with `ray job submit`; its fine-tune cell is placed on the head, its inference cells on
+the other node, which gets the fine-tuned model from S3 and builds the base model (never seen
+there) into its own cache, not from the driver's path; the predictions equal a local run's.
 The suite's one `ray job submit -- python grid/run.py ...` against a real head, as the README runs a
 grid on a cluster."""
 
@@ -24,10 +25,11 @@ import yaml
 
 from grid.query import cells, predictions
 from tests.conftest import DATA, ROOT, run_cli
-from tests.s3server import free_port, start_s3
-from tests.test_object_store import FINETUNE_GRID, s3_files
+from tests.s3server import free_port, s3_files, start_s3
+from tests.test_object_store import FINETUNE_GRID
 
 RAY = Path(sys.executable).parent / "ray"
+GRID = {**FINETUNE_GRID, "finetune": ["none", "full"]}  # the base model's cell and the fine-tuned one's
 
 pytestmark = pytest.mark.slow  # 4-6 minutes on 2 shared cores; the default suite (.ci/run) runs it
 
@@ -78,7 +80,7 @@ def test_finetune_on_one_node_inference_on_the_other_results_on_s3(s3, tmp_path)
             time.sleep(2)
         nodes.append(start_node(env, tmp_path, "worker", f"--address=127.0.0.1:{gcs}",
                                 '--resources={"predictor": 1}'))
-        grid = json.loads(json.dumps(FINETUNE_GRID))
+        grid = json.loads(json.dumps(GRID))
         grid["recipes"]["decoder/full"]["resources"] = {"custom_resources": {"trainer": 1}}
         grid["inference"]["custom_resources"] = {"predictor": 1}
         config = tmp_path / "grid.yaml"
@@ -110,21 +112,24 @@ def test_finetune_on_one_node_inference_on_the_other_results_on_s3(s3, tmp_path)
             stop_node(node, tmp_path / name)
         os.environ.update(s3.env)  # the query helpers below read S3 in this process
 
-    # the worker node got the fine-tuned model from S3 into its own cache, and trained nothing
-    worker_cache = tmp_path / "worker" / "cache"
+    # the worker node got the fine-tuned model from S3 into its own cache, and resolved the base
+    # model itself (the driver, on the head, handed it the source, not a path in the head's cache)
+    worker_cache, head_cache = tmp_path / "worker" / "cache", tmp_path / "head" / "cache"
     assert len(list((worker_cache / "artifacts").iterdir())) == 1
-    assert not (worker_cache / "models").exists()
+    built = sorted(p.name for p in (worker_cache / "models").iterdir())
+    assert len(built) == 1 and built[0].startswith("tiny-llama-"), built
+    assert built == sorted(p.name for p in (head_cache / "models").iterdir())  # the same build, made twice
     finetune_id = cells(results).filter(pl.col("kind") == "finetune").collect()["cell_id"][0]
     files = s3_files(results)
     assert f"cells/{finetune_id}/model.manifest.json" in files  # the model, published with its manifest last
     assert any(f.startswith(f"cells/{finetune_id}/checkpoints/") and "step_00000004" in f for f in files)
-    assert cells(results).collect()["status"].to_list() == ["done", "done"]
+    assert cells(results).collect()["status"].to_list() == ["done"] * 3
 
     local = tmp_path / "local"  # the same grid without placement, on a local Ray and a local dir
-    config.write_text(yaml.safe_dump(FINETUNE_GRID))
+    config.write_text(yaml.safe_dump(GRID))
     proc = run_cli("grid/run.py", str(config), "--results", str(local), "--num-cpus", "2")
     assert proc.returncode == 0, proc.stderr[-4000:]
     cols = ["example_id", "raw_output", "prediction"]
     a = predictions(results).select(cols).sort("example_id").collect()
     b = predictions(local).select(cols).sort("example_id").collect()
-    assert a.height == 8 and a.equals(b)
+    assert a.height == 16 and a.equals(b)

@@ -102,12 +102,14 @@ def ensure_dir(uri: str) -> str:
 
 
 def fetch(uri: str) -> str:
-    """A local path to load the artifact `uri` from: anything but a remote URI as it is (a local
-    folder, or a model name a backend knows); a remote one from this node's cache, downloaded (and
-    checked against its manifest) the first time."""
+    """A local path to load a model from on this node: a grid-made model's remote URI from this
+    node's cache, downloaded (and checked against its manifest) the first time; a model source
+    resolved here (workers/models.py: a tiny model built or a GGUF file dequantized into this
+    node's cache; a local folder, or a hub or API model name, as it is)."""
+    from workers.models import CACHE_DIR, resolve
+
     if not is_remote(uri):
-        return str(uri)
-    from workers.models import CACHE_DIR
+        return resolve(str(uri))
 
     fs, path = filesystem(uri)
     try:
