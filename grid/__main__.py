@@ -83,6 +83,11 @@ def cmd_status(args: argparse.Namespace) -> int:
               "the next run does them again):")
         for reason in damaged.values():
             print(f"  {reason}")
+    if edited := store.non_numeric_metrics(records):
+        print(f"\n{len(edited)} finished cells have a metric that is not a number (reports leave them out; "
+              "delete the cell.json to run the cell again):")
+        for reason in edited.values():
+            print(f"  {reason}")
     return 0
 
 

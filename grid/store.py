@@ -294,6 +294,23 @@ class Store:
         return self.damaged([r["cell_id"] for r in records
                              if r["status"] == "done" and r["cell"].get("kind") == "infer"])
 
+    def non_numeric_metrics(self, records: list[dict[str, Any]]) -> dict[str, str]:
+        """Finished inference cells with a metric that is not a number, each with why. Scoring
+        writes only numbers (or null, for an interval it could not compute), so such a value was
+        edited in or damaged after the cell was written: status names it, and a report leaves the
+        cell out rather than read around a value it cannot use."""
+        out = {}
+        for r in records:
+            if r["status"] != "done" or r["cell"].get("kind") != "infer":
+                continue
+            bad = [(k, v) for k, v in (r.get("metrics") or {}).items()
+                   if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))]
+            if bad:
+                path = posixpath.join(self.cell_dir(r["cell_id"]), CELL_FILE)
+                out[r["cell_id"]] = (f"{path}: metric {bad[0][0]} is {bad[0][1]!r}, not a number"
+                                     + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+        return out
+
     def read_predictions(self, cell_id: str, columns: list[str] | None = None) -> pa.Table:
         """A finished cell's predictions table; a file that is missing, empty or not parquet
         (damaged after it was written: writes are atomic) is one GridError naming it."""

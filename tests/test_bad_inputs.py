@@ -370,3 +370,28 @@ def test_a_damaged_predictions_file_is_named_by_status_and_left_out_of_a_report(
     assert report.returncode == 0, report.stderr[-2000:]
     model = json.loads((tmp_path / "report" / "report.json").read_text())
     assert victim not in json.dumps(model["rows"]) and "1 finished cells left out" in model["summary"]
+
+
+def test_a_metric_that_is_not_a_number_is_named_by_status_and_left_out_of_a_report(tmp_path):
+    """A finished cell whose cell.json holds a metric that is not a number (edited by hand, or
+    damaged): `grid status` names the file and the metric, and a report leaves the cell out and
+    says so; before, the value vanished from both without a word."""
+    import shutil
+
+    good = Path(__file__).resolve().parent.parent / "reports" / "merge-study" / "probe" / "results"
+    results = tmp_path / "results"
+    shutil.copytree(good, results)
+    victim = sorted(p.name for p in (results / "cells").iterdir())[0]
+    path = results / "cells" / victim / "cell.json"
+    record = json.loads(path.read_text())
+    metric = next(k for k in record["metrics"] if k.endswith("/accuracy"))
+    record["metrics"][metric] = "high"
+    path.write_text(json.dumps(record))
+    status = run_cli("-m", "grid", "status", str(results))
+    assert status.returncode == 0, status.stderr
+    assert ("1 finished cells have a metric that is not a number" in status.stdout
+            and f"cells/{victim}/cell.json: metric {metric} is 'high', not a number" in status.stdout), status.stdout
+    report = run_cli("-m", "grid", "report", str(results), "--out", str(tmp_path / "report"), "--n-boot", "50")
+    assert report.returncode == 0, report.stderr[-2000:]
+    model = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert victim not in json.dumps(model["rows"]) and "1 finished cells left out" in model["summary"]

@@ -80,8 +80,9 @@ def build_model(store: Store, results: str, pairs: list[tuple[str, str]] | None 
                 confusion_cell: str | None = None, n_boot: int = 1000, seed: int = 0,
                 default_pairs_on: bool = True, declared: tuple[ComparisonSpec, ...] = ()) -> ReportModel:
     records = store.records()
-    # a finished cell whose predictions file was damaged after it was written: left out, and said
-    damaged = store.damaged_predictions(records)
+    # a finished cell whose predictions file or metrics were damaged after it was written: left
+    # out, and said
+    damaged = store.damaged_predictions(records) | store.non_numeric_metrics(records)
     for reason in damaged.values():
         log.warning("left out of the report: %s", reason)
     records = [r for r in records if r["cell_id"] not in damaged]
@@ -90,7 +91,7 @@ def build_model(store: Store, results: str, pairs: list[tuple[str, str]] | None 
                                   declared=declared)
     choice = choose_confusion(table, confusion_cell)
     summary = summary_line(records, results) + (
-        f"; {len(damaged)} finished cells left out, their predictions file damaged" if damaged else "")
+        f"; {len(damaged)} finished cells left out, their predictions file or metrics damaged" if damaged else "")
     return ReportModel(results=results, summary=summary, table=table,
                        comparisons=comparisons, families=family_counts(comparisons),
                        forgetting=forgetting_rows(table),
