@@ -110,7 +110,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     from grid.execute import execute  # Ray Data, the workers' code: only once there is work
 
-    store = store or Store.open(args.results)
+    if store is None:
+        store = Store.open(args.results)
+    else:  # a results dir run in before: can it still be written to?
+        store.check_writable()
     run, name, clock = _start_record(store, argv, args.config)
     try:
         summary = execute(plan, config, store, data_dir, args.num_cpus)

@@ -120,9 +120,22 @@ class Store:
                 fs.create_dir(cells, recursive=True)
             except OSError as exc:  # a file where the folder should be, no permission, ...
                 raise GridError(f"results dir {text}: cannot create {cells}: {exc.strerror or exc}") from None
+            cls(fs=fs, root=root, uri=text).check_writable()
         elif fs.get_file_info(cells).type != pafs.FileType.Directory:
             raise GridError(f"results dir {text} has no cells/ folder: no grid has run there")
         return cls(fs=fs, root=root, uri=text)
+
+    def check_writable(self) -> None:
+        """Fail before any work where no file can be written (a read-only mount or bucket, no
+        permission): a probe file written and removed, so the results dir is left as it was."""
+        probe = posixpath.join(self.root, f".write-probe-{uuid.uuid4().hex[:12]}")
+        try:
+            with self.fs.open_output_stream(probe) as out:
+                out.write(b"")
+            self.fs.delete_file(probe)
+        except OSError as exc:
+            reason = exc.strerror or str(exc).splitlines()[0]
+            raise GridError(f"results dir {self.uri}: cannot write there ({reason})") from None
 
     @property
     def is_local(self) -> bool:

@@ -6,9 +6,11 @@ byte for byte as it was."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -395,3 +397,37 @@ def test_a_metric_that_is_not_a_number_is_named_by_status_and_left_out_of_a_repo
     assert report.returncode == 0, report.stderr[-2000:]
     model = json.loads((tmp_path / "report" / "report.json").read_text())
     assert victim not in json.dumps(model["rows"]) and "1 finished cells left out" in model["summary"]
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """`folder` as a read-only bind mount, for as long as the block runs. Root passes every
+    permission check (chmod would not stop it), but not a read-only mount; where mounting is not
+    allowed the test is skipped, saying so."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a read-only bind mount needs mount privileges: {mounted.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], check=True, capture_output=True)
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True, capture_output=True)
+
+
+def test_a_read_only_results_dir_or_report_folder_is_one_line_before_any_work(tmp_path):
+    """A results dir a grid ran in before, now read-only (a mount, a bucket without write
+    permission): one line naming it, before any work; before, a traceback from the run record.
+    The same for `grid report --out` at a read-only folder."""
+    argv = write_case(grid_case(GRID), tmp_path)
+    (tmp_path / "results" / "cells").mkdir(parents=True)
+    before = tree_hashes(tmp_path / "results")
+    with read_only(tmp_path / "results"), read_only(tmp_path / "report"):
+        proc = run_cli(*argv)
+        report = run_cli("-m", "grid", "report", str(ROOT / "reports" / "merge-study" / "probe" / "results"),
+                         "--out", str(tmp_path / "report"), "--n-boot", "20")
+    for p, says in ((proc, f"results dir {tmp_path / 'results'}: cannot write there"),
+                    (report, f"--out {tmp_path / 'report'}: cannot write")):
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and says in lines[0], p.stderr[-2000:]
+    assert tree_hashes(tmp_path / "results") == before
