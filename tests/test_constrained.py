@@ -353,3 +353,31 @@ def test_label_logprobs_false_refuses_what_needs_every_score():
     for bad in ({"length_normalized": True}, {"calibration": "pmi"}):
         with pytest.raises(ValidationError, match=r"needs? every label's score"):
             Decoding(mode="constrained", label_logprobs=False, **bad)
+
+
+@pytest.mark.parametrize("which", ["tiny", "mistral", "mixed"])
+def test_searched_tags_equal_every_tag_scored(tiny, which):
+    """Branch and bound over a word's tags (`_search_choice`) picks what scoring every tag
+    picks, word after word, on slot-filling and multi-task prompts (zero- and five-shot), with
+    the tiny model and with sliding-window models (their masks bite on the nodes kept in cache)."""
+    model, tok = tiny
+    if which != "tiny":
+        model = sliding_model(which, len(tok))
+    encode = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
+    words = 0
+    for prepared in cells_items(tok, ["massive-slots", "massive-multi"], [0, 5], 3):
+        task = get_task(prepared.cell.task)
+        labels = frozenset(s.name for s in task.subtasks if s.type == "label")
+        for it in prepared.items:
+            program = answer_program(task, it["labels"], len(it["words"]))
+            lead = constrained.answer_lead(tok, it["prompt"])
+            picks = []
+            with torch.inference_mode():
+                for search in (True, False):
+                    state = prefill(model, [encode(it["prompt"])], tok.pad_token_id)[0]
+                    got, n_tokens, _ = constrained._score_answer(model, encode, program, state, lead,
+                                                                 tok.eos_token_id, False, labels, search=search)
+                    picks.append((got, n_tokens))
+            assert picks[0] == picks[1], it["prompt"][-200:]
+            words += len(it["words"])
+    assert words > 20

@@ -116,6 +116,24 @@ def test_untuned_smollm2_answers_valid_labels(smollm2):
     assert len(_valid_answers(smollm2, shots=5)) == 6
 
 
+def test_searched_slot_tags_equal_every_tag_scored_on_smollm2(smollm2, monkeypatch):
+    """SmolLM2's constrained slot answers (three MASSIVE rows, zero-shot): each word's tag found
+    by branch and bound equals the tag picked by scoring every tag (workers.constrained)."""
+    import functools
+
+    from workers import constrained
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    data = data_dir_arg(None)
+    (cell,) = build_plan(_grid(tasks=["massive-slots"], shots=[0], limits={"test": 3}), data).cells
+    items = prepare_cell(cell, data, tok).items
+    searched = [a["raw_output"] for a in constrained_answers(model, tok, items)]
+    monkeypatch.setattr(constrained, "_score_answer", functools.partial(constrained._score_answer, search=False))
+    every = [a["raw_output"] for a in constrained_answers(model, tok, items)]
+    assert searched == every and sum(len(it["words"]) for it in items) >= 10
+
+
 @pytest.fixture(scope="module")
 def finetuned(smollm2, tmp_path_factory, ray_local) -> dict[str, str]:
     """A LoRA and a full fine-tune of SmolLM2, three steps each, as Ray Train jobs."""

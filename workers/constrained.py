@@ -347,14 +347,102 @@ def _score_choice(model: Any, state: _State, candidates: list[list[int]],
     return best, _State(cache, past + len(paths[best]), logp[0, slot[paths[best][-1]]]), scores
 
 
+def _search_choice(model: Any, state: _State, candidates: list[list[int]],
+                   need_next: bool = True) -> tuple[int, _State]:
+    """The candidate `_score_choice` picks by summed log-probs (the first of equal scores) and the
+    state after it, found without scoring every candidate: branch and bound on the token trie.
+
+    A candidate's score is at most the summed log-prob of any prefix of it (each further token
+    adds a log-prob <= 0). So the likeliest path is followed down to a complete candidate first
+    (one node a pass), giving a score to beat; then, a trie level a pass, only the nodes whose
+    prefix still reaches that score run; every other candidate is bounded below it and cannot
+    win. A node runs with the prompt and its ancestors in view, at its depth's position (the
+    cache keeps every node run, each seeing only its own line), so its logits are those the
+    full trie pass gives. For the choices whose scores are not kept (a word's slot tag): a
+    tag's own tokens and the `", "` after it, over ~100 tags, are most of a full trie's nodes,
+    and a model sure of a word's tag leaves a few of them to run. The state's cache is used up.
+    """
+    tokens, parent, depth, paths, lines = _token_trie(candidates)
+    children: dict[int, list[int]] = {}
+    for node, up in enumerate(parent):
+        children.setdefault(up, []).append(node)
+    ends: dict[int, list[int]] = {}
+    for c, path in enumerate(paths):
+        ends.setdefault(path[-1], []).append(c)
+    past = state.length
+    cum: dict[int, float] = {}  # node -> summed log-prob of its prefix (known once its parent ran)
+    slot: dict[int, int] = {}  # node -> its place in the cache after the prompt
+    best, best_c = -math.inf, len(candidates)
+    cache = state.cache
+    after: dict[int, torch.Tensor] = {}  # node run -> the next-token log-probs after it
+
+    def known(node: int, logp: float) -> None:
+        nonlocal best, best_c
+        cum[node] = (cum[parent[node]] if parent[node] >= 0 else 0.0) + logp
+        for c in ends.get(node, ()):
+            if cum[node] > best or (cum[node] == best and c < best_c):
+                best, best_c = cum[node], c
+
+    def run(nodes: list[int]) -> torch.Tensor:
+        """Feed `nodes` (their ancestors already fed) in one pass; their next-token log-probs."""
+        nonlocal cache
+        fed = len(slot)
+        visible = torch.zeros((1, len(nodes), past + fed + len(nodes)), dtype=torch.bool)
+        visible[0, :, :past] = True
+        for k, node in enumerate(nodes):
+            slot[node] = fed + k
+            visible[0, k, [past + slot[j] for j in lines[node]]] = True
+        order = sorted(slot, key=slot.get)
+        q_pos = torch.tensor([[past + depth[n] for n in nodes]])
+        k_pos = torch.cat([torch.arange(past), torch.tensor([past + depth[n] for n in order], dtype=torch.long)])[None]
+        out = model(input_ids=torch.tensor([[tokens[n] for n in nodes]], device=model.device),
+                    past_key_values=cache, attention_mask=_masks(model, visible, q_pos, k_pos),
+                    use_cache=True, position_ids=q_pos.to(model.device))
+        cache = out.past_key_values
+        return torch.log_softmax(out.logits[0].float(), -1)
+
+    def expand(nodes: list[int]) -> list[int]:
+        """Run `nodes`; their children, now with known prefix scores."""
+        logp = run(nodes)
+        grown = []
+        for k, node in enumerate(nodes):
+            after[node] = logp[k]
+            kids = children.get(node, [])
+            values = logp[k, torch.tensor([tokens[j] for j in kids], dtype=torch.long)].tolist() if kids else []
+            for kid, value in zip(kids, values):
+                known(kid, value)
+                grown.append(kid)
+        return grown
+
+    roots = children[-1]
+    for node, value in zip(roots, state.logprobs[torch.tensor([tokens[j] for j in roots])].tolist()):
+        known(node, value)
+    node = max(roots, key=lambda n: cum[n])  # the likeliest path first: a score to beat
+    while children.get(node) and node not in ends:
+        node = max(expand([node]), key=lambda n: cum[n])
+    frontier = [n for n in cum if n not in slot and children.get(n)]
+    while frontier := [n for n in frontier if cum[n] >= best]:
+        frontier = [kid for kid in expand(frontier) if children.get(kid)]
+    if not need_next:
+        return best_c, _State(cache, past, state.logprobs)
+    path = paths[best_c]
+    if path[-1] not in after:  # the winner's last token has not run (it ends no longer candidate)
+        expand([path[-1]])
+    keep = torch.tensor(list(range(past)) + [past + slot[j] for j in path], device=model.device)
+    return best_c, _State(_map_cache(cache, lambda t: t.index_select(2, keep)), past + len(path), after[path[-1]])
+
+
 def _score_answer(model: Any, encode, program: Program, state: _State, lead: str, eos: int,
-                  length_normalized: bool, label_choices: frozenset[str] = frozenset()
+                  length_normalized: bool, label_choices: frozenset[str] = frozenset(), search: bool = True
                   ) -> tuple[list[int], int, dict[str, dict[str, float]]]:
     """Choose every choice of the program in turn. Returns the picks, the answer's token count
     and, for each choice named in `label_choices` (the label sub-tasks), its labels' log-probs.
 
     Fixed scaffolding (`{"task1": "`) is forced as text; each candidate is scored with the fixed
     text that follows it, and EOS after the last choice; a whitespace-only lead joins the labels.
+    A choice whose scores are not kept (not a label sub-task) and are plain sums is found by
+    branch and bound (`_search_choice`: the same pick) unless `search` is off (every candidate
+    scored, as the tests compare).
     """
     label_logprobs: dict[str, dict[str, float]] = {}
     picks: list[int] = []
@@ -375,9 +463,12 @@ def _score_answer(model: Any, encode, program: Program, state: _State, lead: str
         after = program[i + 1].text if i + 1 < len(program) and isinstance(program[i + 1], Fixed) else ""
         last = i + (2 if after else 1) >= len(program)
         candidates = [encode(pending + opt + after) + ([eos] if last else []) for opt in seg.options]
-        index, state, scores = _score_choice(model, state, candidates, length_normalized, need_next=not last)
-        if seg.name in label_choices:
-            label_logprobs[seg.name] = dict(zip(seg.values, _log_softmax(scores)))
+        if search and seg.name not in label_choices and not length_normalized:
+            index, state = _search_choice(model, state, candidates, need_next=not last)
+        else:
+            index, state, scores = _score_choice(model, state, candidates, length_normalized, need_next=not last)
+            if seg.name in label_choices:
+                label_logprobs[seg.name] = dict(zip(seg.values, _log_softmax(scores)))
         picks.append(index)
         n_tokens += len(candidates[index])
         pending = ""
