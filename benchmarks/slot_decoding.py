@@ -9,8 +9,9 @@ The prompts are the engine's own (grid.execute.prepare_cell: chat template, seed
 example), built once; each method starts its clock on those prompt texts with the model loaded,
 and stops it when it has every answer, through the engine's chunks (grid.execute.chunk_rows) and
 TransformersBackend.generate. Methods, interleaved in each run:
-- searched:     decoding constrained, strategy score: a word's tag by branch and bound
-                (workers.constrained._search_choice), what the grid runs;
+- searched:     decoding constrained, strategy score: a word's tag by branch and bound, the
+                chunk's examples in the same passes (workers.constrained._search_choices),
+                what the grid runs;
 - every tag:    the same with every tag of every word scored (the full token trie a word, as
                 before; the same function with its search turned off);
 - free + parse: decoding free (greedy, `--max-new-tokens`), the answers parsed by
@@ -65,15 +66,16 @@ def answers(backend, prepared, batch_size: int) -> list[str]:
 
 
 def every_tag(backend, prepared, batch_size: int) -> list[str]:
-    """The path before: every tag of every word scored (`_score_answer` with its search off)."""
+    """The path before: every tag of every word scored, one example at a time (`_score_answers`
+    with its search off)."""
     from workers import constrained
 
-    searched = constrained._score_answer
-    constrained._score_answer = functools.partial(searched, search=False)
+    searched = constrained._score_answers
+    constrained._score_answers = functools.partial(searched, search=False)
     try:
         return answers(backend, prepared, batch_size)
     finally:
-        constrained._score_answer = searched
+        constrained._score_answers = searched
 
 
 def quality(prepared, raw: list[str]) -> dict[str, float]:

@@ -232,10 +232,10 @@ def test_label_chunks_in_one_pass_equal_one_by_one(tiny):
                 for it, got in zip(items, together):
                     program = answer_program(get_task(it["task"]), it["labels"], None)
                     state = prefill(model, [tok.encode(it["prompt"], add_special_tokens=False)], tok.pad_token_id)[0]
-                    picks, *_ = constrained._score_answer(
-                        model, tok.encode and (lambda t: tok.encode(t, add_special_tokens=False)),
-                        program, state, constrained.answer_lead(tok, it["prompt"]),
-                        tok.eos_token_id, normalized)
+                    ((picks, *_),) = constrained._score_answers(
+                        model, lambda t: tok.encode(t, add_special_tokens=False),
+                        [program], [state], [constrained.answer_lead(tok, it["prompt"])],
+                        tok.eos_token_id, [normalized], [frozenset()])
                     assert got["raw_output"] == render_answer(program, picks)
 
 
@@ -357,27 +357,28 @@ def test_label_logprobs_false_refuses_what_needs_every_score():
 
 @pytest.mark.parametrize("which", ["tiny", "mistral", "mixed"])
 def test_searched_tags_equal_every_tag_scored(tiny, which):
-    """Branch and bound over a word's tags (`_search_choice`) picks what scoring every tag
-    picks, word after word, on slot-filling and multi-task prompts (zero- and five-shot), with
-    the tiny model and with sliding-window models (their masks bite on the nodes kept in cache)."""
+    """Branch and bound over each word's tags, every example of a chunk in the same passes
+    (`_search_choices`), picks what scoring every tag one example at a time picks, word after
+    word, on slot-filling and multi-task prompts (zero- and five-shot), with the tiny model and
+    with sliding-window models (their masks bite on the nodes kept in cache)."""
     model, tok = tiny
     if which != "tiny":
         model = sliding_model(which, len(tok))
     encode = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
     words = 0
-    for prepared in cells_items(tok, ["massive-slots", "massive-multi"], [0, 5], 3):
+    for prepared in cells_items(tok, ["massive-slots", "massive-multi"], [0, 5], 4):
         task = get_task(prepared.cell.task)
-        labels = frozenset(s.name for s in task.subtasks if s.type == "label")
-        for it in prepared.items:
-            program = answer_program(task, it["labels"], len(it["words"]))
-            lead = constrained.answer_lead(tok, it["prompt"])
-            picks = []
-            with torch.inference_mode():
-                for search in (True, False):
-                    state = prefill(model, [encode(it["prompt"])], tok.pad_token_id)[0]
-                    got, n_tokens, _ = constrained._score_answer(model, encode, program, state, lead,
-                                                                 tok.eos_token_id, False, labels, search=search)
-                    picks.append((got, n_tokens))
-            assert picks[0] == picks[1], it["prompt"][-200:]
-            words += len(it["words"])
-    assert words > 20
+        items = prepared.items
+        programs = [answer_program(task, it["labels"], len(it["words"])) for it in items]
+        leads = [constrained.answer_lead(tok, it["prompt"]) for it in items]
+        labels = [frozenset(s.name for s in task.subtasks if s.type == "label")] * len(items)
+        prompts = [encode(it["prompt"]) for it in items]
+        got = []
+        with torch.inference_mode():
+            for search in (True, False):
+                states = prefill(model, prompts, tok.pad_token_id)
+                got.append(constrained._score_answers(model, encode, programs, states, leads, tok.eos_token_id,
+                                                      [False] * len(items), labels, search=search))
+        assert [g[:2] for g in got[0]] == [g[:2] for g in got[1]], prepared.cell.task
+        words += sum(len(it["words"]) for it in items)
+    assert words > 30

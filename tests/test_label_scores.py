@@ -298,9 +298,9 @@ def test_batched_and_one_by_one_paths_keep_the_same_log_probs(tiny):
             program = constrained.answer_program(get_task(item["task"]), item["labels"], None)
             state = constrained.prefill(model, [tok.encode(item["prompt"], add_special_tokens=False)],
                                         tok.pad_token_id)[0]
-            *_, alone = constrained._score_answer(
-                model, lambda t: tok.encode(t, add_special_tokens=False), program, state,
-                answer_lead(tok, item["prompt"]), tok.eos_token_id, False, frozenset({"sentiment"}))
+            ((*_, alone),) = constrained._score_answers(
+                model, lambda t: tok.encode(t, add_special_tokens=False), [program], [state],
+                [answer_lead(tok, item["prompt"])], tok.eos_token_id, [False], [frozenset({"sentiment"})])
             assert list(alone["sentiment"].values()) == pytest.approx(
                 list(answer["label_logprobs"]["sentiment"].values()), abs=1e-4)
 

@@ -129,7 +129,7 @@ def test_searched_slot_tags_equal_every_tag_scored_on_smollm2(smollm2, monkeypat
     (cell,) = build_plan(_grid(tasks=["massive-slots"], shots=[0], limits={"test": 3}), data).cells
     items = prepare_cell(cell, data, tok).items
     searched = [a["raw_output"] for a in constrained_answers(model, tok, items)]
-    monkeypatch.setattr(constrained, "_score_answer", functools.partial(constrained._score_answer, search=False))
+    monkeypatch.setattr(constrained, "_score_answers", functools.partial(constrained._score_answers, search=False))
     every = [a["raw_output"] for a in constrained_answers(model, tok, items)]
     assert searched == every and sum(len(it["words"]) for it in items) >= 10
 

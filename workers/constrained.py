@@ -347,20 +347,85 @@ def _score_choice(model: Any, state: _State, candidates: list[list[int]],
     return best, _State(cache, past + len(paths[best]), logp[0, slot[paths[best][-1]]]), scores
 
 
-def _search_choice(model: Any, state: _State, candidates: list[list[int]],
-                   need_next: bool = True) -> tuple[int, _State]:
-    """The candidate `_score_choice` picks by summed log-probs (the first of equal scores) and the
-    state after it, found without scoring every candidate: branch and bound on the token trie.
+class _Search:
+    """One row's branch and bound over a choice's token trie (see `_search_choices`): what it
+    knows of each node, and which nodes it wants run next."""
+
+    def __init__(self, trie: tuple, logprobs: torch.Tensor, need_next: bool):
+        self.tokens, self.parent, _, self.paths, _, self.children, self.ends = trie
+        self.need_next = need_next
+        self.cum: dict[int, float] = {}  # node -> summed log-prob of its prefix (known once its parent ran)
+        self.slot: dict[int, int] = {}  # node run -> its column in the cache after the prompts
+        self.after: dict[int, torch.Tensor] = {}  # node run -> the next-token log-probs after it
+        self.best, self.best_c = -math.inf, len(self.paths)
+        roots = self.children[-1]
+        for node, value in zip(roots, logprobs[torch.tensor([self.tokens[n] for n in roots])].tolist()):
+            self._known(node, value)
+        self.open = [max(roots, key=self.cum.__getitem__)]  # the likeliest first token's subtree first
+
+    def _known(self, node: int, logp: float) -> None:
+        up = self.parent[node]
+        self.cum[node] = (self.cum[up] if up >= 0 else 0.0) + logp
+        for c in self.ends.get(node, ()):
+            if self.cum[node] > self.best or (self.cum[node] == self.best and c < self.best_c):
+                self.best, self.best_c = self.cum[node], c
+
+    def _subtree(self, node: int) -> list[int]:
+        """The nodes under `node` (itself included) to run for every candidate there to be
+        scored: those with children, and the leaves too when the state after the winner is wanted."""
+        out, todo = [], [node]
+        while todo:
+            n = todo.pop()
+            kids = self.children.get(n, [])
+            if kids or self.need_next:
+                out.append(n)
+            todo += kids
+        return sorted(out)  # a parent before its children
+
+    def wants(self) -> list[int]:
+        """The nodes to run next (each after its ancestors: run before, or earlier in the list);
+        none when the search is over. First the subtree of the likeliest first token, which
+        scores some complete candidates; then the subtrees of every node not run whose prefix
+        still reaches the best score, until none does."""
+        if not self.open:
+            self.open = [n for n in self.cum if n not in self.slot and self.cum[n] >= self.best
+                         and (self.children.get(n) or self.need_next)]
+        wanted = sorted({m for n in self.open for m in self._subtree(n)} - self.slot.keys())
+        self.open = []
+        if not wanted:
+            leaf = self.paths[self.best_c][-1]
+            return [leaf] if self.need_next and leaf not in self.after else []
+        return wanted
+
+    def ran(self, nodes: list[int], columns: list[int], logprobs: torch.Tensor) -> None:
+        """`nodes` ran at these cache columns (parents first), with these next-token log-probs."""
+        for node, column, row in zip(nodes, columns, logprobs):
+            self.slot[node], self.after[node] = column, row
+            kids = self.children.get(node, [])
+            if kids:
+                for kid, value in zip(kids, row[torch.tensor([self.tokens[k] for k in kids])].tolist()):
+                    self._known(kid, value)
+
+
+def _search_choices(model: Any, states: list[_State], candidates: list[list[int]],
+                    need_next: bool = True) -> list[tuple[int, _State]]:
+    """For each state, the candidate `_score_choice` picks by summed log-probs (the first of
+    equal scores) and the state after it, found without scoring every candidate: branch and
+    bound on the token trie, every row of a chunk in the same forward passes.
 
     A candidate's score is at most the summed log-prob of any prefix of it (each further token
-    adds a log-prob <= 0). So the likeliest path is followed down to a complete candidate first
-    (one node a pass), giving a score to beat; then, a trie level a pass, only the nodes whose
-    prefix still reaches that score run; every other candidate is bounded below it and cannot
-    win. A node runs with the prompt and its ancestors in view, at its depth's position (the
-    cache keeps every node run, each seeing only its own line), so its logits are those the
-    full trie pass gives. For the choices whose scores are not kept (a word's slot tag): a
-    tag's own tokens and the `", "` after it, over ~100 tags, are most of a full trie's nodes,
-    and a model sure of a word's tag leaves a few of them to run. The state's cache is used up.
+    adds a log-prob <= 0). So each row first runs the subtree of its likeliest first token,
+    which scores the candidates there; then the subtrees of the nodes whose prefix still reaches
+    the best score, until none does; every other candidate is bounded below it and cannot win.
+    A whole subtree runs in one pass (tree attention, as `_score_trie`): on a CPU a pass of a
+    few tokens costs what streaming the weights costs, so passes, not tokens, are what to save.
+    For the choices whose scores are not kept (a word's slot tag): a tag's tokens and the `", "`
+    after it, over ~60 tags, are most of a full trie's nodes, and a model sure of a word's tag
+    leaves a few subtrees to run, in two passes. The rows run together, as on one batch cache: each row's
+    prompt (right-padded to the longest), then the nodes run so far, a column each pass per row
+    (a row with fewer nodes pads its columns, seen by no one); a node sees its row's prompt and
+    its own ancestors, at its depth's position, so its logits are those the full trie pass gives;
+    a pass streams the weights once for the whole chunk. The states' caches are used up.
     """
     tokens, parent, depth, paths, lines = _token_trie(candidates)
     children: dict[int, list[int]] = {}
@@ -369,113 +434,121 @@ def _search_choice(model: Any, state: _State, candidates: list[list[int]],
     ends: dict[int, list[int]] = {}
     for c, path in enumerate(paths):
         ends.setdefault(path[-1], []).append(c)
-    past = state.length
-    cum: dict[int, float] = {}  # node -> summed log-prob of its prefix (known once its parent ran)
-    slot: dict[int, int] = {}  # node -> its place in the cache after the prompt
-    best, best_c = -math.inf, len(candidates)
-    cache = state.cache
-    after: dict[int, torch.Tensor] = {}  # node run -> the next-token log-probs after it
-
-    def known(node: int, logp: float) -> None:
-        nonlocal best, best_c
-        cum[node] = (cum[parent[node]] if parent[node] >= 0 else 0.0) + logp
-        for c in ends.get(node, ()):
-            if cum[node] > best or (cum[node] == best and c < best_c):
-                best, best_c = cum[node], c
-
-    def run(nodes: list[int]) -> torch.Tensor:
-        """Feed `nodes` (their ancestors already fed) in one pass; their next-token log-probs."""
-        nonlocal cache
-        fed = len(slot)
-        visible = torch.zeros((1, len(nodes), past + fed + len(nodes)), dtype=torch.bool)
-        visible[0, :, :past] = True
-        for k, node in enumerate(nodes):
-            slot[node] = fed + k
-            visible[0, k, [past + slot[j] for j in lines[node]]] = True
-        order = sorted(slot, key=slot.get)
-        q_pos = torch.tensor([[past + depth[n] for n in nodes]])
-        k_pos = torch.cat([torch.arange(past), torch.tensor([past + depth[n] for n in order], dtype=torch.long)])[None]
-        out = model(input_ids=torch.tensor([[tokens[n] for n in nodes]], device=model.device),
-                    past_key_values=cache, attention_mask=_masks(model, visible, q_pos, k_pos),
-                    use_cache=True, position_ids=q_pos.to(model.device))
+    trie = (tokens, parent, depth, paths, lines, children, ends)
+    rows = [_Search(trie, st.logprobs, need_next) for st in states]
+    pasts = [st.length for st in states]
+    width = max(pasts)
+    cache = _full_cache([(torch.cat([_pad_seq(st.cache.layers[k].keys, width) for st in states]),
+                          torch.cat([_pad_seq(st.cache.layers[k].values, width) for st in states]))
+                         for k in range(len(states[0].cache.layers))])
+    k_pos = torch.arange(width).expand(len(rows), width)
+    columns = 0  # node columns in the cache after the prompts
+    while wanted := [r.wants() for r in rows]:
+        if not any(wanted):
+            break
+        n = max(len(w) for w in wanted)
+        total = width + columns + n
+        visible = torch.zeros((len(rows), n, total), dtype=torch.bool)
+        q_pos = torch.zeros((len(rows), n), dtype=torch.long)
+        ids = torch.full((len(rows), n), tokens[0], dtype=torch.long)
+        for b, (row, nodes) in enumerate(zip(rows, wanted)):
+            visible[b, :, :pasts[b]] = True
+            here = {node: columns + k for k, node in enumerate(nodes)}  # this pass's columns
+            for k, node in enumerate(nodes):
+                ids[b, k], q_pos[b, k] = tokens[node], pasts[b] + depth[node]
+                visible[b, k, [width + (row.slot[j] if j in row.slot else here[j]) for j in lines[node]]] = True
+        k_pos = torch.cat([k_pos, q_pos], 1)
+        out = model(input_ids=ids.to(model.device), past_key_values=cache,
+                    attention_mask=_masks(model, visible, q_pos, k_pos), use_cache=True,
+                    position_ids=q_pos.to(model.device))
         cache = out.past_key_values
-        return torch.log_softmax(out.logits[0].float(), -1)
-
-    def expand(nodes: list[int]) -> list[int]:
-        """Run `nodes`; their children, now with known prefix scores."""
-        logp = run(nodes)
-        grown = []
-        for k, node in enumerate(nodes):
-            after[node] = logp[k]
-            kids = children.get(node, [])
-            values = logp[k, torch.tensor([tokens[j] for j in kids], dtype=torch.long)].tolist() if kids else []
-            for kid, value in zip(kids, values):
-                known(kid, value)
-                grown.append(kid)
-        return grown
-
-    roots = children[-1]
-    for node, value in zip(roots, state.logprobs[torch.tensor([tokens[j] for j in roots])].tolist()):
-        known(node, value)
-    node = max(roots, key=lambda n: cum[n])  # the likeliest path first: a score to beat
-    while children.get(node) and node not in ends:
-        node = max(expand([node]), key=lambda n: cum[n])
-    frontier = [n for n in cum if n not in slot and children.get(n)]
-    while frontier := [n for n in frontier if cum[n] >= best]:
-        frontier = [kid for kid in expand(frontier) if children.get(kid)]
-    if not need_next:
-        return best_c, _State(cache, past, state.logprobs)
-    path = paths[best_c]
-    if path[-1] not in after:  # the winner's last token has not run (it ends no longer candidate)
-        expand([path[-1]])
-    keep = torch.tensor(list(range(past)) + [past + slot[j] for j in path], device=model.device)
-    return best_c, _State(_map_cache(cache, lambda t: t.index_select(2, keep)), past + len(path), after[path[-1]])
+        for b, (row, nodes) in enumerate(zip(rows, wanted)):
+            if nodes:
+                row.ran(nodes, list(range(columns, columns + len(nodes))),
+                        torch.log_softmax(out.logits[b, :len(nodes)].float(), -1))
+        columns += n
+    picked = []
+    for b, (row, past) in enumerate(zip(rows, pasts)):
+        if not need_next:
+            picked.append((row.best_c, _State(states[b].cache, past, states[b].logprobs)))
+            continue
+        path = paths[row.best_c]
+        keep = torch.tensor(list(range(past)) + [width + row.slot[j] for j in path], device=model.device)
+        state = _State(_map_cache(cache, lambda t, b=b, keep=keep: t[b:b + 1].index_select(2, keep)),
+                       past + len(path), row.after[path[-1]])
+        picked.append((row.best_c, state))
+    return picked
 
 
-def _score_answer(model: Any, encode, program: Program, state: _State, lead: str, eos: int,
-                  length_normalized: bool, label_choices: frozenset[str] = frozenset(), search: bool = True
-                  ) -> tuple[list[int], int, dict[str, dict[str, float]]]:
-    """Choose every choice of the program in turn. Returns the picks, the answer's token count
-    and, for each choice named in `label_choices` (the label sub-tasks), its labels' log-probs.
+def _pad_seq(t: torch.Tensor, width: int) -> torch.Tensor:
+    """A (1, heads, seq, dim) cache tensor right-padded with zeros to `width` positions."""
+    return torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[2])) if t.shape[2] < width else t
+
+
+def _score_answers(model: Any, encode, programs: list[Program], states: list[_State], leads: list[str],
+                   eos: int, length_normalized: list[bool], label_choices: list[frozenset[str]],
+                   search: bool = True) -> list[tuple[list[int], int, dict[str, dict[str, float]]]]:
+    """Choose every choice of each row's program, the rows in step (choice k of every row, then
+    k + 1). Returns per row the picks, the answer's token count and, for each choice named in
+    its `label_choices` (the label sub-tasks), its labels' log-probs.
 
     Fixed scaffolding (`{"task1": "`) is forced as text; each candidate is scored with the fixed
     text that follows it, and EOS after the last choice; a whitespace-only lead joins the labels.
     A choice whose scores are not kept (not a label sub-task) and are plain sums is found by
-    branch and bound (`_search_choice`: the same pick) unless `search` is off (every candidate
-    scored, as the tests compare).
+    branch and bound, the rows that face the same candidates together (`_search_choices`: the
+    same pick); with `search` off every candidate is scored, one row at a time (the tests
+    compare the two).
     """
-    label_logprobs: dict[str, dict[str, float]] = {}
-    picks: list[int] = []
-    n_tokens = 0
-    pending = lead  # fixed text not yet fed
-    i = 0
-    while i < len(program):
-        seg = program[i]
-        if isinstance(seg, Fixed):
-            pending += seg.text
-            i += 1
-            continue
-        if pending and not pending.isspace():
-            ids = encode(pending)
-            state = _extend(model, state, ids)
-            n_tokens += len(ids)
-            pending = ""
-        after = program[i + 1].text if i + 1 < len(program) and isinstance(program[i + 1], Fixed) else ""
-        last = i + (2 if after else 1) >= len(program)
-        candidates = [encode(pending + opt + after) + ([eos] if last else []) for opt in seg.options]
-        if search and seg.name not in label_choices and not length_normalized:
-            index, state = _search_choice(model, state, candidates, need_next=not last)
-        else:
-            index, state, scores = _score_choice(model, state, candidates, length_normalized, need_next=not last)
-            if seg.name in label_choices:
-                label_logprobs[seg.name] = dict(zip(seg.values, _log_softmax(scores)))
-        picks.append(index)
-        n_tokens += len(candidates[index])
-        pending = ""
-        i += 2 if after else 1
-    if pending.strip():  # a program without choices (word tags of an empty input): nothing to ask
-        n_tokens += len(encode(pending))
-    return picks, n_tokens, label_logprobs
+    n = len(programs)
+    at, pending = [0] * n, list(leads)  # each row's next segment, and fixed text not yet fed
+    picks: list[list[int]] = [[] for _ in range(n)]
+    n_tokens, label_logprobs = [0] * n, [{} for _ in range(n)]
+    states = list(states)
+    active = list(range(n))
+    while active:
+        searched: dict[tuple, list[int]] = {}  # (candidates, last) -> rows
+        asked: dict[int, tuple[Choice, list[list[int]], bool]] = {}
+        for r in list(active):
+            program = programs[r]
+            while at[r] < len(program) and isinstance(program[at[r]], Fixed):
+                pending[r] += program[at[r]].text
+                at[r] += 1
+            if at[r] == len(program):  # a program without choices (word tags of an empty input)
+                if pending[r].strip():
+                    n_tokens[r] += len(encode(pending[r]))
+                active.remove(r)
+                continue
+            if pending[r] and not pending[r].isspace():
+                ids = encode(pending[r])
+                states[r] = _extend(model, states[r], ids)
+                n_tokens[r] += len(ids)
+                pending[r] = ""
+            seg, i = program[at[r]], at[r]
+            after = program[i + 1].text if i + 1 < len(program) and isinstance(program[i + 1], Fixed) else ""
+            last = i + (2 if after else 1) >= len(program)
+            candidates = [encode(pending[r] + opt + after) + ([eos] if last else []) for opt in seg.options]
+            asked[r] = (seg, candidates, last)
+            at[r] += 2 if after else 1
+            pending[r] = ""
+            if search and seg.name not in label_choices[r] and not length_normalized[r]:
+                searched.setdefault((tuple(map(tuple, candidates)), last), []).append(r)
+            else:
+                index, states[r], scores = _score_choice(model, states[r], candidates, length_normalized[r],
+                                                         need_next=not last)
+                if seg.name in label_choices[r]:
+                    label_logprobs[r][seg.name] = dict(zip(seg.values, _log_softmax(scores)))
+                picks[r].append(index)
+                n_tokens[r] += len(candidates[index])
+        for (_, last), rows in searched.items():
+            for r, (index, state) in zip(rows, _search_choices(model, [states[r] for r in rows], asked[rows[0]][1],
+                                                               need_next=not last)):
+                states[r] = state
+                picks[r].append(index)
+                n_tokens[r] += len(asked[r][1][index])
+        for r in list(active):
+            if at[r] >= len(programs[r]) and r in asked:  # its last choice made
+                active.remove(r)
+    return list(zip(picks, n_tokens, label_logprobs))
 
 
 # --- strategy "greedy": a character automaton walked token by token -------------------------
@@ -845,16 +918,15 @@ def constrained_answers(model: Any, tokenizer: Any, items: list[dict[str, Any]],
             raise ValueError("calibration corrects the scores of one label choice: it needs strategy score, "
                              "a single-label task and a chat template whose answer lead is whitespace")
         states = prefill(model, prompts, pad)
-        for item, prompt, state, program, lead in zip(items, prompts, states, programs, leads):
-            answer: dict[str, Any] = {"n_prompt_tokens": len(prompt)}
-            if strategy == "score":
-                label_choices = frozenset(s.name for s in get_task(item["task"]).subtasks if s.type == "label")
-                picks, answer["n_output_tokens"], answer["label_logprobs"] = _score_answer(
-                    model, encode, program, state, lead, eos,
-                    bool((item.get("decoding") or {}).get("length_normalized")), label_choices)
-                answer["raw_output"] = render_answer(program, picks)
-            else:
-                text, answer["n_output_tokens"] = _greedy_answer(model, _vocab(tokenizer), program, state, eos)
-                answer["raw_output"] = text.strip()
-            answers.append(answer)
+        if strategy == "score":
+            chosen = _score_answers(
+                model, encode, programs, states, leads, eos,
+                [bool((it.get("decoding") or {}).get("length_normalized")) for it in items],
+                [frozenset(s.name for s in get_task(it["task"]).subtasks if s.type == "label") for it in items])
+            return [{"n_prompt_tokens": len(prompt), "n_output_tokens": n_out, "label_logprobs": logprobs,
+                     "raw_output": render_answer(program, picks)}
+                    for prompt, program, (picks, n_out, logprobs) in zip(prompts, programs, chosen)]
+        for prompt, state, program in zip(prompts, states, programs):
+            text, n_out = _greedy_answer(model, _vocab(tokenizer), program, state, eos)
+            answers.append({"n_prompt_tokens": len(prompt), "n_output_tokens": n_out, "raw_output": text.strip()})
     return answers
