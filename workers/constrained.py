@@ -356,7 +356,7 @@ class _Search:
         self.need_next = need_next
         self.cum: dict[int, float] = {}  # node -> summed log-prob of its prefix (known once its parent ran)
         self.slot: dict[int, int] = {}  # node run -> its column in the cache after the prompts
-        self.after: dict[int, torch.Tensor] = {}  # node run -> the next-token log-probs after it
+        self.after: dict[int, torch.Tensor] = {}  # node run -> the next-token logits after it
         self.best, self.best_c = -math.inf, len(self.paths)
         roots = self.children[-1]
         for node, value in zip(roots, logprobs[torch.tensor([self.tokens[n] for n in roots])].tolist()):
@@ -397,14 +397,16 @@ class _Search:
             return [leaf] if self.need_next and leaf not in self.after else []
         return wanted
 
-    def ran(self, nodes: list[int], columns: list[int], logprobs: torch.Tensor) -> None:
-        """`nodes` ran at these cache columns (parents first), with these next-token log-probs."""
-        for node, column, row in zip(nodes, columns, logprobs):
+    def ran(self, nodes: list[int], columns: list[int], logits: torch.Tensor, lse: torch.Tensor) -> None:
+        """`nodes` ran at these cache columns (parents first), with these next-token logits and
+        their logsumexp: a log-prob is a logit minus it, so only the winner's whole row of
+        log-probs is ever made (`after`)."""
+        for node, column, row, norm in zip(nodes, columns, logits, lse.tolist()):
             self.slot[node], self.after[node] = column, row
             kids = self.children.get(node, [])
             if kids:
                 for kid, value in zip(kids, row[torch.tensor([self.tokens[k] for k in kids])].tolist()):
-                    self._known(kid, value)
+                    self._known(kid, value - norm)
 
 
 def _search_choices(model: Any, states: list[_State], candidates: list[list[int]],
@@ -462,10 +464,11 @@ def _search_choices(model: Any, states: list[_State], candidates: list[list[int]
                     attention_mask=_masks(model, visible, q_pos, k_pos), use_cache=True,
                     position_ids=q_pos.to(model.device))
         cache = out.past_key_values
+        logits = out.logits.float()
+        lse = torch.logsumexp(logits, -1)
         for b, (row, nodes) in enumerate(zip(rows, wanted)):
             if nodes:
-                row.ran(nodes, list(range(columns, columns + len(nodes))),
-                        torch.log_softmax(out.logits[b, :len(nodes)].float(), -1))
+                row.ran(nodes, list(range(columns, columns + len(nodes))), logits[b, :len(nodes)], lse[b, :len(nodes)])
         columns += n
     picked = []
     for b, (row, past) in enumerate(zip(rows, pasts)):
@@ -475,7 +478,7 @@ def _search_choices(model: Any, states: list[_State], candidates: list[list[int]
         path = paths[row.best_c]
         keep = torch.tensor(list(range(past)) + [width + row.slot[j] for j in path], device=model.device)
         state = _State(_map_cache(cache, lambda t, b=b, keep=keep: t[b:b + 1].index_select(2, keep)),
-                       past + len(path), row.after[path[-1]])
+                       past + len(path), torch.log_softmax(row.after[path[-1]], -1))
         picked.append((row.best_c, state))
     return picked
 
