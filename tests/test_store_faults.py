@@ -22,7 +22,7 @@ from tests.faultproxy import S3_FAULTS, FaultProxy
 GRID = {
     "name": "faults",
     "models": [{"name": "base", "source": "tiny:llama", "family": "decoder", "prompt_format": "chat"}],
-    "tasks": ["fpb-sentiment", "fomc-stance"], "shots": [0], "finetune": ["none", "lora"],
+    "tasks": ["fpb-sentiment"], "shots": [0], "finetune": ["none", "lora"],
     "decoding": {"mode": "constrained"}, "limits": {"test": 8, "train": 32}, "text_budget": 48,
     "inference": {"batch_size": 4},
     "recipes": {"decoder/lora": {"hparams": {"max_steps": 4, "batch_size": 4, "lr": 0.01,
@@ -37,8 +37,7 @@ def test_a_grid_survives_faults_on_the_store(s3, tmp_path):
     config = tmp_path / "grid.yaml"
     config.write_text(yaml.safe_dump(GRID))
     plan = build_plan(load_config(config))
-    victim = next(c for c in plan.cells if c.kind == "infer" and c.model == "base" and c.finetune == "none"
-                  and c.task == "fomc-stance")
+    victim = next(c for c in plan.cells if c.kind == "infer" and c.model == "base" and c.finetune == "none")
     clean = run_cli("grid/run.py", str(config), "--results", s3.uri("faults-clean"), "--num-cpus", "2")
     assert clean.returncode == 0, clean.stderr[-3000:]
 
