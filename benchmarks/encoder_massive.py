@@ -19,12 +19,15 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
 for _var, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_var, _value)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.common
 
+from benchmarks.common import write_figures  # noqa: E402
 from grid.data import label_sets, load_split  # noqa: E402
 from grid.jobs import (  # noqa: E402
     ENCODER_HPARAMS,
@@ -74,7 +77,7 @@ def main() -> None:
     hparams = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                "warmup_ratio": args.warmup_ratio, "max_length": args.max_length, "log_every_steps": 60}
     results: dict[str, dict] = {}
-    t_all = time.perf_counter()
+    t_all, started = time.perf_counter(), time.time()
     for task_name in args.tasks:
         t0 = time.perf_counter()
         job_hparams = dict(hparams)
@@ -121,8 +124,10 @@ def main() -> None:
             print(f"two-head minus single-head {key}: {a - b:+.2f} points")
     print(f"total wall time {time.perf_counter() - t_all:.0f} s")
     out = Path(args.out) / "results.json"
-    out.write_text(json.dumps({"hparams": hparams, "results": results, "gaps": gaps}, indent=1, default=str))
+    record = json.loads(json.dumps({"hparams": hparams, "results": results, "gaps": gaps}, default=str))
+    out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out}")
+    write_figures("encoder_massive", record, started)  # a study's figures: no claim rows in the table
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ the `test` extra), so the figure is the cost of the S3 protocol and of the extra
 (checkpoints and the model uploaded, the model downloaded into the node cache), not of a
 network. Prints each run's wall time, the medians, the extra seconds per cell, and the seconds the
 S3 runs spent publishing and fetching models (workers/artifacts.py's log lines; Ray Train's own
-checkpoint uploads are not in them).
+checkpoint uploads are not in them). Figures go to reports/benchmarks/object_store_overhead.json.
 
-Run:  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python benchmarks/object_store_overhead.py [--reps 2]
+Run:  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python benchmarks/object_store_overhead.py [--reps 3]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import claim, write_figures  # noqa: E402
 from tests.s3server import start_s3  # noqa: E402
 from tests.test_object_store import FINETUNE_GRID  # noqa: E402
 
@@ -48,8 +49,9 @@ def run(config: Path, results: str, env: dict[str, str]) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
+    started = time.time()
     s3 = start_s3()
     env = {**os.environ, **s3.env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
@@ -69,6 +71,17 @@ def main() -> None:
     local, remote = statistics.median(times["local"]), statistics.median(times["s3"])
     print(f"median of {args.reps}: local {local:.1f}s, s3 {remote:.1f}s ({CELLS} cells); "
           f"extra per cell on S3: {(remote - local) / CELLS:+.1f}s ({remote / local:.2f}x the local run)")
+    runs = f"{args.reps} alternating runs each, {CELLS} cells, a fresh grid/run.py and local Ray per run"
+    write_figures("object_store_overhead", {
+        "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
+        "model_copies_s": [round(x, 2) for x in copies],
+        "claims": [claim("extra wall time per cell with results on S3 (moto on loopback) instead of a local dir",
+                         (remote - local) / CELLS, "s", "printed (no goal)", None,
+                         f"local runs {min(times['local']):.1f}-{max(times['local']):.1f} s, S3 runs "
+                         f"{min(times['s3']):.1f}-{max(times['s3']):.1f} s; {runs}"),
+                   claim("S3 run's wall time over the local run's", remote / local, "x", "printed (no goal)", None,
+                         f"medians {remote:.1f} s and {local:.1f} s; model uploads and downloads "
+                         f"{statistics.median(copies):.2f} s of the S3 run")]}, started)
 
 
 if __name__ == "__main__":
