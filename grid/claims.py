@@ -363,33 +363,37 @@ def _claim_files(store: Store) -> ClaimFiles | None:
 
 
 def announce_alone(store: Store, me: dict[str, Any], stale_after: float) -> str:
-    """On a store without conditional writes: refuse to start beside another live driver, then
-    announce this one (`drivers/<id>.json`, refreshed by the heartbeat). Two drivers started in the
-    same second can still both pass; the README says to use one prefix per driver there."""
+    """On a store without conditional writes: announce this driver (`drivers/<id>.json`,
+    refreshed by the heartbeat), then refuse to go on beside a live one announced before it or in
+    the same second. Ages are read by the store's clock (the other announcements' mtimes against
+    our own's, just written), so the drivers' clocks need not agree; two drivers that start in
+    the same second both refuse (safe: neither runs a cell twice, and each says why)."""
     import pyarrow.fs as pafs
 
     folder = posixpath.join(store.root, DRIVERS_DIR)
-    store.fs.create_dir(folder, recursive=True)
+    path = posixpath.join(folder, f"{me['driver']}.json")
+    try:
+        store.fs.create_dir(folder, recursive=True)
+        with store.fs.open_output_stream(path) as out:
+            out.write(json.dumps({**me, "since": time.time()}).encode())
+        now = store.fs.get_file_info(path).mtime
+    except OSError as exc:
+        raise GridError(f"results dir {store.uri}: cannot write {path}: {exc}") from None
     for info in store.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
-        if not info.base_name.endswith(".json") or info.mtime is None:
+        if info.path == path or not info.base_name.endswith(".json") or info.mtime is None:
             continue
-        age = time.time() - info.mtime.timestamp()
-        if age < stale_after:
+        age = (now - info.mtime).total_seconds()
+        if 0 <= age < stale_after:  # announced before us, or in the same second of the store's clock
             try:
                 with store.fs.open_input_stream(info.path) as fh:
                     other = json.loads(fh.read())
             except (OSError, json.JSONDecodeError):
                 other = {}
+            store.fs.delete_file(path)
             raise GridError(
                 f"results dir {store.uri}: another driver ({other.get('host', '?')}, pid {other.get('pid', '?')}) "
                 f"is running on it (seen {age:.0f} s ago), and this store cannot write conditionally, so two "
                 "drivers cannot be kept apart: wait for it to finish, or give this run its own --results prefix")
-    path = posixpath.join(folder, f"{me['driver']}.json")
-    try:
-        with store.fs.open_output_stream(path) as out:
-            out.write(json.dumps({**me, "since": time.time()}).encode())
-    except OSError as exc:
-        raise GridError(f"results dir {store.uri}: cannot write {path}: {exc}") from None
     log.warning("results dir %s cannot write conditionally: cells are not claimed, and a second driver "
                 "on it will be refused while this one runs", store.uri)
     return path
