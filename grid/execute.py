@@ -115,7 +115,7 @@ def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCe
     rows = test_rows(cell, data_dir)
     labels = label_sets(task, data_dir)
     warn_unseen_test_labels(task, data_dir)  # once per task: test labels no train row has
-    if cell.family == "encoder":
+    if not FAMILIES[cell.family].prompted:  # an encoder reads the bare text
         items = [{"example_id": r["example_id"], "text": r["text"], "words": r["words"]} for r in rows]
         return PreparedCell(cell, rows, items, labels)
     builder = _prompt_builder(cell.task, data_dir, cell.text_budget, cell.sampler,
@@ -123,7 +123,7 @@ def prepare_cell(cell: Cell, data_dir: str | None, tokenizer: Any) -> PreparedCe
     calibration = (cell.decoding or {}).get("calibration", "none")
 
     def as_text(prompt: Prompt) -> str:
-        return prompt.as_text(cell.prompt_format, tokenizer) if cell.family == "decoder" else prompt.user
+        return prompt.as_text(cell.prompt_format, tokenizer) if FAMILIES[cell.family].templated else prompt.user
 
     items = []
     for r in rows:
@@ -280,7 +280,8 @@ def run_inference_group(
     from workers.predict import Predictor
 
     tokenizer = None
-    if spec["family"] == "decoder" and any(c.prompt_format == "chat" or c.budget_unit == "tokens" for c in cells):
+    if FAMILIES[spec["family"]].templated and any(c.prompt_format == "chat" or c.budget_unit == "tokens"
+                                                  for c in cells):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(fetch(spec["path"]))
@@ -344,7 +345,7 @@ def run_finetune(cell: Cell, store: Store, data_dir: str | None, retries: int) -
     start_from = store.cell_uri(cell.depends_on, "model") if cell.depends_on else portable(cell.source)
     job = FinetuneJob(
         model=start_from, family=cell.family, task=cell.task, mode=cell.finetune,
-        shots=cell.shots, prompt_format=cell.prompt_format if cell.family == "decoder" else "plain",
+        shots=cell.shots, prompt_format=cell.prompt_format if FAMILIES[cell.family].templated else "plain",
         text_budget=cell.text_budget, text_budget_unit=cell.budget_unit or "words",
         sampler=cell.sampler, seed=cell.seed,
         train_limit=recipe.get("train_limit") or cell.limits.get("train"),

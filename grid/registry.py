@@ -24,6 +24,12 @@ class FamilyInfo:
     prompted: bool  # reads prompts and answers in text; else answers from its heads (decodings ignored)
     trainer: str | None  # runs a FinetuneJob (grid/jobs.py) and returns its metrics
     answerer: str | None = None  # answers without a backend (its own heads): built from the model spec
+    # its weights are loaded by the grid's own workers (its size counts, it may take a GPU); else
+    # a hosted model behind an API
+    local_weights: bool = True
+    # its prompt is rendered in the cell's prompt format with its own tokenizer's chat template;
+    # else it is sent the prompt's text as the user message (an API applies its own template)
+    templated: bool = False
 
 
 @dataclass(frozen=True)
@@ -38,10 +44,11 @@ class BackendInfo:
 
 FAMILIES: dict[str, FamilyInfo] = {
     "decoder": FamilyInfo(backends=("transformers", "vllm", "litellm"), finetune_modes=("none", "full", "lora"),
-                          shots=None, prompted=True, trainer="workers.train_decoder:run"),
+                          shots=None, prompted=True, trainer="workers.train_decoder:run", templated=True),
     "encoder": FamilyInfo(backends=("transformers",), finetune_modes=("full",), shots=(0,), prompted=False,
                           trainer="workers.train_encoder:run", answerer="workers.predict:EncoderBackend.from_spec"),
-    "api": FamilyInfo(backends=("litellm",), finetune_modes=("none",), shots=None, prompted=True, trainer=None),
+    "api": FamilyInfo(backends=("litellm",), finetune_modes=("none",), shots=None, prompted=True, trainer=None,
+                      local_weights=False),
 }
 
 BACKENDS: dict[str, BackendInfo] = {

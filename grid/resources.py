@@ -55,6 +55,7 @@ from pathlib import Path
 from grid.config import GridConfig
 from grid.jobs import placement_strategy
 from grid.plan import Cell, Plan
+from grid.registry import FAMILIES
 from grid.search import trial_budget
 
 GPU_TYPES = {
@@ -132,7 +133,7 @@ def task_size(cell: Cell, data_dir: str | None = None) -> TaskSize:
 
 def prompt_tokens(cell: Cell, size: TaskSize) -> float:
     """Tokens of one prompt: instructions, label list, the shots' texts and answers, the input."""
-    if cell.family == "encoder":
+    if not FAMILIES[cell.family].prompted:  # an encoder reads the bare text
         return size.text_tokens
     return (PROMPT_OVERHEAD + TOKENS_PER_LABEL * size.n_labels
             + (cell.shots + 1) * size.text_tokens + cell.shots * size.answer_tokens)
@@ -229,7 +230,7 @@ def estimate(plan: Plan, config: GridConfig, data_dir: str | None = None, gpu: s
             continue
         spec = specs.get(cell.model)
         n_params = model_params(cell.source, cell.model)
-        if n_params is None and cell.family != "api":
+        if n_params is None and FAMILIES[cell.family].local_weights:
             unknown.add(cell.model)
         size = task_size(cell, data_dir)
         if cell.kind == "finetune":
@@ -242,7 +243,7 @@ def estimate(plan: Plan, config: GridConfig, data_dir: str | None = None, gpu: s
             max_len = hp.get("max_length") or 512
             n_train = min(size.n_train, recipe.get("train_limit") or size.n_train)
             search = trial_budget(cell, n_train) if recipe.get("search") else None
-            if cell.family == "encoder":
+            if not FAMILIES[cell.family].prompted:  # an encoder: epochs over the bare texts
                 epochs = search["epochs"] if search else hp.get("epochs") or _paper_epochs(cell.task)
                 tokens = epochs * n_train * min(size.text_tokens, max_len)
             else:
@@ -271,15 +272,15 @@ def estimate(plan: Plan, config: GridConfig, data_dir: str | None = None, gpu: s
         g = groups.get(cell.model)
         if g is None:
             inf = config.inference_for(config.model(cell.model))
-            per_actor = {"CPU": inf.num_cpus, "GPU": 0 if cell.family == "api" else inf.num_gpus}
+            per_actor = {"CPU": inf.num_cpus, "GPU": inf.num_gpus if FAMILIES[cell.family].local_weights else 0}
             g = groups[cell.model] = InferenceGroup(cell.model, cell.family, cell.backend,
                                                    inf.concurrency, per_actor)
         g.cells += 1
         g.examples += size.n_test
-        out_tokens = (cell.decoding or {}).get("max_new_tokens", 0) if cell.family != "encoder" else 0
+        out_tokens = (cell.decoding or {}).get("max_new_tokens", 0) if FAMILIES[cell.family].prompted else 0
         tokens = size.n_test * (prompt_tokens(cell, size) + out_tokens)
         g.tokens += tokens
-        if cell.family == "api" or g.per_actor["GPU"] <= 0:
+        if not FAMILIES[cell.family].local_weights or g.per_actor["GPU"] <= 0:
             continue
         if n_params is None:
             g.gpu_hours = None
@@ -366,7 +367,7 @@ def resources_tables(est: Estimate):
     inf = pl.DataFrame([{"model": g.model, "backend": g.backend, "actors": g.actors,
                          "per actor": f"{{GPU: {g.per_actor['GPU']:g}, CPU: {g.per_actor['CPU']:g}}}",
                          "cells": g.cells, "examples": g.examples, "Mtokens": round(g.tokens / 1e6, 1),
-                         "GPU-hours": "0 (API)" if g.family == "api" else _fmt_hours(g.gpu_hours)}
+                         "GPU-hours": _fmt_hours(g.gpu_hours) if FAMILIES[g.family].local_weights else "0 (API)"}
                         for g in est.inference])
     line = (f"GPU-hours ({est.gpu}): fine-tune {est.finetune_gpu_hours:,.1f} in {len(est.placement_groups)} "
             f"placement groups (largest {est.max_group_gpus:g} GPUs), inference {est.inference_gpu_hours:,.1f}, "
