@@ -44,12 +44,14 @@ log = logging.getLogger("clfgrid.claims")
 CLAIM_FILE = "claim.json"
 DRIVERS_DIR = "drivers"
 ATTEMPTS = 5  # each S3 request of a claim, retried by botocore
+# the owner of a claim file that is not JSON (being written on a disk; not written by this code)
+UNKNOWN_OWNER = {"host": "?", "pid": -1, "driver": "?"}
 
 
 @dataclass
 class Seen:
     """A claim as read: its owner, seconds since its last refresh, and the version a conditional
-    write must match (an ETag on S3; on a disk, the file's identity)."""
+    write must match (an ETag on S3; on a disk, the nonce in its body)."""
 
     owner: dict[str, Any]
     age: float
@@ -132,7 +134,7 @@ def _read_file(path: Path) -> Seen | None:
     try:
         owner = json.loads(text)
     except json.JSONDecodeError:  # being written: it is someone's, and fresh
-        owner = {"host": "?", "pid": -1, "driver": "?"}
+        owner = dict(UNKNOWN_OWNER)
     return Seen(owner, time.time() - stat.st_mtime, owner.get("nonce"))
 
 
@@ -165,7 +167,7 @@ class S3Claims:
         try:
             return self.s3.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(body).encode(), **condition)["ETag"]
         except ClientError as exc:
-            if _precondition_failed(exc):
+            if _error_code(exc) in PRECONDITION_FAILED:
                 # also when a retry of our own write found it done: the caller reads the claim back
                 return None
             raise
@@ -180,14 +182,14 @@ class S3Claims:
         try:
             got = self.s3.get_object(Bucket=self.bucket, Key=self.key(cell_id))
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            if _error_code(exc) in MISSING:
                 return None
             raise
         text = got["Body"].read()
         try:
             owner = json.loads(text)
         except json.JSONDecodeError:  # not a claim this code wrote: someone's, of unknown age
-            owner = {"host": "?", "pid": -1, "driver": "?"}
+            owner = dict(UNKNOWN_OWNER)
         now = parsedate_to_datetime(got["ResponseMetadata"]["HTTPHeaders"]["date"])
         return Seen(owner, (now - got["LastModified"]).total_seconds(), got["ETag"])
 
@@ -201,7 +203,7 @@ class S3Claims:
         try:
             self.s3.delete_object(Bucket=self.bucket, Key=self.key(cell_id), IfMatch=version)
         except ClientError as exc:
-            if not _precondition_failed(exc) and exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+            if _error_code(exc) not in PRECONDITION_FAILED | MISSING:
                 raise
 
     def _ours(self, cell_id: str, body: dict[str, Any]) -> Any | None:
@@ -237,10 +239,15 @@ def _log_retry(attempts: int, operation: Any = None, response: Any = None, caugh
                 ATTEMPTS, reason, then)
 
 
-def _precondition_failed(exc: Exception) -> bool:
-    error = getattr(exc, "response", {}).get("Error", {})
-    # 409 ConditionalRequestConflict: a concurrent conditional write to the same key won
-    return error.get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+# A conditional write refused (409 ConditionalRequestConflict: a concurrent conditional write to
+# the same key won), and an object that is not there.
+PRECONDITION_FAILED = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+MISSING = frozenset({"NoSuchKey", "404"})
+
+
+def _error_code(exc: Exception) -> str | None:
+    """The S3 error code of a botocore ClientError."""
+    return getattr(exc, "response", {}).get("Error", {}).get("Code")
 
 
 class Claims:
@@ -316,7 +323,10 @@ class Claims:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.beat_every):
             if self._alone is not None:
-                _write_json(self.store, self._alone, self._body())
+                try:
+                    _write_json(self.store, self._alone, self._body())
+                except OSError as exc:  # retried at the next beat
+                    log.warning("could not refresh %s (%s)", self._alone, exc)
                 continue
             with self._lock:
                 held = dict(self.held)
@@ -374,8 +384,7 @@ def announce_alone(store: Store, me: dict[str, Any], stale_after: float) -> str:
     path = posixpath.join(folder, f"{me['driver']}.json")
     try:
         store.fs.create_dir(folder, recursive=True)
-        with store.fs.open_output_stream(path) as out:
-            out.write(json.dumps({**me, "since": time.time()}).encode())
+        _write_json(store, path, {**me, "since": time.time()})
         now = store.fs.get_file_info(path).mtime
     except OSError as exc:
         raise GridError(f"results dir {store.uri}: cannot write {path}: {exc}") from None
@@ -400,11 +409,9 @@ def announce_alone(store: Store, me: dict[str, Any], stale_after: float) -> str:
 
 
 def _write_json(store: Store, path: str, body: dict[str, Any]) -> None:
-    try:
-        with store.fs.open_output_stream(path) as out:
-            out.write(json.dumps(body).encode())
-    except OSError as exc:  # retried at the next beat
-        log.warning("could not refresh %s (%s)", path, exc)
+    """A small JSON object, written whole (one object on an object store)."""
+    with store.fs.open_output_stream(path) as out:
+        out.write(json.dumps(body).encode())
 
 
 def _alive(pid: int) -> bool:
