@@ -114,16 +114,16 @@ class Store:
             fs, root = filesystem(text)
         except (pa.ArrowInvalid, OSError) as exc:
             raise GridError(f"results dir {text}: {exc}") from None
-        cells = posixpath.join(root, "cells")
+        store, cells = cls(fs=fs, root=root, uri=text), posixpath.join(root, "cells")
         if create:
             try:
                 fs.create_dir(cells, recursive=True)
             except OSError as exc:  # a file where the folder should be, no permission, ...
                 raise GridError(f"results dir {text}: cannot create {cells}: {exc.strerror or exc}") from None
-            cls(fs=fs, root=root, uri=text).check_writable()
+            store.check_writable()
         elif fs.get_file_info(cells).type != pafs.FileType.Directory:
             raise GridError(f"results dir {text} has no cells/ folder: no grid has run there")
-        return cls(fs=fs, root=root, uri=text)
+        return store
 
     def check_writable(self) -> None:
         """Fail before any work where no file can be written (a read-only mount or bucket, no

@@ -37,7 +37,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from grid.errors import GridError
-from grid.sources import is_local_path
+from grid.sources import gguf_file, is_local_path
 from grid.uris import filesystem, is_remote
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -112,7 +112,7 @@ def fetch(uri: str) -> str:
     if not is_remote(uri):
         text = str(uri)
         # a local folder (a grid-made model, an encoder's own format too) is read as it is
-        return text if is_local_path(text) and not text.endswith(".gguf") else resolve(text)
+        return text if is_local_path(text) and gguf_file(text) is None else resolve(text)
 
     fs, path = filesystem(uri)
     try:
