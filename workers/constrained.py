@@ -513,7 +513,7 @@ def _score_answers(model: Any, encode, programs: list[Program], states: list[_St
     active = list(range(n))
     while active:
         searched: dict[tuple, list[int]] = {}  # (candidates, last) -> rows
-        asked: dict[int, tuple[Choice, list[list[int]], bool]] = {}
+        asked: dict[int, list[list[int]]] = {}  # row -> the candidates of its choice now
         for r in list(active):
             program = programs[r]
             while at[r] < len(program) and isinstance(program[at[r]], Fixed):
@@ -533,9 +533,11 @@ def _score_answers(model: Any, encode, programs: list[Program], states: list[_St
             after = program[i + 1].text if i + 1 < len(program) and isinstance(program[i + 1], Fixed) else ""
             last = i + (2 if after else 1) >= len(program)
             candidates = [encode(pending[r] + opt + after) + ([eos] if last else []) for opt in seg.options]
-            asked[r] = (seg, candidates, last)
+            asked[r] = candidates
             at[r] += 2 if after else 1
             pending[r] = ""
+            if last:  # its last choice, made below
+                active.remove(r)
             if search and seg.name not in label_choices[r] and not length_normalized[r]:
                 searched.setdefault((tuple(map(tuple, candidates)), last), []).append(r)
             else:
@@ -546,14 +548,11 @@ def _score_answers(model: Any, encode, programs: list[Program], states: list[_St
                 picks[r].append(index)
                 n_tokens[r] += len(candidates[index])
         for (_, last), rows in searched.items():
-            for r, (index, state) in zip(rows, _search_choices(model, [states[r] for r in rows], asked[rows[0]][1],
+            for r, (index, state) in zip(rows, _search_choices(model, [states[r] for r in rows], asked[rows[0]],
                                                                need_next=not last)):
                 states[r] = state
                 picks[r].append(index)
-                n_tokens[r] += len(asked[r][1][index])
-        for r in list(active):
-            if at[r] >= len(programs[r]) and r in asked:  # its last choice made
-                active.remove(r)
+                n_tokens[r] += len(asked[r][index])
     return list(zip(picks, n_tokens, label_logprobs))
 
 
