@@ -353,46 +353,40 @@ def test_a_results_path_that_is_a_symlink_loop_is_one_line(tmp_path):
         assert proc.returncode == 2 and len(lines) == 1 and "symlink loop" in lines[0], proc.stderr[-2000:]
 
 
-def test_a_damaged_predictions_file_is_named_by_status_and_left_out_of_a_report(tmp_path):
-    """A finished cell's predictions file damaged after it was written (writes are atomic): `grid
-    status` names it, and a report leaves the cell out and says so, instead of failing on it (the
-    next run does it again: tests/test_grid_engine.py)."""
-    import shutil
-
-    good = Path(__file__).resolve().parent.parent / "reports" / "merge-study" / "probe" / "results"
-    results = tmp_path / "results"
-    shutil.copytree(good, results)
-    victim = sorted(p.name for p in (results / "cells").iterdir())[0]
-    (results / "cells" / victim / "predictions.parquet").write_bytes(b"")
-    status = run_cli("-m", "grid", "status", str(results))
-    assert status.returncode == 0, status.stderr
-    assert ("1 finished cells have a damaged predictions file" in status.stdout
-            and f"cells/{victim}/predictions.parquet: not a parquet file (0 bytes)" in status.stdout), status.stdout
-    report = run_cli("-m", "grid", "report", str(results), "--out", str(tmp_path / "report"), "--n-boot", "50")
-    assert report.returncode == 0, report.stderr[-2000:]
-    model = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert victim not in json.dumps(model["rows"]) and "1 finished cells left out" in model["summary"]
+def _empty_predictions(cell: Path) -> list[str]:
+    """A predictions file damaged after it was written (writes are atomic; the next run does the
+    cell again: tests/test_grid_engine.py). What `grid status` must say."""
+    (cell / "predictions.parquet").write_bytes(b"")
+    return ["1 finished cells have a damaged predictions file",
+            f"cells/{cell.name}/predictions.parquet: not a parquet file (0 bytes)"]
 
 
-def test_a_metric_that_is_not_a_number_is_named_by_status_and_left_out_of_a_report(tmp_path):
-    """A finished cell whose cell.json holds a metric that is not a number (edited by hand, or
-    damaged): `grid status` names the file and the metric, and a report leaves the cell out and
-    says so; before, the value vanished from both without a word."""
-    import shutil
-
-    good = Path(__file__).resolve().parent.parent / "reports" / "merge-study" / "probe" / "results"
-    results = tmp_path / "results"
-    shutil.copytree(good, results)
-    victim = sorted(p.name for p in (results / "cells").iterdir())[0]
-    path = results / "cells" / victim / "cell.json"
+def _metric_not_a_number(cell: Path) -> list[str]:
+    """A cell.json whose metric is not a number (edited by hand, or damaged); before, the value
+    vanished from status and report without a word."""
+    path = cell / "cell.json"
     record = json.loads(path.read_text())
     metric = next(k for k in record["metrics"] if k.endswith("/accuracy"))
     record["metrics"][metric] = "high"
     path.write_text(json.dumps(record))
+    return ["1 finished cells have a metric that is not a number",
+            f"cells/{cell.name}/cell.json: metric {metric} is 'high', not a number"]
+
+
+@pytest.mark.parametrize("damage", [_empty_predictions, _metric_not_a_number])
+def test_a_damaged_finished_cell_is_named_by_status_and_left_out_of_a_report(tmp_path, damage):
+    """A finished cell damaged after it was written: `grid status` names the file and what is
+    wrong, and a report leaves the cell out and says so, instead of failing on it."""
+    import shutil
+
+    good = Path(__file__).resolve().parent.parent / "reports" / "merge-study" / "probe" / "results"
+    results = tmp_path / "results"
+    shutil.copytree(good, results)
+    victim = sorted(p.name for p in (results / "cells").iterdir())[0]
+    says = damage(results / "cells" / victim)
     status = run_cli("-m", "grid", "status", str(results))
     assert status.returncode == 0, status.stderr
-    assert ("1 finished cells have a metric that is not a number" in status.stdout
-            and f"cells/{victim}/cell.json: metric {metric} is 'high', not a number" in status.stdout), status.stdout
+    assert all(line in status.stdout for line in says), status.stdout
     report = run_cli("-m", "grid", "report", str(results), "--out", str(tmp_path / "report"), "--n-boot", "50")
     assert report.returncode == 0, report.stderr[-2000:]
     model = json.loads((tmp_path / "report" / "report.json").read_text())
