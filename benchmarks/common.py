@@ -109,3 +109,19 @@ def claim(what: str, value: float, unit: str, goal: str, met: bool | None, basel
     mark = "    " if met is None else "MET " if met else "MISS"
     print(f"{mark} {what}: {value:.3g} {unit} (goal {goal}){'; vs ' + baseline if baseline else ''}")
     return {"claim": what, "value": value, "unit": unit, "goal": goal, "met": met, "baseline": baseline}
+
+
+def engine_answers(backend: Any, prepared: Any, batch_size: int) -> list[str]:
+    """A prepared cell's answers the engine's way (grid.execute.chunk_rows: length-grouped chunks
+    of `batch_size`, each through the backend), put back in test order: the path a benchmark
+    times against its baseline. Each call pays for its own shared prompt prefix, as a new cell
+    would."""
+    from grid.execute import chunk_rows, in_cell_order
+    from workers import constrained
+
+    constrained._PREFIXES.clear()
+    chunks, indices = {}, {}
+    for row in chunk_rows([prepared], batch_size):
+        chunks[row["chunk"]] = backend.generate(json.loads(row["items"]))
+        indices[row["chunk"]] = json.loads(row["index"])
+    return [a["raw_output"] for a in in_cell_order(chunks, indices)]

@@ -44,7 +44,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Timings, claim, ratio, write_figures
+from benchmarks.common import Timings, claim, engine_answers, ratio, write_figures
 
 TASK = "massive-intent"
 
@@ -81,17 +81,9 @@ def score(prepared, answers: list[str]) -> tuple[float, float]:
 
 
 def clfgrid(backend, prepared, batch_size: int, strategy: str) -> list[str]:
-    """The engine's path: length-grouped chunks, answers put back in test order."""
-    from grid.execute import chunk_rows, in_cell_order
-    from workers import constrained
-
-    constrained._PREFIXES.clear()  # each run pays for its own shared prefix, as a new cell would
+    """The engine's path (benchmarks.common.engine_answers) with the items' strategy set."""
     prepared.items = [{**it, "decoding": {**it["decoding"], "strategy": strategy}} for it in prepared.items]
-    chunks, indices = {}, {}
-    for row in chunk_rows([prepared], batch_size):
-        chunks[row["chunk"]] = backend.generate(json.loads(row["items"]))
-        indices[row["chunk"]] = json.loads(row["index"])
-    return [a["raw_output"] for a in in_cell_order(chunks, indices)]
+    return engine_answers(backend, prepared, batch_size)
 
 
 def bare_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[str]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Timings, claim, ratio, write_figures
+from benchmarks.common import Timings, claim, engine_answers, ratio, write_figures
 
 
 def prepare(source: str, task: str, tokenizer, n: int, shots: int, decoding: dict):
@@ -52,19 +51,6 @@ def prepare(source: str, task: str, tokenizer, n: int, shots: int, decoding: dic
     return prepare_cell(cell, data, tokenizer)
 
 
-def answers(backend, prepared, batch_size: int) -> list[str]:
-    """The engine's path: length-grouped chunks, answers put back in test order."""
-    from grid.execute import chunk_rows, in_cell_order
-    from workers import constrained
-
-    constrained._PREFIXES.clear()  # each run pays for its own shared prefix, as a new cell would
-    chunks, indices = {}, {}
-    for row in chunk_rows([prepared], batch_size):
-        chunks[row["chunk"]] = backend.generate(json.loads(row["items"]))
-        indices[row["chunk"]] = json.loads(row["index"])
-    return [a["raw_output"] for a in in_cell_order(chunks, indices)]
-
-
 def every_tag(backend, prepared, batch_size: int) -> list[str]:
     """The path before: every tag of every word scored, one example at a time (`_score_answers`
     with its search off)."""
@@ -73,7 +59,7 @@ def every_tag(backend, prepared, batch_size: int) -> list[str]:
     searched = constrained._score_answers
     constrained._score_answers = functools.partial(searched, search=False)
     try:
-        return answers(backend, prepared, batch_size)
+        return engine_answers(backend, prepared, batch_size)
     finally:
         constrained._score_answers = searched
 
@@ -123,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     print(setup, flush=True)
 
     methods = {
-        "searched": lambda: answers(backend, constrained, args.batch_size),
+        "searched": lambda: engine_answers(backend, constrained, args.batch_size),
         "every tag": lambda: every_tag(backend, constrained, args.batch_size),
-        "free + parse": lambda: answers(backend, free, args.batch_size),
+        "free + parse": lambda: engine_answers(backend, free, args.batch_size),
     }
     timings = {name: Timings(name) for name in methods}
     got: dict[str, list[str]] = {}
