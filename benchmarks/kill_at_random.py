@@ -174,6 +174,8 @@ def run(kills: int, seed: int, max_delay: float, work: Path, tasks: tuple[str, .
             if proc.returncode == 0:
                 print(f"run {runs} finished the grid before its kill at {delay:.1f} s: "
                       f"{len(events)} of {kills} kills landed", flush=True)
+            elif not events or events[-1]["run"] != runs:  # no kill of ours in it: the grid fails by itself
+                raise SystemExit(f"run {runs} failed with no kill: see {logs[-1][1]}")
             continue
         k = len(events) + 1
         if target == "worker" and (workers := ray_workers(proc.pid)):
