@@ -142,12 +142,16 @@ class Decoding(Strict):
 
 
 def decoding_name(decoding: dict[str, Any] | None) -> str:
-    """A cell's decoding as tables, reports and exclude rules name it: `free`, `constrained`,
-    `constrained+contextual`, `constrained+pmi`; `-` for a cell without decoding (an encoder)."""
+    """A cell's decoding as tables, reports and exclude rules name it: `free`, `constrained`
+    (label scores), `constrained+greedy`, `constrained+contextual`, `constrained+pmi`; `-` for a
+    cell without decoding (an encoder)."""
     if not decoding:
         return "-"
     calibration = decoding.get("calibration", "none")
-    return decoding["mode"] if calibration == "none" else f"{decoding['mode']}+{calibration}"
+    if calibration != "none":
+        return f"{decoding['mode']}+{calibration}"
+    greedy = decoding["mode"] == "constrained" and decoding.get("strategy") == "greedy"
+    return "constrained+greedy" if greedy else decoding["mode"]
 
 
 class Recipe(Strict):
@@ -412,7 +416,8 @@ class GridConfig(Strict):
         return out
 
 
-# `decoding` matches decoding_name: free, constrained, constrained+contextual, constrained+pmi.
+# `decoding` matches decoding_name: free, constrained, constrained+greedy, constrained+contextual,
+# constrained+pmi.
 EXCLUDE_KEYS = {"model", "family", "backend", "task", "shots", "finetune", "seed", "decoding"}
 
 

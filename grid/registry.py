@@ -10,7 +10,9 @@ nothing from workers/ (tests/test_layering.py).
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -40,6 +42,12 @@ class BackendInfo:
     label_logprobs: bool  # scores every label of a choice: what calibrated decoding corrects
     local_tokenizer: bool  # holds the model's tokenizer: a text budget can count its tokens
     python_env: str | None = None  # a variable naming another Python for its actors (its own pins)
+    default_python: str | None = None  # that Python when the variable is unset, if it exists (the checkout's)
+    requires: str | None = None  # the module its actors import: checked in their Python before any work
+    # Ray's own batch-inference API serves some of its requests: `batch_api_serves(decoding)`
+    # says which, `batch_api(...)` answers them (grid/execute.py); the rest go to `factory`'s actors
+    batch_api: str | None = None
+    batch_api_serves: str | None = None
 
 
 FAMILIES: dict[str, FamilyInfo] = {
@@ -54,10 +62,23 @@ FAMILIES: dict[str, FamilyInfo] = {
 BACKENDS: dict[str, BackendInfo] = {
     "transformers": BackendInfo("workers.transformers_backend:TransformersBackend.from_spec",
                                 label_logprobs=True, local_tokenizer=True),
-    "vllm": BackendInfo("workers.vllm_backend:VLLMBackend", label_logprobs=False, local_tokenizer=True,
-                        python_env="CLFGRID_VLLM_PYTHON"),
+    "vllm": BackendInfo("workers.vllm_backend:VLLMBackend", label_logprobs=True, local_tokenizer=True,
+                        python_env="CLFGRID_VLLM_PYTHON", default_python=".venv-vllm/bin/python", requires="vllm",
+                        batch_api="workers.vllm_backend:generation_answers",
+                        batch_api_serves="workers.vllm_backend:through_batch_api"),
     "litellm": BackendInfo("workers.litellm_backend:LiteLLMBackend", label_logprobs=False, local_tokenizer=False),
 }
+
+
+def own_python(backend: str) -> str | None:
+    """The Python a backend's actors run in, if not the driver's: the one its variable names,
+    else its default beside the checkout where that exists (grid/execute.backend_python checks it)."""
+    info = BACKENDS[backend]
+    python = os.environ.get(info.python_env) if info.python_env else None
+    if not python and info.default_python:
+        default = Path(__file__).resolve().parents[1] / info.default_python
+        python = str(default) if default.exists() else None
+    return python or None
 
 
 def planned(family: str, finetune: str, shots: int) -> bool:

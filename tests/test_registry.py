@@ -9,7 +9,8 @@ from grid.registry import BACKENDS, FAMILIES, load, planned
 
 PATHS = sorted({(f"family {name}", path) for name, info in FAMILIES.items()
                 for path in (info.trainer, info.answerer) if path}
-               | {(f"backend {name}", info.factory) for name, info in BACKENDS.items()})
+               | {(f"backend {name}", path) for name, info in BACKENDS.items()
+                  for path in (info.factory, info.batch_api, info.batch_api_serves) if path})
 
 
 @pytest.mark.parametrize(("owner", "path"), PATHS)
@@ -22,6 +23,14 @@ def test_every_family_names_known_backends_and_modes():
         assert info.backends and set(info.backends) <= set(BACKENDS), name
         assert set(info.finetune_modes) <= {"none", "full", "lora"}, name
         assert (info.trainer is None) == (info.finetune_modes == ("none",)), name
+
+
+def test_a_batch_api_comes_with_its_rule():
+    """A backend that sends some requests through Ray's own batch API says which (grid/execute.py
+    splits a model's cells by it), and an own Python names the variable that overrides it."""
+    for name, info in BACKENDS.items():
+        assert (info.batch_api is None) == (info.batch_api_serves is None), name
+        assert info.default_python is None or info.python_env, name
 
 
 def test_the_built_in_rules():

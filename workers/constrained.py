@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -147,6 +148,19 @@ def answer_program(task: TaskDef, labels: dict[str, Sequence[str]], n_words: int
         elif not (isinstance(s, Fixed) and not s.text):
             merged.append(s)
     return tuple(merged)
+
+
+def answer_regex(program: Program) -> str:
+    """The answers strategy greedy allows, as a regular expression: up to MAX_LEAD_SPACE
+    whitespace characters, the program's text with one option per choice, as many after. An
+    engine that constrains decoding by a regex (vLLM's structured outputs) then takes the same
+    greedy path as `_greedy_answer`."""
+    def literal(text: str) -> str:  # only the metacharacters: engines differ on other escapes
+        return re.sub(r"([.^$*+?()\[\]{}|\\])", r"\\\1", text)
+
+    parts = [literal(s.text) if isinstance(s, Fixed) else "(?:" + "|".join(map(literal, s.options)) + ")"
+             for s in program]
+    return rf"\s{{0,{MAX_LEAD_SPACE}}}" + "".join(parts) + rf"\s{{0,{MAX_LEAD_SPACE}}}"
 
 
 def render_answer(program: Program, picks: Sequence[int]) -> str:
@@ -780,7 +794,7 @@ def calibrate(scores: Sequence[float], cf_scores: Sequence[Sequence[float]], met
     raise ValueError(f"unknown calibration {method!r}")
 
 
-def _label_candidates(encode, options: Sequence[str], lead: str, eos: int) -> list[list[int]]:
+def label_candidates(encode, options: Sequence[str], lead: str, eos: int) -> list[list[int]]:
     """Each label as strategy score scores it: the answer lead and the label, then EOS."""
     return [encode(lead + opt) + [eos] for opt in options]
 
@@ -796,7 +810,7 @@ def label_scores(model: Any, tokenizer: Any, prompts: list[str], labels: Sequenc
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
 
-    candidates = _label_candidates(encode, labels, answer_lead(tokenizer, prompts[0]), tokenizer.eos_token_id)
+    candidates = label_candidates(encode, labels, answer_lead(tokenizer, prompts[0]), tokenizer.eos_token_id)
     with torch.inference_mode():
         return _label_scores(model, [encode(p) for p in prompts], candidates, _pad_id(tokenizer))
 
@@ -859,7 +873,7 @@ def _score_labels_batch(model: Any, encode, items: list[dict[str, Any]], prompts
     every example: run once). Items whose decoding sets `label_logprobs: false` (plain sums, no
     calibration) keep only the answer, found in three passes that skip every label that cannot
     win (`_best_labels`)."""
-    candidates = _label_candidates(encode, choice.options, lead, eos)
+    candidates = label_candidates(encode, choice.options, lead, eos)
     lengths = [len(c) for c in candidates]
     if all(_argmax_only(it.get("decoding") or {}) for it in items):
         return [{"raw_output": choice.options[best], "n_prompt_tokens": len(prompt),
@@ -871,19 +885,24 @@ def _score_labels_batch(model: Any, encode, items: list[dict[str, Any]], prompts
     for start in range(0, len(distinct), len(items)):  # no batch larger than the chunk's own
         part = distinct[start:start + len(items)]
         cf.update(zip(part, _label_scores(model, [list(p) for p in part], candidates, pad)))
-    answers = []
-    for item, prompt, row, cal in zip(items, prompts, scores, calibration_prompts):
-        decoding = item.get("decoding") or {}
-        per_token = [n if decoding.get("length_normalized") else 1 for n in lengths]  # sum, or mean per token
-        final = [x / n for x, n in zip(row, per_token)]
-        if cal:
-            final = calibrate(final, [[x / n for x, n in zip(cf[tuple(p)], per_token)] for p in cal],
-                              decoding["calibration"])
-        best = _best(final)
-        answers.append({"raw_output": choice.options[best], "n_prompt_tokens": len(prompt),
-                        "n_output_tokens": len(candidates[best]),
-                        "label_logprobs": {choice.name: dict(zip(choice.values, _log_softmax(final)))}})
-    return answers
+    return [label_answer(choice, lengths, row, [cf[tuple(p)] for p in cal], item.get("decoding") or {}, len(prompt))
+            for item, prompt, row, cal in zip(items, prompts, scores, calibration_prompts)]
+
+
+def label_answer(choice: Choice, lengths: Sequence[int], scores: Sequence[float],
+                 cf_scores: Sequence[Sequence[float]], decoding: dict[str, Any], n_prompt: int) -> dict[str, Any]:
+    """A label task's answer from its candidates' summed log-probs (`scores`; `lengths`: their
+    token counts), as strategy score makes it on any backend (here and workers/vllm_backend.py):
+    per token when length-normalized, calibrated by the scores after its calibration prompts
+    (`cf_scores`, one row each), the argmax, and every label's log-prob kept."""
+    per_token = [n if decoding.get("length_normalized") else 1 for n in lengths]  # sum, or mean per token
+    final = [x / n for x, n in zip(scores, per_token)]
+    if cf_scores:
+        final = calibrate(final, [[x / n for x, n in zip(row, per_token)] for row in cf_scores],
+                          decoding["calibration"])
+    best = _best(final)
+    return {"raw_output": choice.options[best], "n_prompt_tokens": n_prompt, "n_output_tokens": lengths[best],
+            "label_logprobs": {choice.name: dict(zip(choice.values, _log_softmax(final)))}}
 
 
 def constrained_answers(model: Any, tokenizer: Any, items: list[dict[str, Any]],
