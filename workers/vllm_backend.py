@@ -44,8 +44,7 @@ Two paths, one engine configuration (`engine_kwargs`):
   concatenation error). So these requests go through workers/predict.Predictor, the grid's own
   Ray Data actor, started in the same vLLM environment, with `vllm.LLM` inside. Prefix caching
   is on: the prompts run first, then every label reads the prompt's cached blocks and computes
-  only its own tokens (a label whose tokens reached a cached block of another label's is run
-  again without the cache, so every label token's log-prob is computed).
+  only its own tokens and the prompt's last, partial block (`_label_scores`).
 
 Slot filling and multi-task answers with strategy score are not served (their sequential
 choices would be one engine round trip per word): they fail with a line that says to use
@@ -67,6 +66,7 @@ The model's `dtype` is the engine's (default float32 on CPU, vLLM's "auto" on GP
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -214,8 +214,17 @@ def generation_answers(cells: list[tuple[str, list[dict[str, Any]]]], tokenizer:
             continue
         processor = build_processor(config, postprocess=answer_row)
         answers = processor(ray.data.from_items(part, override_num_blocks=max(1, len(part) // 8))).iter_rows()
+        last = None
         try:
-            yield from answers
+            for answer in answers:
+                # the engine answers many requests at once, each timed whole (`time_taken_llm`):
+                # a cell's seconds are the gaps between answers, so that a pass's sum is its wall
+                # time after the engine started, as a chunk's is on the actors
+                now = time.perf_counter()
+                if last is not None and answer["error"] is None:
+                    answer["latency_s"] = now - last
+                last = now
+                yield answer
         except Exception as exc:  # an engine that never started: the cells not yet answered fail
             line = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
             raise RuntimeError(f"vLLM through ray.data.llm failed ({line}); {START_HINT}") from exc
@@ -241,42 +250,65 @@ class VLLMBackend:
         except Exception as exc:
             raise RuntimeError(f"vLLM did not start ({type(exc).__name__}: {exc}); {START_HINT}") from exc
         self.tokenizer = self.llm.get_tokenizer()
+        self.known: dict[tuple, float] = {}  # (prompt, candidate prefix) -> its last token's log-prob
 
-    def _prompt_logprobs(self, sequences: list[list[int]], cached: bool) -> list[tuple[list[float], int]]:
-        """Each sequence's prompt tokens' log-probs (the last ones: those computed) and how many
-        of its tokens came from the prefix cache."""
+    def _prompt_logprobs(self, sequences: list[list[int]], cached: bool = True) -> list[list[float | None]]:
+        """Each sequence's tokens' log-probs, position by position: None for the first token
+        and for the tokens read from the prefix cache (vLLM returns filler there); `cached`
+        False reads nothing from the cache."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        # detokenize off: the scores need no text, and vLLM 0.32 fails to detokenize the padding
-        # ids (-1) of positions read from the cache ("OverflowError: number too small ...")
+        # detokenize off: the scores need no text, and vLLM 0.32 fails to detokenize the filler
+        # ids (-1) of cached positions ("OverflowError: number too small ...")
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
                                 skip_reading_prefix_cache=not cached)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
         out = []
         for seq, o in zip(sequences, outputs):
-            values = [next(iter(d.values())).logprob if len(d) == 1 else d[tok].logprob
-                      for tok, d in zip(seq[len(seq) - len(o.prompt_logprobs):], o.prompt_logprobs) if d]
-            out.append((values, o.num_cached_tokens or 0))
+            n_cached = o.num_cached_tokens or 0
+            logprobs: list[float | None] = [None] * len(seq)
+            start = len(seq) - len(o.prompt_logprobs)  # 0: one entry a token, None for the first
+            for j, d in enumerate(o.prompt_logprobs, start):
+                if d is not None and j >= n_cached and seq[j] in d:
+                    logprobs[j] = d[seq[j]].logprob
+            out.append(logprobs)
         return out
 
     def _label_scores(self, prompts: list[list[int]], candidates: list[list[int]]) -> list[list[float]]:
-        """Every candidate's summed log-prob after each prompt: the prompts once (into the prefix
-        cache), then every prompt + candidate reading it; a candidate whose own tokens came from
-        the cache (another label's block) is run again without it."""
+        """Every candidate's summed log-prob after each prompt. The prompts run first, into the
+        prefix cache; then every prompt + candidate, reading it. vLLM caches whole blocks, so
+        two labels that share their first tokens (`alarm_query`, `alarm_set`) may share a block:
+        the second then reads those tokens from the cache and gets no log-prob for them. A
+        token's log-prob depends only on what precedes it, so it is taken from whichever request
+        computed it, in this call or an earlier one (`self.known`, keyed by the prompt and the
+        candidate's tokens up to it: a zero-shot cell's calibration prompts recur in every
+        chunk); a position none computed is run again with the cache off."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                          SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
-        pairs = [(p, c) for p in prompts for c in candidates]
-        got = self._prompt_logprobs([p + c for p, c in pairs], cached=True)
-        redo = [i for i, ((p, c), (values, n_cached)) in enumerate(zip(pairs, got))
-                if n_cached > len(p) or len(values) < len(c)]
-        for i, value in zip(redo, self._prompt_logprobs([pairs[i][0] + pairs[i][1] for i in redo], cached=False)):
-            got[i] = value
-        sums = [sum(values[len(values) - len(c):]) for (_, c), (values, _) in zip(pairs, got)]
-        return [sums[k * len(candidates):(k + 1) * len(candidates)] for k in range(len(prompts))]
+        known, keys = self.known, [tuple(p) for p in prompts]
+
+        def missing(k: int, c: list[int]) -> bool:
+            return any((keys[k], tuple(c[:i + 1])) not in known for i in range(len(c)))
+
+        def learn(which: list[tuple[int, list[int]]], cached: bool) -> None:
+            got = self._prompt_logprobs([prompts[k] + c for k, c in which], cached)
+            for (k, c), logprobs in zip(which, got):
+                for i, value in enumerate(logprobs[len(prompts[k]):]):
+                    if value is not None:
+                        known[(keys[k], tuple(c[:i + 1]))] = value
+
+        todo = [(k, c) for k in range(len(prompts)) for c in candidates if missing(k, c)]
+        if todo:
+            self.llm.generate([TokensPrompt(prompt_token_ids=prompts[k]) for k in sorted({k for k, _ in todo})],
+                              SamplingParams(max_tokens=1, temperature=0.0, detokenize=False), use_tqdm=False)
+            learn(todo, cached=True)
+        redo = [(k, c) for k, c in todo if missing(k, c)]
+        if redo:
+            learn(redo, cached=False)
+        return [[sum(known[(keys[k], tuple(c[:i + 1]))] for i in range(len(c))) for c in candidates]
+                for k in range(len(prompts))]
 
     def generate(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Answers to a chunk of label-scoring requests (one cell's): the prompts and their
