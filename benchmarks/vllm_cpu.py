@@ -53,7 +53,7 @@ def in_order(parts: list[tuple[list[int], list[str]]]) -> list[str]:
     return [placed[i] for i in range(len(placed))]
 
 
-def vllm_side(requests_path: str, out_path: str, runs: int, batch_size: int, model: str) -> None:
+def vllm_side(requests_path: str, out_path: str, runs: int, model: str) -> None:
     """In .venv-vllm: the engine started once, then each strategy's runs; answers and seconds."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -61,19 +61,19 @@ def vllm_side(requests_path: str, out_path: str, runs: int, batch_size: int, mod
 
     from workers.vllm_backend import VLLMBackend, generation_request
 
-    requests = json.loads(Path(requests_path).read_text())
+    requests = json.loads(Path(requests_path).read_text())  # {strategy: [(indices, chunk), ...]}
     start = time.perf_counter()
     backend = VLLMBackend({"path": model, "dtype": "float32", "options": {}})
     out: dict = {"start_s": time.perf_counter() - start, "runs": {}}
     tok = backend.tokenizer
-    for name, items in requests.items():
+    for name, parts_in in requests.items():
         seconds, answers = [], None
         for _ in range(runs):
             backend.llm.reset_prefix_cache()  # each run pays for its own prompts, as a new cell would
             backend.known.clear()
             t0 = time.perf_counter()
             parts = []
-            for index, chunk in chunks(items, batch_size):
+            for index, chunk in parts_in:
                 if name == "score":
                     parts.append((index, [a["raw_output"] for a in backend.generate(chunk)]))
                     continue
@@ -101,7 +101,7 @@ def main() -> None:
     p.add_argument("--vllm-side", nargs=2, metavar=("REQUESTS", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.vllm_side:
-        return vllm_side(*args.vllm_side, args.runs, args.batch_size, args.model)
+        return vllm_side(*args.vllm_side, args.runs, args.model)
 
     import torch
     from transformers import AutoTokenizer
@@ -130,10 +130,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         req, out = Path(tmp) / "requests.json", Path(tmp) / "vllm.json"
-        req.write_text(json.dumps(requests))
+        # the chunks are cut here: grid.execute needs the project's own environment
+        req.write_text(json.dumps({name: chunks(items, args.batch_size) for name, items in requests.items()}))
         env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}"}
         proc = subprocess.run([backend_python("vllm"), __file__, "--vllm-side", str(req), str(out), "--runs",
-                               str(args.runs), "--batch-size", str(args.batch_size), "--model", path], env=env)
+                               str(args.runs), "--model", path], env=env)
         if proc.returncode:
             sys.exit(f"the vLLM side failed (exit {proc.returncode})")
         vllm = json.loads(out.read_text())
