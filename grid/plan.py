@@ -132,10 +132,11 @@ def _matches(rule: dict[str, Any], combo: dict[str, Any]) -> bool:
 
 def _headless(config: GridConfig, decoding: Decoding, model: ModelSpec, mode: str, task: str) -> bool:
     """Decoding `head` needs a fine-tune that trained a classification head for the task: the
-    model's own (`finetuned_from` with `heads`) or the recipe of the fine-tune mode."""
+    model's own (`finetuned_from` with `heads`) or the recipe of the fine-tune mode, and a
+    backend that answers from heads (grid/registry.py)."""
     if decoding.mode != "head":
         return False
-    if model.family != "decoder":
+    if model.family != "decoder" or not BACKENDS[model.backend].heads:
         return True
     ff = model.finetuned_from
     if ff is not None and mode == "none":

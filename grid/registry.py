@@ -41,6 +41,7 @@ class BackendInfo:
     factory: str  # built from the model group's spec (family, path, dtype, options, ...)
     label_logprobs: bool  # scores every label of a choice: what calibrated decoding corrects
     local_tokenizer: bool  # holds the model's tokenizer: a text budget can count its tokens
+    heads: bool = False  # answers from a fine-tune's classification heads (decoding `head`)
     python_env: str | None = None  # a variable naming another Python for its actors (its own pins)
     default_python: str | None = None  # that Python when the variable is unset, if it exists (the checkout's)
     requires: str | None = None  # the module its actors import: checked in their Python before any work
@@ -61,7 +62,7 @@ FAMILIES: dict[str, FamilyInfo] = {
 
 BACKENDS: dict[str, BackendInfo] = {
     "transformers": BackendInfo("workers.transformers_backend:TransformersBackend.from_spec",
-                                label_logprobs=True, local_tokenizer=True),
+                                label_logprobs=True, local_tokenizer=True, heads=True),
     "vllm": BackendInfo("workers.vllm_backend:VLLMBackend", label_logprobs=True, local_tokenizer=True,
                         python_env="CLFGRID_VLLM_PYTHON", default_python=".venv-vllm/bin/python", requires="vllm",
                         batch_api="workers.vllm_backend:generation_answers",

@@ -137,3 +137,19 @@ def test_a_grid_without_vllm_fails_only_the_vllm_cells(tmp_path):
                             "./install.sh installs it in .venv-vllm/bin/python, or set CLFGRID_VLLM_PYTHON to a "
                             "Python that has it"), status
     assert proc.returncode != 0 and "backend vllm: vllm is not installed" in proc.stdout + proc.stderr
+
+
+def test_head_decoding_is_not_planned_on_vllm():
+    """Classification heads are read by the transformers backend only (grid/registry.py)."""
+    from grid.config import GridConfig
+    from grid.data import data_dir_arg
+    from grid.plan import build_plan
+
+    head = {"mode": "head"}
+    cfg = GridConfig.model_validate({
+        "name": "h", "tasks": ["fpb-sentiment"], "shots": [0], "finetune": ["lora"], "decoding": [head],
+        "models": [{"name": "vl", "source": "tiny:llama", "family": "decoder", "backend": "vllm"},
+                   {"name": "hf", "source": "tiny:llama", "family": "decoder"}],
+        "recipes": {"decoder/lora": {"hparams": {"heads": ["fpb-sentiment"], "max_steps": 1}}}})
+    infer = [c for c in build_plan(cfg, data_dir_arg(None)).cells if c.kind == "infer"]
+    assert [c.model for c in infer] == ["hf"]
