@@ -329,15 +329,15 @@ def run_inference_group(
     serves = load(backend.batch_api_serves) if backend.batch_api_serves else (lambda decoding: False)
     through_api = [p for p in prepared.values() if serves(p.cell.decoding)]
     on_actors = [p for p in prepared.values() if not serves(p.cell.decoding)]
-    if python and not is_remote(spec["path"]):
-        # the backend's own Python may lack what resolves a packaged or GGUF model: this node's copy
+    if (python or through_api) and not is_remote(spec["path"]):
+        # resolved here, on the driver's node: the backend's own Python may lack what resolves a
+        # packaged or GGUF model, and Ray's batch API reads the folder as it is (an object-store
+        # URI or a hub id is fetched by each engine's node)
         spec = {**spec, "path": fetch(spec["path"])}
     if on_actors:
         _run_on_actors(on_actors, spec, inf, python, answers)
     if through_api:
-        source = spec["path"] if is_remote(spec["path"]) else fetch(spec["path"])
-        for a in load(backend.batch_api)([(p.cell.id, p.items) for p in through_api], tokenizer, spec, source, inf,
-                                         python):
+        for a in load(backend.batch_api)([(p.cell.id, p.items) for p in through_api], tokenizer, spec, inf, python):
             answers.add(a["cell_id"], [a["index"]], [a])
 
 

@@ -178,7 +178,7 @@ def runtime_env(spec: dict[str, Any], python: str | None) -> dict[str, Any]:
     return env
 
 
-def generation_config(spec: dict[str, Any], source: str, inference: Any, python: str | None) -> Any:
+def generation_config(spec: dict[str, Any], inference: Any, python: str | None) -> Any:
     """The `ray.data.llm` processor configuration of a model group (`inference`: the grid's
     InferenceConfig): its engine, its bundles (CPUs here, GPUs on a cluster), its environment."""
     from ray.data.llm import vLLMEngineProcessorConfig
@@ -187,7 +187,7 @@ def generation_config(spec: dict[str, Any], source: str, inference: Any, python:
     engine = engine_kwargs(spec, on_gpu)
     bundle: dict[str, float] = {"GPU": 1} if on_gpu else {"CPU": inference.num_cpus}
     return vLLMEngineProcessorConfig(
-        model_source=source, engine_kwargs=engine, batch_size=inference.batch_size,
+        model_source=spec["path"], engine_kwargs=engine, batch_size=inference.batch_size,
         concurrency=inference.concurrency, log_engine_metrics=False, runtime_env=runtime_env(spec, python) or None,
         placement_group_config={"bundles": [bundle] * int(engine.get("tensor_parallel_size", 1)), "strategy": "PACK"},
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, should_continue_on_error=True,
@@ -195,11 +195,11 @@ def generation_config(spec: dict[str, Any], source: str, inference: Any, python:
 
 
 def generation_answers(cells: list[tuple[str, list[dict[str, Any]]]], tokenizer: Any, spec: dict[str, Any],
-                       source: str, inference: Any, python: str | None) -> Iterator[dict[str, Any]]:
+                       inference: Any, python: str | None) -> Iterator[dict[str, Any]]:
     """The answers of cells' generation requests ((cell id, requests) each) through `ray.data.llm`,
     as they come: the free ones in one pass, the constrained ones in another (see the module
-    docstring). `tokenizer` is the model's, in the driver; `source` the engine's model (a local
-    folder, a hub id or an object-store URI, which Ray fetches on the engine's node)."""
+    docstring). `tokenizer` is the model's, in the driver; the engine loads `spec["path"]` (a
+    local folder, a hub id or an object-store URI, which Ray fetches on the engine's node)."""
     import ray.data
     from ray.data.llm import build_processor
 
@@ -207,7 +207,7 @@ def generation_answers(cells: list[tuple[str, list[dict[str, Any]]]], tokenizer:
     rows = [row for cell_id, items in cells
             for row in generation_rows(cell_id, items, [tokenizer.encode(it["prompt"], add_special_tokens=it.get(
                 "add_special_tokens", False)) for it in items], seed)]
-    config = generation_config(spec, source, inference, python)
+    config = generation_config(spec, inference, python)
     for constrained in (False, True):
         part = [r for r in rows if r["constrained"] == constrained]
         if not part:
